@@ -1,0 +1,6 @@
+"""fused-entropy: fused LM-head log-probs, entropy and GRPO-family losses without [N, V] logits."""
+from ._types import TokenStats
+from .functional import linear_logprobs, logprobs_from_logits
+
+__all__ = ["TokenStats", "linear_logprobs", "logprobs_from_logits"]
+__version__ = "0.1.0"

@@ -1,0 +1,92 @@
+"""autograd.Function classes. They save inputs and per-row statistics, never logits."""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+
+from ._types import LogitTransform, RowStats
+
+
+def _stats_tensors(stats: RowStats):
+    return [t for t in stats if t is not None]
+
+
+def _stats_from(saved, entropy: bool, has_k: bool) -> RowStats:
+    it = iter(saved)
+    lse, logp = next(it), next(it)
+    ent = next(it) if entropy else None
+    if not has_k:
+        return RowStats(lse, logp, ent)
+    return RowStats(lse, logp, ent, next(it), next(it), next(it), next(it))
+
+
+def _masked_grad(g: Optional[torch.Tensor], valid: torch.Tensor) -> Optional[torch.Tensor]:
+    if g is None:
+        return None
+    return torch.where(valid, g.float() if g.dtype != torch.float64 else g, torch.zeros((), dtype=g.dtype, device=g.device))
+
+
+def _outputs(stats: RowStats, entropy: bool, has_k: bool):
+    empty = stats.lse.new_empty(0)
+    return (
+        stats.logprobs,
+        stats.entropy if entropy else empty,
+        stats.clamped_entropy if has_k else empty,
+    )
+
+
+class LinearLogprobsFunction(torch.autograd.Function):
+    """(x [N,H], W [V,H], b [V]|None, targets [N]) -> (logprobs, entropy, clamped_entropy) [N] each.
+
+    Unused outputs are returned as empty tensors. Saves x, W, b, targets and O(N) row statistics.
+    """
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, targets, tf: LogitTransform, ignore_index: int, entropy: bool, k, backend):
+        stats = backend.linear_forward(x, weight, bias, targets, tf, ignore_index, entropy, k)
+        ctx.set_materialize_grads(False)
+        ctx.save_for_backward(x, weight, bias, targets, *_stats_tensors(stats))
+        ctx.meta = (tf, ignore_index, entropy, k, backend)
+        return _outputs(stats, entropy, k is not None)
+
+    @staticmethod
+    def backward(ctx, g_lp, g_ent, g_cl):
+        x, weight, bias, targets, *saved = ctx.saved_tensors
+        tf, ignore_index, entropy, k, backend = ctx.meta
+        if g_lp is None and g_ent is None and g_cl is None:
+            return (None,) * 9
+        stats = _stats_from(saved, entropy, k is not None)
+        valid = targets != ignore_index
+        g_lp, g_ent, g_cl = (_masked_grad(g, valid) for g in (g_lp, g_ent if entropy else None, g_cl if k is not None else None))
+        gx, gw, gb = backend.linear_backward(x, weight, bias, targets, tf, ignore_index, stats, g_lp, g_ent, g_cl, k)
+        return (
+            gx if ctx.needs_input_grad[0] else None,
+            gw if ctx.needs_input_grad[1] else None,
+            gb if bias is not None and ctx.needs_input_grad[2] else None,
+            None, None, None, None, None, None,
+        )
+
+
+class LogprobsFromLogitsFunction(torch.autograd.Function):
+    """(logits [N,V], targets [N]) -> (logprobs, entropy, clamped_entropy); saves logits and row stats."""
+
+    @staticmethod
+    def forward(ctx, logits, targets, tf: LogitTransform, ignore_index: int, entropy: bool, k, backend):
+        stats = backend.logits_forward(logits, targets, tf, ignore_index, entropy, k)
+        ctx.set_materialize_grads(False)
+        ctx.save_for_backward(logits, targets, *_stats_tensors(stats))
+        ctx.meta = (tf, ignore_index, entropy, k, backend)
+        return _outputs(stats, entropy, k is not None)
+
+    @staticmethod
+    def backward(ctx, g_lp, g_ent, g_cl):
+        logits, targets, *saved = ctx.saved_tensors
+        tf, ignore_index, entropy, k, backend = ctx.meta
+        if g_lp is None and g_ent is None and g_cl is None:
+            return (None,) * 7
+        stats = _stats_from(saved, entropy, k is not None)
+        valid = targets != ignore_index
+        g_lp, g_ent, g_cl = (_masked_grad(g, valid) for g in (g_lp, g_ent if entropy else None, g_cl if k is not None else None))
+        grad = backend.logits_backward(logits, targets, tf, ignore_index, stats, g_lp, g_ent, g_cl, k)
+        return grad, None, None, None, None, None, None

@@ -1,0 +1,75 @@
+"""Checks at the public boundary. Kernels assume what these functions guarantee."""
+from __future__ import annotations
+
+import math
+from typing import Optional
+
+import torch
+
+FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+
+
+def check_tensor(name: str, t, *, floating: bool = False, integer: bool = False) -> None:
+    if not isinstance(t, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+    if floating and t.dtype not in FLOAT_DTYPES:
+        raise TypeError(f"{name} must be a floating tensor (fp16, bf16, fp32 or fp64), got {t.dtype}")
+    if integer and (t.dtype.is_floating_point or t.dtype.is_complex or t.dtype == torch.bool):
+        raise TypeError(f"{name} must be an integer tensor of token ids, got {t.dtype}")
+
+
+def check_same_device(**tensors) -> None:
+    items = [(k, v) for k, v in tensors.items() if v is not None]
+    first_name, first = items[0]
+    for name, t in items[1:]:
+        if t.device != first.device:
+            raise ValueError(f"{name} is on {t.device} but {first_name} is on {first.device}; move them to one device")
+
+
+def check_positive_finite(name: str, value, *, allow_none: bool = False) -> None:
+    if value is None and allow_none:
+        return
+    if isinstance(value, torch.Tensor) or not isinstance(value, (int, float)) or isinstance(value, bool):
+        raise TypeError(f"{name} must be a Python number, got {type(value).__name__}")
+    if not math.isfinite(value) or value <= 0:
+        raise ValueError(f"{name} must be finite and > 0, got {value}")
+
+
+def check_finite(name: str, value) -> None:
+    if isinstance(value, torch.Tensor) or not isinstance(value, (int, float)) or isinstance(value, bool):
+        raise TypeError(f"{name} must be a Python number, got {type(value).__name__}")
+    if not math.isfinite(value):
+        raise ValueError(f"{name} must be finite, got {value}")
+
+
+def check_targets_range(targets: torch.Tensor, vocab_size: int, ignore_index: int) -> None:
+    """Every target is in [0, V) or equals ignore_index (one reduction, one sync)."""
+    if targets.numel() == 0:
+        return
+    bad = (targets != ignore_index) & ((targets < 0) | (targets >= vocab_size))
+    if bool(bad.any()):
+        value = targets[bad][0].item()
+        raise ValueError(
+            f"targets must be in [0, {vocab_size}) or equal ignore_index={ignore_index}; found {value}"
+        )
+
+
+def resolve_k(topk: Optional[int], clamp_p: Optional[float], vocab_size: int) -> Optional[int]:
+    """Validate topk / clamp_p and return the size k of the clamped set (None when neither is given)."""
+    from ._types import clamp_p_to_k
+
+    if topk is not None and clamp_p is not None:
+        raise ValueError(f"give at most one of topk and clamp_p, got topk={topk} and clamp_p={clamp_p}")
+    if topk is not None:
+        if isinstance(topk, bool) or not isinstance(topk, int):
+            raise TypeError(f"topk must be an int, got {type(topk).__name__}")
+        if not 1 <= topk <= vocab_size:
+            raise ValueError(f"topk must be in [1, V={vocab_size}], got {topk}")
+        return topk
+    if clamp_p is not None:
+        if isinstance(clamp_p, bool) or not isinstance(clamp_p, (int, float)):
+            raise TypeError(f"clamp_p must be a float, got {type(clamp_p).__name__}")
+        if not (0.0 <= clamp_p < 1.0):
+            raise ValueError(f"clamp_p must be in [0, 1), got {clamp_p}")
+        return clamp_p_to_k(float(clamp_p), vocab_size)
+    return None

@@ -1,0 +1,51 @@
+"""Backends: one interface, two implementations.
+
+Every backend module exposes four functions. Inputs are already validated and flattened by the
+functional layer: ``x [N, H]`` and ``weight [V, H]`` contiguous, same dtype and device, ``bias [V]``
+or None, ``targets [N]`` int64 (``ignore_index`` marks ignored rows), ``tf`` a ``LogitTransform``,
+``k`` the top-k count for clamped entropy or None. Outputs are fp32 (fp64 for fp64 inputs).
+
+    linear_forward(x, weight, bias, targets, tf, ignore_index, entropy: bool, k) -> RowStats
+    linear_backward(x, weight, bias, targets, tf, ignore_index, stats, grad_logprobs,
+                    grad_entropy, grad_clamped, k) -> (grad_x, grad_weight, grad_bias)
+    logits_forward(logits, targets, tf, ignore_index, entropy, k) -> RowStats
+    logits_backward(logits, targets, tf, ignore_index, stats, grad_logprobs, grad_entropy,
+                    grad_clamped, k) -> grad_logits
+
+``grad_*`` are ``[N]`` tensors or None (None: that output gets no gradient and costs no work).
+Gradients on ignored rows are already zero. ``grad_bias`` is None when ``bias`` is None.
+Gradients come back in the dtype of the tensor they belong to.
+"""
+from __future__ import annotations
+
+import os
+from types import ModuleType
+
+import torch
+
+BACKENDS = ("auto", "torch", "triton")
+
+
+def interpreting() -> bool:
+    """True when Triton runs kernels on CPU tensors through its interpreter."""
+    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+
+
+def get_backend(name: str, device: torch.device) -> ModuleType:
+    """Resolve ``backend=`` to a module. ``auto``: triton on CUDA, torch elsewhere."""
+    if name not in BACKENDS:
+        raise ValueError(f"backend must be one of {BACKENDS}, got {name!r}")
+    if name == "auto":
+        name = "triton" if device.type == "cuda" else "torch"
+    if name == "torch":
+        from . import torch_chunked
+
+        return torch_chunked
+    if device.type != "cuda" and not interpreting():
+        raise ValueError(
+            f"backend='triton' needs CUDA tensors, got tensors on {device}; set TRITON_INTERPRET=1 "
+            "to run the Triton kernels on CPU through the interpreter, or use backend='torch'"
+        )
+    from . import triton as triton_backend
+
+    return triton_backend
