@@ -233,3 +233,97 @@ def logits_backward(logits, targets, tf, ignore_index, stats: RowStats, g_lp, g_
         grad[sl] = _block_grad(z, y, y != ignore_index, rows, _rows(g_lp, sl), _rows(g_ent, sl), _rows(g_cl, sl), k, tf)
         del z
     return grad
+
+
+# ---------------------------------------------------------------------------------------------
+# single pass: gradients inside the forward (3 matrix products instead of 4)
+# ---------------------------------------------------------------------------------------------
+
+
+def _block_logp_(z):
+    """In place: z <- log p (clamped to the dtype's lowest finite value), returns (p, lse, lse0)."""
+    m0 = _safe(z.amax(-1))
+    z.sub_(m0[:, None])
+    p = torch.exp(z)
+    s = p.sum(-1)
+    log_s = torch.log(s)
+    lse = m0 + log_s  # -inf for a row of -inf logits (s = 0)
+    lse0 = _safe(lse)
+    z.sub_(_safe(log_s)[:, None]).clamp_(min=torch.finfo(z.dtype).min)
+    p.div_(torch.where(s > 0, s, torch.ones_like(s))[:, None])
+    return p, lse, lse0
+
+
+def linear_forward_backward(x, weight, bias, targets, tf, ignore_index, entropy, k, grad_fn, rows_per_chunk=None):
+    """Forward statistics and gradients in one sweep over row chunks.
+
+    For each chunk of rows ``sl`` the block's statistics are computed, then
+    ``grad_fn(sl, logprobs_c, entropy_c, clamped_c) -> (g_logprobs, g_entropy, g_clamped)`` (each
+    ``[C]`` or None) gives the upstream gradients of those rows, and dX, dW, db are accumulated from
+    the same block. Valid whenever a row's upstream gradient depends only on statistics of rows in
+    its own chunk plus constants known beforehand (token-level objectives with fixed normalizers).
+    Three matrix products in all (logits, dX, dW); two ``[C, V]`` buffers per chunk.
+
+    Returns ``(RowStats, grad_x, grad_weight, grad_bias)``.
+    """
+    n, vocab = x.shape[0], weight.shape[0]
+    cdt = _compute_dtype(x.dtype)
+    w_c = weight.to(cdt)
+    grad_x = torch.empty(x.shape, device=x.device, dtype=cdt)
+    grad_w = torch.zeros(w_c.shape, device=x.device, dtype=cdt)
+    grad_b = torch.zeros(vocab, device=x.device, dtype=cdt) if bias is not None else None
+    step = rows_per_chunk or chunk_rows(n, vocab)
+    zero = torch.zeros((), dtype=cdt, device=x.device)
+    parts = []
+    for start in range(0, n, step):
+        sl = slice(start, min(start + step, n))
+        x_c = x[sl].to(cdt)
+        y = targets[sl]
+        valid = y != ignore_index
+        safe_t = torch.where(valid, y, torch.zeros_like(y))
+        z = _logit_block(x_c, w_c, bias, tf, cdt)
+        tau = frac = lse_c = ent_c = None
+        if k is not None:
+            # the clamped statistics read the transformed logits before they are overwritten
+            _, _, _, tau, frac, lse_c, ent_c = _block_stats(z.clone(), y, valid, False, k)
+            cl_rows = (tau, frac, lse_c, ent_c)
+        z_soft = z.clone() if tf.softcap is not None else None  # the softcap chain rule needs z
+        if k is not None:
+            g_cl_block = z.clone()  # clamped-entropy gradient is formed from the logits as well
+        p, lse, lse0 = _block_logp_(z)  # z now holds log p
+        logp = torch.where(valid, z.gather(1, safe_t[:, None]).squeeze(1), zero)
+        ent = None
+        if entropy:
+            ent = torch.where(valid, -torch.linalg.vecdot(p, z), zero)
+        parts.append((lse, logp, ent, tau, frac, lse_c, ent_c))
+        g_lp, g_ent, g_cl = grad_fn(sl, logp, ent, ent_c)
+        live = valid & torch.isfinite(lse)
+        g_lp, g_ent, g_cl = (None if g is None else torch.where(live, g.to(cdt), zero) for g in (g_lp, g_ent, g_cl))
+        # dL/dz = p * (-g_ent (log p + H) - g_lp) + onehot(y) g_lp, formed in place in z
+        if g_ent is not None:
+            z.add_(ent[:, None]).mul_(-g_ent[:, None])
+        else:
+            z.zero_()
+        if g_lp is not None:
+            z.sub_(g_lp[:, None])
+        z.mul_(p)
+        del p
+        if g_lp is not None:
+            z.scatter_add_(1, safe_t[:, None], g_lp[:, None])
+        if k is not None and g_cl is not None:
+            z.add_(_block_grad(g_cl_block, y, valid, (lse, ent, *cl_rows), None, None, g_cl, k, LogitTransform()))
+        if k is not None:
+            del g_cl_block
+        dz = _transform_grad_(z, z_soft, tf) if z_soft is not None else _transform_grad_(z, None, tf)
+        torch.mm(dz, w_c, out=grad_x[sl])
+        grad_w.addmm_(dz.T, x_c)
+        if grad_b is not None:
+            grad_b.add_(dz.sum(0))
+        del z, dz, z_soft
+    stats = _to_stats(parts, n, x.device, cdt, entropy, k)
+    return (
+        stats,
+        grad_x.to(x.dtype),
+        grad_w.to(weight.dtype),
+        None if grad_b is None else grad_b.to(bias.dtype),
+    )
