@@ -1,6 +1,7 @@
 """fused-entropy: fused LM-head log-probs, entropy and GRPO-family losses without [N, V] logits."""
 from ._types import TokenStats
 from .functional import linear_logprobs, logprobs_from_logits
+from . import control
 
 __all__ = ["TokenStats", "linear_logprobs", "logprobs_from_logits"]
 __version__ = "0.1.0"
