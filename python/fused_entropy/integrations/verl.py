@@ -1,0 +1,150 @@
+"""verl adapter: a drop-in for ``verl.utils.kernel.linear_cross_entropy.linear_cross_entropy``.
+
+verl's fused kernel takes the LM-head input and weight and returns, per token, the log-prob of the
+label and the entropy of the temperature-scaled distribution::
+
+    z_v      = (h . W_v) / temperature
+    logprobs = z_y - logsumexp(z)            (log-probs, not their negatives)
+    entropy  = logsumexp(z) - sum_v p_v z_v
+
+Shapes follow verl: ``hidden [..., H]`` and ``labels [...]`` are flattened to ``N`` tokens, so
+``logprobs`` is ``[N]`` (``reduction="none"``) or a scalar (``"sum"``, or ``"mean"`` = sum / N) and
+``entropy`` is always ``[N]``. Both are fp32 (fp64 for fp64 inputs).
+
+With ``dist_process_group`` (tensor parallelism over the vocabulary), each rank holds the slice
+``W[r*V:(r+1)*V]`` of the head, labels are global ids in ``[0, world*V)``, and the outputs are the
+global log-probs and entropies on every rank. Backward gives each rank the gradient for its own
+weight slice and its partial ``d hidden`` (the sum over ranks is the full gradient), as verl does.
+
+The work is done by :func:`fused_entropy.linear_logprobs`; no ``[N, V]`` logits are allocated.
+"""
+from __future__ import annotations
+
+import math
+from typing import Optional
+
+import torch
+import torch.distributed as dist
+
+from .. import _validate as V
+from ..functional import linear_logprobs
+
+__all__ = ["linear_cross_entropy"]
+
+REDUCTIONS = ("none", "sum", "mean")
+
+
+def _check_args(hidden, weight, labels, temperature, reduction):
+    V.check_tensor("hidden", hidden, floating=True)
+    V.check_tensor("weight", weight, floating=True)
+    V.check_tensor("labels", labels, integer=True)
+    if weight.dim() != 2:
+        raise ValueError(f"weight must have shape [V, H], got {tuple(weight.shape)}")
+    if hidden.dim() < 1 or hidden.shape[-1] != weight.shape[1]:
+        raise ValueError(
+            f"hidden must have shape [..., H] with H={weight.shape[1]} (from weight {tuple(weight.shape)}), "
+            f"got {tuple(hidden.shape)}"
+        )
+    n_tokens = math.prod(hidden.shape[:-1])
+    if labels.numel() != n_tokens:
+        raise ValueError(
+            f"labels must hold one id per token of hidden ({n_tokens} tokens for hidden {tuple(hidden.shape)}), "
+            f"got labels of shape {tuple(labels.shape)}"
+        )
+    if temperature is None:
+        temperature = 1.0
+    V.check_positive_finite("temperature", temperature)
+    if reduction is None:
+        reduction = "none"
+    if not isinstance(reduction, str) or reduction.lower() not in REDUCTIONS:
+        raise ValueError(f"reduction must be one of {REDUCTIONS}, got {reduction!r}")
+    return n_tokens, float(temperature), reduction.lower()
+
+
+def _check_labels(labels: torch.Tensor, vocab: int) -> None:
+    # verl has no ignore index: every label must be a vocabulary id (-100 is an error, not a skipped row).
+    if labels.numel() and bool(((labels < 0) | (labels >= vocab)).any()):
+        bad = labels[(labels < 0) | (labels >= vocab)][0].item()
+        raise ValueError(f"labels must be in [0, {vocab}) (verl has no ignore index); found {bad}")
+
+
+def _reduce(logprobs: torch.Tensor, reduction: str) -> torch.Tensor:
+    if reduction == "none":
+        return logprobs
+    total = logprobs.sum()
+    # verl divides by N; N = 0 would give 0/0, and an empty batch is legal input, so it gives 0.
+    return total if reduction == "sum" else total / max(logprobs.numel(), 1)
+
+
+def _sum_others_detached(x: torch.Tensor, group) -> torch.Tensor:
+    """All-reduce sum whose gradient flows only into this rank's own term (the others are constants)."""
+    total = x.detach().clone()
+    dist.all_reduce(total, op=dist.ReduceOp.SUM, group=group)
+    return x + (total - x.detach())
+
+
+def _tensor_parallel(hidden2d, weight, labels1d, temperature, group):
+    """Global log-probs and entropies from per-rank vocabulary slices (see the module docstring).
+
+    Per rank: ``lse_r`` and ``S_r = sum_{v in r} p^r_v z_v`` of its slice (``p^r`` the softmax over
+    the slice), merged as ``lse = log sum_r e^{lse_r}``, ``sum_v p_v z_v = sum_r e^{lse_r - lse} S_r``.
+    ``lse_r`` comes from ``linear_logprobs`` at a local target ``t``: ``lse_r = z_t - log p^r_t``.
+    """
+    rank, world = dist.get_rank(group), dist.get_world_size(group)
+    vocab_local = weight.shape[0]
+    lo = rank * vocab_local
+    _check_labels(labels1d, vocab_local * world)
+    local = (labels1d >= lo) & (labels1d < lo + vocab_local)
+    targets = torch.where(local, labels1d - lo, torch.zeros_like(labels1d))
+
+    stats = linear_logprobs(hidden2d, weight, targets, temperature=temperature, entropy=True)
+    acc = stats.logprobs.dtype
+    z_t = (hidden2d.to(acc) * weight[targets].to(acc)).sum(-1) / temperature
+    lse_r = z_t - stats.logprobs
+    s_r = lse_r - stats.entropy
+
+    m = lse_r.detach().clone()
+    dist.all_reduce(m, op=dist.ReduceOp.MAX, group=group)
+    e_r = torch.exp(lse_r - m)
+    a = _sum_others_detached(e_r, group)
+    b = _sum_others_detached(e_r * s_r, group)
+    lse = m + torch.log(a)
+    z_y = _sum_others_detached(torch.where(local, z_t, torch.zeros_like(z_t)), group)
+    return z_y - lse, lse - b / a
+
+
+def linear_cross_entropy(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    labels: torch.Tensor,
+    temperature: Optional[float] = 1.0,
+    reduction: Optional[str] = "none",
+    dist_process_group: Optional["dist.ProcessGroup"] = None,
+):
+    """verl's ``linear_cross_entropy``: ``(logprobs, entropy)`` of ``softmax(hidden @ weight.T / T)``.
+
+    Args:
+        hidden: ``[..., H]`` (verl passes ``[N, H]`` or ``[1, N, H]``); fp16, bf16, fp32 or fp64.
+        weight: ``[V, H]`` LM-head weight (this rank's vocabulary slice under tensor parallelism).
+        labels: integer ids, one per token of ``hidden`` (any shape with ``N`` elements), in ``[0, V)``
+            (``[0, world * V)`` under tensor parallelism). verl has no ignore index; neither does this.
+        temperature: ``T > 0``; ``None`` means 1.
+        reduction: ``"none"``, ``"sum"`` or ``"mean"`` (applied to ``logprobs`` only; ``None`` = ``"none"``).
+        dist_process_group: the tensor-parallel group the vocabulary is split over, or None.
+
+    Returns:
+        ``(logprobs, entropy)``: ``logprobs`` ``[N]`` or a 0-d tensor, ``entropy`` ``[N]``; fp32
+        (fp64 for fp64 inputs). Differentiable w.r.t. ``hidden`` and ``weight``.
+    """
+    n_tokens, temperature, reduction = _check_args(hidden, weight, labels, temperature, reduction)
+    hidden2d = hidden.reshape(n_tokens, hidden.shape[-1])
+    labels1d = labels.reshape(n_tokens)
+    if dist_process_group is None:
+        _check_labels(labels1d, weight.shape[0])
+        stats = linear_logprobs(hidden2d, weight, labels1d, temperature=temperature, entropy=True)
+        logprobs, entropy = stats.logprobs, stats.entropy
+    else:
+        if not dist.is_available() or not dist.is_initialized():
+            raise ValueError("dist_process_group was given but torch.distributed is not initialized")
+        logprobs, entropy = _tensor_parallel(hidden2d, weight, labels1d, temperature, dist_process_group)
+    return _reduce(logprobs, reduction), entropy
