@@ -2,6 +2,9 @@
 from ._types import TokenStats
 from .functional import linear_logprobs, logprobs_from_logits
 from . import control
+from .functional import GRPONormalizers, grpo_loss, grpo_loss_and_grads, grpo_normalizers
 
-__all__ = ["TokenStats", "linear_logprobs", "logprobs_from_logits"]
+__all__ = [
+    "GRPONormalizers", "grpo_loss", "grpo_loss_and_grads", "grpo_normalizers",
+    "TokenStats", "linear_logprobs", "logprobs_from_logits"]
 __version__ = "0.1.0"

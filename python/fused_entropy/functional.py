@@ -144,3 +144,6 @@ def logprobs_from_logits(
     y = targets.reshape(-1).long().contiguous()
     outs = LogprobsFromLogitsFunction.apply(z, y, tf, int(ignore_index), bool(entropy), k, be)
     return _finish(outs, lead, bool(entropy), k is not None)
+
+# GRPO-family losses on per-token tensors (MATH.md sections 4-6); implementation in _grpo.py.
+from ._grpo import GRPONormalizers, grpo_loss, grpo_loss_and_grads, grpo_normalizers  # noqa: E402
