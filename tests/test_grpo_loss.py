@@ -5,6 +5,8 @@ import pytest
 import torch
 
 from fused_entropy import grpo_loss, grpo_loss_and_grads, grpo_normalizers
+from fused_entropy import reference
+from fused_entropy._grpo import quantile_threshold
 
 LOSS_TYPES = ["grpo", "bnpo", "dr_grpo", "dapo", "cispo", "sapo", "luspo", "vespo"]
 
@@ -91,3 +93,348 @@ def test_all_zero_mask_gives_zero_loss_and_grads(loss_type):
     assert loss.item() == 0.0
     assert torch.all(g_lp == 0) and torch.all(g_ent == 0)
     assert all(torch.isfinite(v) for v in metrics.values())
+
+
+# ---------------------------------------------------------------------------------------------
+# every option against the fp64 reference (reference/grpo.py, written from MATH.md)
+# ---------------------------------------------------------------------------------------------
+
+OPTIONS = {
+    "plain": dict(),
+    "delta-kl-is": dict(delta=1.3, beta=0.04, is_ratio=True),
+    "kl-biascorr-items": dict(beta=0.04, use_bias_correction_kl=True, num_items_in_batch=13),
+    "bonus-full-8020": dict(entropy_coef=0.05, top_entropy_quantile=0.6),
+    "bonus-clamped": dict(entropy_coef=0.03, entropy_source="clamped"),
+    "bonus-clamped-8020-is": dict(entropy_coef=0.03, entropy_source="clamped", top_entropy_quantile=0.3, is_ratio=True),
+}
+ALL_TYPES = LOSS_TYPES + ["luspo-trl", "clip_cov", "kl_cov"]
+REF_CASES = [
+    (lt, lvl, adv, opt)
+    for lt in ALL_TYPES for lvl in ("token", "sequence") for adv in ("B", "BT") for opt in OPTIONS
+    if not (lvl == "sequence" and lt in ("clip_cov", "kl_cov"))
+]
+
+
+def _inputs(b=3, t=5, seed=0, adv_shape="B"):
+    g = torch.Generator().manual_seed(seed)
+    d = torch.float64
+    lp = -torch.rand(b, t, generator=g, dtype=d) * 3
+    old = lp + 0.4 * torch.randn(b, t, generator=g, dtype=d)
+    ref = lp + 0.4 * torch.randn(b, t, generator=g, dtype=d)
+    adv = 2 * torch.randn(b, generator=g, dtype=d) if adv_shape == "B" else 2 * torch.randn(b, t, generator=g, dtype=d)
+    adv[1] = 0.0  # groups with equal rewards: A = 0 exactly (sign conventions differ per loss type)
+    mask = torch.rand(b, t, generator=g) > 0.25
+    mask[-1, -2:] = False
+    mask[0, 0] = True
+    isr = torch.rand(b, t, generator=g, dtype=d) + 0.5
+    ent = torch.rand(b, t, generator=g, dtype=d) * 3
+    cl = ent * torch.rand(b, t, generator=g, dtype=d)
+    # masked positions hold garbage that must not matter
+    lp = torch.where(mask, lp, torch.full_like(lp, float("-inf")))
+    return lp, old, ref, adv, mask, isr, ent, cl
+
+
+def _kwargs(case_type, level, opt, isr):
+    lt, luspo_norm = ("luspo", "trl") if case_type == "luspo-trl" else (case_type, "liger")
+    kw = dict(OPTIONS[opt])
+    kw["is_ratio"] = isr if kw.get("is_ratio") else None
+    kw.update(loss_type=lt, luspo_normalization=luspo_norm, importance_sampling_level=level,
+              max_completion_length=7, epsilon_low=0.2, epsilon_high=1.5 if lt == "cispo" else 0.28)
+    if lt in ("clip_cov", "kl_cov"):
+        kw.update(clip_cov_ratio=0.3, clip_cov_lb=0.05, clip_cov_ub=6.0, kl_cov_ratio=0.2, ppo_kl_coef=0.7)
+    return kw
+
+
+def _compare(case_type, level, adv_shape, opt, seed=0):
+    lp, old, ref, adv, mask, isr, ent, cl = _inputs(seed=seed, adv_shape=adv_shape)
+    if case_type == "luspo":  # Liger's luspo weights masked positions too: give them finite values
+        lp = torch.where(mask, lp, torch.full_like(lp, -1.0))
+    kw = _kwargs(case_type, level, opt, isr)
+    ref_lp = ref if kw.get("beta") else None
+    outs = []
+    for fn, gen_seed in ((grpo_loss, 5), (reference.grpo_loss, 5)):
+        x = lp.clone().requires_grad_(True)
+        e = ent.clone().requires_grad_(True)
+        c = cl.clone().requires_grad_(True)
+        loss, metrics = fn(x, adv, mask, old_logprobs=old, ref_logprobs=ref_lp, entropy=e, clamped_entropy=c,
+                           generator=torch.Generator().manual_seed(gen_seed), **kw)
+        grads = torch.autograd.grad(loss, (x, e, c), allow_unused=True)
+        grads = [torch.zeros_like(t) if g is None else g for g, t in zip(grads, (x, e, c))]
+        outs.append((loss, metrics, grads))
+    (got, got_m, got_g), (want, want_m, want_g) = outs
+    assert torch.isfinite(got)
+    torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-12)
+    for name, g, w in zip(("logprobs", "entropy", "clamped_entropy"), got_g, want_g):
+        torch.testing.assert_close(g, w, rtol=1e-10, atol=1e-12, msg=lambda m: f"grad {name}: {m}")
+    assert set(got_m) == set(want_m)
+    for key in want_m:
+        torch.testing.assert_close(got_m[key], want_m[key], rtol=1e-10, atol=1e-12, msg=lambda m: f"{key}: {m}")
+        assert got_m[key].dim() == 0 and not got_m[key].requires_grad
+    return got_m
+
+
+@pytest.mark.parametrize("case_type,level,adv_shape,opt", REF_CASES, ids=["-".join(c) for c in REF_CASES])
+def test_against_reference(case_type, level, adv_shape, opt):
+    metrics = _compare(case_type, level, adv_shape, opt)
+    if case_type in ("clip_cov", "kl_cov"):
+        assert metrics["cov/selected_mean"] > 0  # the Cov branch was exercised
+
+
+@pytest.mark.parametrize("case_type", ["clip_cov", "kl_cov"])
+@pytest.mark.parametrize("seed", [1, 2, 3])
+def test_cov_selection_against_reference_with_fixed_generator(case_type, seed):
+    _compare(case_type, "token", "BT", "plain", seed=seed)
+
+
+def test_clip_cov_generator_makes_runs_reproducible():
+    lp, old, ref, adv, mask, isr, ent, cl = _inputs(b=6, t=9, adv_shape="BT")
+    kw = dict(loss_type="clip_cov", clip_cov_ratio=0.1, clip_cov_lb=0.05, clip_cov_ub=6.0, old_logprobs=old)
+    runs = [grpo_loss(lp, adv, mask, generator=torch.Generator().manual_seed(s), **kw)[0] for s in (0, 0, 1, 2, 3)]
+    assert runs[0] == runs[1]
+    assert len({float(r) for r in runs}) > 1  # the draw matters
+
+
+# ---------------------------------------------------------------------------------------------
+# entropy bonus and controller
+# ---------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("loss_type", ["grpo", "dapo", "luspo", "sapo"])
+@pytest.mark.parametrize("source,q", [("full", 1.0), ("clamped", 1.0), ("full", 0.4)])
+def test_bonus_changes_gradient_by_exactly_minus_coef_mean_entropy(loss_type, source, q):
+    lp, old, ref, adv, mask, isr, ent, cl = _inputs(adv_shape="B")
+    lp = torch.where(mask, lp, torch.full_like(lp, -1.0))
+    coef = 0.07
+    grads = []
+    for c in (0.0, coef):
+        x, e, k = (t.clone().requires_grad_(True) for t in (lp, ent, cl))
+        loss, _ = grpo_loss(x, adv, mask, old_logprobs=old, entropy=e, clamped_entropy=k, loss_type=loss_type,
+                            entropy_coef=c, entropy_source=source, top_entropy_quantile=q)
+        grads.append([g if g is not None else torch.zeros_like(x)
+                      for g in torch.autograd.grad(loss, (x, e, k), allow_unused=True)])
+    h = ent if source == "full" else cl
+    m_eff = mask.double()
+    if q < 1:
+        thr = torch.quantile(h[mask], 1 - q)
+        m_eff = ((h >= thr) & mask).double()
+    expected = -coef * m_eff / m_eff.sum()
+    torch.testing.assert_close(grads[1][0], grads[0][0], rtol=0, atol=0)  # policy gradient untouched (q=1 or fixed mask)
+    bonus_grad = grads[1][1] if source == "full" else grads[1][2]
+    other_grad = grads[1][2] if source == "full" else grads[1][1]
+    torch.testing.assert_close(bonus_grad, expected, rtol=1e-14, atol=0)
+    assert torch.all(other_grad == 0)
+
+
+class FakeController:
+    def __init__(self, coef):
+        self._coef = coef
+        self.calls = []
+
+    @property
+    def coef(self):
+        return self._coef
+
+    def observe(self, entropy_sum, token_count):
+        self.calls.append((float(entropy_sum), float(token_count)))
+
+
+@pytest.mark.parametrize("source,q", [("full", 1.0), ("clamped", 0.5)])
+def test_controller_sets_coef_and_observes_in_training_only(source, q):
+    lp, old, ref, adv, mask, isr, ent, cl = _inputs()
+    ctrl = FakeController(0.04)
+    x = lp.clone().requires_grad_(True)
+    loss, metrics = grpo_loss(x, adv, mask, old_logprobs=old, entropy=ent, clamped_entropy=cl,
+                              entropy_controller=ctrl, entropy_source=source, top_entropy_quantile=q)
+    want, _ = reference.grpo_loss(x, adv, mask, old_logprobs=old, entropy=ent, clamped_entropy=cl,
+                                  entropy_coef=0.04, entropy_source=source, top_entropy_quantile=q)
+    torch.testing.assert_close(loss, want, rtol=1e-12, atol=1e-12)
+    assert metrics["entropy_coef"].item() == pytest.approx(0.04)
+    h = ent if source == "full" else cl
+    m_eff = mask
+    if q < 1:
+        m_eff = (h >= torch.quantile(h[mask], 1 - q)) & mask
+    assert len(ctrl.calls) == 1
+    assert ctrl.calls[0][0] == pytest.approx(float((h * m_eff).sum()), rel=1e-12)
+    assert ctrl.calls[0][1] == float(m_eff.sum())
+    with torch.no_grad():
+        grpo_loss(lp, adv, mask, old_logprobs=old, entropy=ent, clamped_entropy=cl, entropy_controller=ctrl,
+                  entropy_source=source, top_entropy_quantile=q)
+    assert len(ctrl.calls) == 1  # evaluation does not move the controller
+    ctrl._coef = 0.0  # a controller at 0 still observes
+    grpo_loss(x, adv, mask, old_logprobs=old, entropy=ent, clamped_entropy=cl, entropy_controller=ctrl,
+              entropy_source=source, top_entropy_quantile=q)
+    assert len(ctrl.calls) == 2
+
+
+def test_controller_and_entropy_coef_together_is_an_error():
+    lp, old, ref, adv, mask, isr, ent, cl = _inputs()
+    with pytest.raises(ValueError, match="entropy_coef or entropy_controller"):
+        grpo_loss(lp, adv, mask, entropy=ent, entropy_controller=FakeController(0.1), entropy_coef=0.1)
+
+
+def test_metrics_keys_and_entropy_means():
+    lp, old, ref, adv, mask, isr, ent, cl = _inputs()
+    _, m = grpo_loss(lp, adv, mask, old_logprobs=old, ref_logprobs=ref, beta=0.1, entropy=ent, clamped_entropy=cl)
+    assert set(m) == {"policy_loss", "kl", "clip_ratio/low_mean", "clip_ratio/high_mean", "clip_ratio/region_mean",
+                      "entropy", "clamped_entropy", "entropy_coef"}
+    torch.testing.assert_close(m["entropy"], ent[mask].mean())
+    torch.testing.assert_close(m["clamped_entropy"], cl[mask].mean())
+    _, m = grpo_loss(lp, adv, mask, old_logprobs=old)
+    assert set(m) == {"policy_loss", "clip_ratio/low_mean", "clip_ratio/high_mean", "clip_ratio/region_mean",
+                      "entropy_coef"}
+
+
+# ---------------------------------------------------------------------------------------------
+# 80/20 threshold without torch.quantile
+# ---------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("n", [1, 2, 7, 100, 1001])
+@pytest.mark.parametrize("q", [0.0, 0.2, 0.5, 0.8, 0.999, 1.0])
+def test_quantile_threshold_equals_torch_quantile(n, q):
+    g = torch.Generator().manual_seed(n)
+    x = torch.rand(n, generator=g)
+    x[: n // 3] = x[0]  # ties
+    torch.testing.assert_close(quantile_threshold(x, q), torch.quantile(x, q), rtol=1e-6, atol=0)
+
+
+@pytest.mark.slow
+def test_quantile_threshold_beyond_torch_quantile_limit():
+    n = (1 << 24) + 3  # torch.quantile raises here (TRL's 80/20 mask fails)
+    x = torch.randperm(n, generator=torch.Generator().manual_seed(0)).double()
+    pos = 0.8 * (n - 1)
+    assert quantile_threshold(x, 0.8).item() == pytest.approx(pos, rel=1e-12)
+
+
+# ---------------------------------------------------------------------------------------------
+# precision, shapes, masked garbage
+# ---------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("loss_type", ["grpo", "dapo", "sapo", "cispo"])
+def test_low_precision_inputs_computed_in_fp32(dtype, loss_type):
+    lp, old, ref, adv, mask, isr, ent, cl = _inputs(b=4, t=16)
+    lp = torch.where(mask, lp, torch.zeros_like(lp))
+    kw = dict(loss_type=loss_type, beta=0.04, entropy_coef=0.02, epsilon_high=1.5 if loss_type == "cispo" else 0.28)
+    low = [t.to(dtype) for t in (lp, old, ref, adv, ent)]
+    gold_in = [t.double() for t in low]  # same rounded inputs, fp64 math
+    x = low[0].clone().requires_grad_(True)
+    loss, _ = grpo_loss(x, low[3], mask, old_logprobs=low[1], ref_logprobs=low[2], entropy=low[4], **kw)
+    (g,) = torch.autograd.grad(loss, x)
+    assert loss.dtype == torch.float32 and g.dtype == dtype
+    xg = gold_in[0].clone().requires_grad_(True)
+    want, _ = reference.grpo_loss(xg, gold_in[3], mask, old_logprobs=gold_in[1], ref_logprobs=gold_in[2],
+                                  entropy=gold_in[4], **kw)
+    (gw,) = torch.autograd.grad(want, xg)
+    torch.testing.assert_close(loss.double(), want, rtol=1e-5, atol=1e-6)
+    # the gradient is returned in the input dtype: one rounding of an fp32 value
+    tol = 1e-6 if dtype == torch.float32 else 8e-3
+    torch.testing.assert_close(g.double(), gw, rtol=tol, atol=tol * 1e-2)
+
+
+@pytest.mark.parametrize("shape", ["B", "B1"])
+def test_is_ratio_per_sequence_shapes(shape):
+    lp, old, ref, adv, mask, isr, ent, cl = _inputs()
+    per_seq = isr[:, 0]
+    isr_arg = per_seq if shape == "B" else per_seq[:, None]
+    got, _ = grpo_loss(lp, adv, mask, old_logprobs=old, is_ratio=isr_arg, loss_type="grpo")
+    want, _ = grpo_loss(lp, adv, mask, old_logprobs=old, is_ratio=per_seq[:, None].expand_as(lp), loss_type="grpo")
+    torch.testing.assert_close(got, want, rtol=1e-14, atol=0)
+
+
+@pytest.mark.parametrize("loss_type", ALL_TYPES)
+def test_masked_garbage_never_matters(loss_type):
+    lt, norm = ("luspo", "trl") if loss_type == "luspo-trl" else (loss_type, "liger")
+    lp, old, ref, adv, mask, isr, ent, cl = _inputs()
+    kw = dict(loss_type=lt, luspo_normalization=norm, beta=0.04, max_completion_length=7, entropy_coef=0.1,
+              top_entropy_quantile=0.7)
+    outs = []
+    for fill in (float("-inf"), float("nan"), 1e4):
+        f = torch.full_like(lp, fill)
+        x = torch.where(mask, lp, f).requires_grad_(True)
+        e = torch.where(mask, ent, f).requires_grad_(True)
+        loss, m = grpo_loss(x, adv, mask, old_logprobs=torch.where(mask, old, f), ref_logprobs=torch.where(mask, ref, f),
+                            entropy=e, generator=torch.Generator().manual_seed(0), **kw)
+        gx, ge = torch.autograd.grad(loss, (x, e))
+        assert torch.isfinite(loss) and torch.isfinite(gx).all() and torch.isfinite(ge).all()
+        assert torch.all(gx[~mask] == 0) and torch.all(ge[~mask] == 0)
+        outs.append((loss, gx, ge))
+    if lt != "luspo" or norm == "trl":  # luspo(liger) weights finite masked values on purpose
+        for o in outs[1:]:
+            for a, b in zip(o, outs[0]):
+                torch.testing.assert_close(a, b, rtol=0, atol=0)
+
+
+# ---------------------------------------------------------------------------------------------
+# bad input
+# ---------------------------------------------------------------------------------------------
+
+BAD = [
+    (dict(loss_type="ppo"), ValueError, "loss_type"),
+    (dict(importance_sampling_level="batch"), ValueError, "importance_sampling_level"),
+    (dict(loss_type="dr_grpo"), ValueError, "max_completion_length"),
+    (dict(loss_type="dr_grpo", max_completion_length=0), ValueError, "max_completion_length"),
+    (dict(sapo_temperature_pos=0.0), ValueError, "sapo_temperature_pos"),
+    (dict(sapo_temperature_neg=-1.0), ValueError, "sapo_temperature_neg"),
+    (dict(delta=0.0), ValueError, "delta"),
+    (dict(delta=-2.0), ValueError, "delta"),
+    (dict(top_entropy_quantile=0.0, entropy=True), ValueError, "top_entropy_quantile"),
+    (dict(top_entropy_quantile=1.5, entropy=True), ValueError, "top_entropy_quantile"),
+    (dict(top_entropy_quantile=0.5), ValueError, "entropy"),
+    (dict(entropy_coef=0.1), ValueError, "entropy"),
+    (dict(entropy_coef=0.1, entropy_source="clamped", entropy=True), ValueError, "clamped_entropy"),
+    (dict(entropy_source="topk"), ValueError, "entropy_source"),
+    (dict(luspo_normalization="verl"), ValueError, "luspo_normalization"),
+    (dict(loss_type="clip_cov", clip_cov_ratio=0.0), ValueError, "clip_cov_ratio"),
+    (dict(loss_type="kl_cov", kl_cov_ratio=1.5), ValueError, "kl_cov_ratio"),
+    (dict(loss_type="clip_cov", clip_cov_lb=5.0, clip_cov_ub=1.0), ValueError, "clip_cov_lb"),
+    (dict(loss_type="kl_cov", importance_sampling_level="sequence"), ValueError, "importance_sampling_level"),
+    (dict(beta=0.04), ValueError, "ref_logprobs"),
+    (dict(epsilon_low=float("nan")), ValueError, "epsilon_low"),
+    (dict(vespo_lambda_pos=0.0), ValueError, "vespo_lambda_pos"),
+    (dict(entropy_coef=float("inf"), entropy=True), ValueError, "entropy_coef"),
+    (dict(backend="cuda"), ValueError, "backend"),
+    (dict(generator=0), TypeError, "generator"),
+    (dict(entropy_controller=object(), entropy=True), TypeError, "entropy_controller"),
+]
+
+
+@pytest.mark.parametrize("kwargs,exc,match", BAD, ids=[b[2] + str(i) for i, b in enumerate(BAD)])
+def test_bad_arguments_name_the_argument(kwargs, exc, match):
+    lp, old, ref, adv, mask, isr, ent, cl = _inputs()
+    kwargs = dict(kwargs)
+    if kwargs.get("entropy") is True:
+        kwargs["entropy"] = ent
+    with pytest.raises(exc, match=match):
+        grpo_loss(lp, adv, mask, **kwargs)
+
+
+SHAPES = [
+    ("advantages", lambda t: dict(advantages=t["adv"][:2])),
+    ("advantages", lambda t: dict(advantages=t["lp"][:, :3])),
+    ("mask", lambda t: dict(mask=t["mask"][:, :4])),
+    ("old_logprobs", lambda t: dict(old_logprobs=t["lp"][:, :4])),
+    ("ref_logprobs", lambda t: dict(ref_logprobs=t["lp"].T, beta=0.1)),
+    ("entropy", lambda t: dict(entropy=t["lp"][:2])),
+    ("clamped_entropy", lambda t: dict(clamped_entropy=t["lp"][None])),
+    ("is_ratio", lambda t: dict(is_ratio=t["lp"][:, :2])),
+    ("logprobs", lambda t: dict(logprobs=t["lp"][0])),
+]
+
+
+@pytest.mark.parametrize("name,make", SHAPES, ids=[s[0] + str(i) for i, s in enumerate(SHAPES)])
+def test_shape_mismatch_names_argument_and_shapes(name, make):
+    lp, old, ref, adv, mask, isr, ent, cl = _inputs()
+    args = dict(logprobs=lp, advantages=adv, mask=mask)
+    args.update(make(dict(lp=lp, adv=adv, mask=mask)))
+    with pytest.raises(ValueError, match=name) as info:
+        grpo_loss(**args)
+    assert "(" in str(info.value)  # the shapes are in the message
+
+
+def test_empty_batch_gives_zero():
+    lp = torch.zeros(0, 4, requires_grad=True)
+    loss, metrics = grpo_loss(lp, torch.zeros(0), torch.zeros(0, 4, dtype=torch.bool), loss_type="grpo")
+    loss.backward()
+    assert loss.item() == 0.0 and all(torch.isfinite(v) for v in metrics.values())

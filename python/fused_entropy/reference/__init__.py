@@ -1,4 +1,5 @@
 """Plain materialized-logits implementations: the specification the fused code is tested against."""
+from .grpo import grpo_loss
 from .logprobs import linear_logprobs, logprobs_from_logits, transform_logits
 
-__all__ = ["linear_logprobs", "logprobs_from_logits", "transform_logits"]
+__all__ = ["grpo_loss", "linear_logprobs", "logprobs_from_logits", "transform_logits"]
