@@ -1,0 +1,567 @@
+"""nn.Module wrappers over the functional API.
+
+:class:`LinearGRPOLoss` is a drop-in for liger-kernel 0.8.5's ``LigerFusedLinearGRPOLoss`` (same
+constructor arguments, same ``forward`` signature, same ``(loss, metrics)`` return layout) that also
+computes the policy entropy in the same sweep over the LM head and can add an entropy bonus:
+
+    loss = GRPO-family loss of grpo_loss (MATH.md section 4, Liger's aggregation)
+           - entropy_coef * sum(H * M_eff) / max(sum M_eff, 1)            (MATH.md section 5)
+
+with ``H`` the full or the clamped (top-k) entropy of the tokens under the current policy.
+"""
+from __future__ import annotations
+
+import sys
+import warnings
+from typing import Any, Dict, Optional, Tuple
+
+import torch
+from torch import nn
+
+from . import _grpo as G
+from . import _validate as V
+from ._types import LogitTransform
+from .backends import BACKENDS, get_backend
+from .functional import linear_logprobs
+
+# Rows per chunk of the single pass. Each chunk holds two fp32 [C, V] blocks (logits/log-probs and
+# probabilities); the last dW product reads and writes all of dW once per chunk, so very small chunks
+# pay for dW traffic and large ones for memory. Measured on the CPU bench case (see the bench).
+SINGLE_PASS_ELEMENTS = 1 << 21
+# A chunk of whole sequences (sequence-level objectives) is allowed up to this many logits; longer
+# sequences take the two-pass path, whose working memory does not grow with the sequence length.
+WHOLE_SEQUENCE_MAX_ELEMENTS = 1 << 23
+# Rows outside the loss mask are marked with this target so the backends skip their gradients.
+_IGNORE = -100
+ENTROPY_SOURCES = G.ENTROPY_SOURCES
+
+
+def _check_bool(name: str, value) -> None:
+    if not isinstance(value, bool):
+        raise TypeError(f"{name} must be a bool, got {type(value).__name__}")
+
+
+class _SinglePassFunction(torch.autograd.Function):
+    """Loss whose input gradients were computed inside the forward sweep.
+
+    ``sweep()`` returns ``(loss, grad_input, grad_weight, grad_bias)``; backward only multiplies the
+    stored gradients by the upstream scalar (the same contract as Liger's fused linear losses).
+    """
+
+    @staticmethod
+    def forward(ctx, _input, weight, bias, sweep):
+        loss, gx, gw, gb = sweep()
+        ctx.has_bias = gb is not None
+        ctx.save_for_backward(gx, gw, gb if gb is not None else gx.new_empty(0))
+        return loss
+
+    @staticmethod
+    def backward(ctx, grad_loss):
+        gx, gw, gb = ctx.saved_tensors
+        if not bool(grad_loss == 1):
+            gx, gw, gb = gx * grad_loss.to(gx.dtype), gw * grad_loss.to(gw.dtype), gb * grad_loss.to(gb.dtype)
+        return (
+            gx if ctx.needs_input_grad[0] else None,
+            gw if ctx.needs_input_grad[1] else None,
+            gb if ctx.has_bias and ctx.needs_input_grad[2] else None,
+            None,
+        )
+
+
+class LinearGRPOLoss(nn.Module):
+    """Fused LM head + GRPO-family loss + entropy bonus, without ``[N, V]`` logits.
+
+    Liger-compatible arguments (liger-kernel 0.8.5 ``LigerFusedLinearGRPOLoss``, same names, defaults
+    and meaning): ``beta, compiled, use_ref_model, chunk_size, epsilon_low, epsilon_high, loss_type,
+    max_completion_length, importance_sampling_level, sapo_temperature_pos, sapo_temperature_neg,
+    temperature, delta, use_bias_correction_kl, vespo_k_pos, vespo_lambda_pos, vespo_k_neg,
+    vespo_lambda_neg``. ``compiled`` and ``chunk_size`` are accepted and have no effect on the result
+    (nothing here is compiled; chunking is chosen for memory and speed, see ``rows_per_chunk``).
+
+    Extra arguments (keyword only):
+        entropy_coef: bonus coefficient ``alpha`` (0: no bonus; the entropy is still reported).
+        entropy_source: ``"full"`` (the entropy ``H``) or ``"clamped"`` (the top-k entropy of
+            MATH.md section 3, needs ``topk`` or ``clamp_p``) for the bonus and the 80/20 mask.
+        topk / clamp_p: size of the clamped set: ``k`` or all but the ``floor(clamp_p * V)`` lowest
+            logits (AEnt). Either one also reports the clamped entropy.
+        top_entropy_quantile: ``q`` in (0, 1]; below 1 only the tokens at or above the ``(1-q)``
+            entropy quantile carry the policy term and the bonus (needs two passes).
+        entropy_controller: an object with ``coef`` and ``observe(entropy_sum, token_count)``
+            (``fused_entropy.control``); the bonus coefficient is read from it at every call, and in
+            training mode with grad enabled every call reports its entropy to it. Not with
+            ``entropy_coef``.
+        clip_cov_ratio, clip_cov_lb, clip_cov_ub, kl_cov_ratio, ppo_kl_coef, generator: Clip-Cov and
+            KL-Cov (``loss_type="clip_cov"|"kl_cov"``, verl names and defaults; two passes).
+        softcap, logit_scale: logit transform ``softcap(logit_scale * (h.W + b)) / temperature``.
+        backend: ``"auto"`` (Triton on CUDA, torch elsewhere), ``"torch"`` or ``"triton"``.
+        single_pass: None (auto), True (require) or False (always two passes). The single pass forms
+            the gradients inside the forward (3 matrix products); it needs a token-level objective
+            whose normalizers are known from the masks (no 80/20 mask, no Clip-Cov/KL-Cov) and a
+            backend with ``linear_forward_backward``. Sequence-level objectives (GSPO, vespo) are
+            chunked by whole sequences, up to ``WHOLE_SEQUENCE_MAX_ELEMENTS`` logits per chunk.
+        rows_per_chunk: rows per chunk of the single pass (default: about ``SINGLE_PASS_ELEMENTS``
+            logits per chunk, i.e. two 8 MiB fp32 blocks).
+
+    ``forward(_input [B, T, H], lin_weight [V, H], selected_token_ids [B, T], attention_mask [B, T],
+    advantages [B] or [B, T], bias [V]=None, ref_per_token_logps [B, T]=None, old_per_token_logps
+    [B, T]=None, ref_input [B, T, H']=None, ref_weight [V, H']=None, ref_bias [V]=None, vllm_is_ratio
+    [B, T]/[B, 1]/[B]=None, num_items_in_batch=None)`` returns ``(loss, metrics)`` with Liger's layout:
+    ``metrics = (kl, clip_ratio)`` when ``beta != 0`` else ``(clip_ratio,)``, each a 0-d tensor
+    (``kl`` the masked mean of the k3 KL, ``clip_ratio`` the masked fraction of clipped tokens). Every
+    metric of ``grpo_loss`` for the last call (``policy_loss``, ``entropy``, ``clamped_entropy``,
+    ``entropy_coef``, ``clip_ratio/*``, ``kl``) is in :attr:`last_metrics`.
+
+    With ``use_ref_model`` and ``beta != 0``, ``ref_per_token_logps`` is used when given, else the
+    reference log-probs come from ``ref_input``/``ref_weight``/``ref_bias`` through the same fused path
+    under ``no_grad``. Without ``use_ref_model`` the KL is taken to the current policy (0), as in Liger.
+    """
+
+    def __init__(
+        self,
+        beta: float = 0.04,
+        compiled: bool = True,
+        use_ref_model: bool = True,
+        chunk_size: int = 1,
+        epsilon_low: float = 0.2,
+        epsilon_high: float = 0.2,
+        loss_type: str = "dapo",
+        max_completion_length: Optional[int] = None,
+        importance_sampling_level: str = "token",
+        sapo_temperature_pos: float = 1.0,
+        sapo_temperature_neg: float = 1.05,
+        temperature: float = 1.0,
+        delta: Optional[float] = None,
+        use_bias_correction_kl: bool = False,
+        vespo_k_pos: float = 2.0,
+        vespo_lambda_pos: float = 3.0,
+        vespo_k_neg: float = 3.0,
+        vespo_lambda_neg: float = 2.0,
+        *,
+        entropy_coef: float = 0.0,
+        entropy_source: str = "full",
+        topk: Optional[int] = None,
+        clamp_p: Optional[float] = None,
+        top_entropy_quantile: float = 1.0,
+        entropy_controller: Any = None,
+        clip_cov_ratio: float = 2e-4,
+        clip_cov_lb: float = 1.0,
+        clip_cov_ub: float = 5.0,
+        kl_cov_ratio: float = 2e-4,
+        ppo_kl_coef: float = 1.0,
+        generator: Optional[torch.Generator] = None,
+        softcap: Optional[float] = None,
+        logit_scale: float = 1.0,
+        backend: str = "auto",
+        single_pass: Optional[bool] = None,
+        rows_per_chunk: Optional[int] = None,
+    ):
+        super().__init__()
+        # Everything knowable without tensors is checked here, with the argument's name.
+        G._check_choice("loss_type", loss_type, G.LOSS_TYPES)
+        G._check_choice("importance_sampling_level", importance_sampling_level, G.IMPORTANCE_SAMPLING_LEVELS)
+        if importance_sampling_level == "sequence" and loss_type in ("cispo", "sapo", "vespo", "clip_cov", "kl_cov"):
+            raise ValueError(
+                f"importance_sampling_level='sequence' is not supported for loss_type={loss_type!r}; "
+                "use importance_sampling_level='token'"
+            )
+        G._check_number("beta", beta)
+        G._check_number("epsilon_low", epsilon_low, nonneg=True)
+        G._check_number("epsilon_high", epsilon_high, nonneg=True)
+        G._check_number("delta", delta, positive=True, allow_none=True)
+        G._check_number("sapo_temperature_pos", sapo_temperature_pos, positive=True)
+        G._check_number("sapo_temperature_neg", sapo_temperature_neg, positive=True)
+        for name, value in (("vespo_k_pos", vespo_k_pos), ("vespo_k_neg", vespo_k_neg)):
+            G._check_number(name, value)
+        for name, value in (("vespo_lambda_pos", vespo_lambda_pos), ("vespo_lambda_neg", vespo_lambda_neg)):
+            G._check_number(name, value, positive=True)
+        G._check_max_completion_length(loss_type, max_completion_length)
+        _check_bool("use_bias_correction_kl", use_bias_correction_kl)
+        _check_bool("use_ref_model", use_ref_model)
+        V.check_positive_finite("temperature", temperature)
+        V.check_positive_finite("softcap", softcap, allow_none=True)
+        V.check_finite("logit_scale", logit_scale)
+        G._check_number("entropy_coef", entropy_coef)
+        G._check_choice("entropy_source", entropy_source, ENTROPY_SOURCES)
+        V.resolve_k(topk, clamp_p, sys.maxsize)  # types and ranges; topk <= V is checked per call
+        if entropy_source == "clamped" and topk is None and clamp_p is None:
+            raise ValueError("entropy_source='clamped' needs topk or clamp_p (the size of the clamped set)")
+        G._check_fraction("top_entropy_quantile", top_entropy_quantile)
+        if entropy_controller is not None:
+            if entropy_coef != 0.0:
+                raise ValueError(f"give entropy_coef or entropy_controller, not both (entropy_coef={entropy_coef})")
+            if not hasattr(entropy_controller, "coef") or not callable(getattr(entropy_controller, "observe", None)):
+                raise TypeError("entropy_controller must have a `coef` attribute and an `observe(entropy_sum, token_count)` method")
+        G._check_fraction("clip_cov_ratio", clip_cov_ratio)
+        G._check_fraction("kl_cov_ratio", kl_cov_ratio)
+        G._check_number("clip_cov_lb", clip_cov_lb)
+        G._check_number("clip_cov_ub", clip_cov_ub)
+        if clip_cov_lb >= clip_cov_ub:
+            raise ValueError(f"clip_cov_lb must be < clip_cov_ub, got clip_cov_lb={clip_cov_lb}, clip_cov_ub={clip_cov_ub}")
+        G._check_number("ppo_kl_coef", ppo_kl_coef, nonneg=True)
+        if generator is not None and not isinstance(generator, torch.Generator):
+            raise TypeError(f"generator must be a torch.Generator or None, got {type(generator).__name__}")
+        if backend not in BACKENDS:
+            raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+        if single_pass is not None:
+            _check_bool("single_pass", single_pass)
+        if rows_per_chunk is not None and (isinstance(rows_per_chunk, bool) or not isinstance(rows_per_chunk, int) or rows_per_chunk < 1):
+            raise ValueError(f"rows_per_chunk must be a positive int or None, got {rows_per_chunk!r}")
+        why = self._two_pass_reason(loss_type, top_entropy_quantile)
+        if single_pass and why is not None:
+            raise ValueError(f"single_pass=True is not possible: {why}")
+
+        self.beta = beta
+        self.compiled = compiled
+        self.use_ref_model = use_ref_model
+        self.chunk_size = chunk_size
+        self.epsilon_low = epsilon_low
+        self.epsilon_high = epsilon_high
+        self.loss_type = loss_type
+        self.max_completion_length = max_completion_length
+        self.importance_sampling_level = importance_sampling_level
+        self.sapo_temperature_pos = sapo_temperature_pos
+        self.sapo_temperature_neg = sapo_temperature_neg
+        self.temperature = temperature
+        self.delta = delta
+        self.use_bias_correction_kl = use_bias_correction_kl
+        self.vespo_k_pos = vespo_k_pos
+        self.vespo_lambda_pos = vespo_lambda_pos
+        self.vespo_k_neg = vespo_k_neg
+        self.vespo_lambda_neg = vespo_lambda_neg
+        self.entropy_coef = entropy_coef
+        self.entropy_source = entropy_source
+        self.topk = topk
+        self.clamp_p = clamp_p
+        self.top_entropy_quantile = top_entropy_quantile
+        self.entropy_controller = entropy_controller
+        self.clip_cov_ratio = clip_cov_ratio
+        self.clip_cov_lb = clip_cov_lb
+        self.clip_cov_ub = clip_cov_ub
+        self.kl_cov_ratio = kl_cov_ratio
+        self.ppo_kl_coef = ppo_kl_coef
+        self.generator = generator
+        self.softcap = softcap
+        self.logit_scale = logit_scale
+        self.backend = backend
+        self.single_pass = single_pass
+        self.rows_per_chunk = rows_per_chunk
+        self.last_metrics: Dict[str, torch.Tensor] = {}
+        self.last_path: Optional[str] = None
+
+    # -----------------------------------------------------------------------------------------
+    # options
+    # -----------------------------------------------------------------------------------------
+
+    @staticmethod
+    def _two_pass_reason(loss_type: str, top_entropy_quantile: float) -> Optional[str]:
+        if top_entropy_quantile < 1.0:
+            return "top_entropy_quantile < 1 needs the entropy quantile of the whole batch first"
+        if loss_type in G.COV_TYPES:
+            return f"loss_type={loss_type!r} selects tokens from statistics of the whole micro-batch"
+        return None
+
+    def _loss_options(self) -> Dict[str, Any]:
+        """The grpo_loss keyword arguments fixed by the constructor."""
+        return dict(
+            loss_type=self.loss_type,
+            epsilon_low=self.epsilon_low,
+            epsilon_high=self.epsilon_high,
+            delta=self.delta,
+            beta=self.beta,
+            use_bias_correction_kl=self.use_bias_correction_kl,
+            importance_sampling_level=self.importance_sampling_level,
+            sapo_temperature_pos=self.sapo_temperature_pos,
+            sapo_temperature_neg=self.sapo_temperature_neg,
+            vespo_k_pos=self.vespo_k_pos,
+            vespo_lambda_pos=self.vespo_lambda_pos,
+            vespo_k_neg=self.vespo_k_neg,
+            vespo_lambda_neg=self.vespo_lambda_neg,
+            max_completion_length=self.max_completion_length,
+            top_entropy_quantile=self.top_entropy_quantile,
+            entropy_source=self.entropy_source,
+            luspo_normalization="liger",
+            clip_cov_ratio=self.clip_cov_ratio,
+            clip_cov_lb=self.clip_cov_lb,
+            clip_cov_ub=self.clip_cov_ub,
+            kl_cov_ratio=self.kl_cov_ratio,
+            ppo_kl_coef=self.ppo_kl_coef,
+            generator=self.generator,
+        )
+
+    def _coef(self) -> float:
+        ctrl = self.entropy_controller
+        if ctrl is None:
+            return float(self.entropy_coef)
+        coef = float(ctrl.coef)
+        G._check_number("entropy_controller.coef", coef)
+        return coef
+
+    # -----------------------------------------------------------------------------------------
+    # forward
+    # -----------------------------------------------------------------------------------------
+
+    def forward(
+        self,
+        _input,
+        lin_weight,
+        selected_token_ids,
+        attention_mask,
+        advantages,
+        bias=None,
+        ref_per_token_logps=None,
+        old_per_token_logps=None,
+        ref_input=None,
+        ref_weight=None,
+        ref_bias=None,
+        vllm_is_ratio=None,
+        num_items_in_batch=None,
+    ) -> Tuple[torch.Tensor, Tuple[torch.Tensor, ...]]:
+        bsz, seqlen, vocab = self._check_inputs(
+            _input, lin_weight, selected_token_ids, attention_mask, advantages, bias, ref_per_token_logps,
+            old_per_token_logps, vllm_is_ratio,
+        )
+        k = V.resolve_k(self.topk, self.clamp_p, vocab)
+        tf = LogitTransform(float(self.temperature), None if self.softcap is None else float(self.softcap), float(self.logit_scale))
+        be = get_backend(self.backend, _input.device)
+        valid = attention_mask.bool()
+        # Liger's luspo weights every position of a row (masked or not), so there every token is
+        # computed; elsewhere rows outside the mask are skipped by the backends.
+        every_position = self.loss_type == "luspo"
+        ids = selected_token_ids.long()
+        if every_position:
+            in_range = (ids >= 0) & (ids < vocab)
+            targets = torch.where(in_range | valid, ids, torch.full_like(ids, _IGNORE))
+        else:
+            targets = torch.where(valid, ids, torch.full_like(ids, _IGNORE))
+        self._check_ids(targets, valid, vocab)
+
+        ref = self._reference_logprobs(
+            ref_per_token_logps, ref_input, ref_weight, ref_bias, targets, bsz, seqlen, tf, be
+        )
+        observe = self.training and torch.is_grad_enabled() and self.entropy_controller is not None
+        coef = self._coef()
+
+        why = self._two_pass_reason(self.loss_type, self.top_entropy_quantile)
+        whole_sequences = self.importance_sampling_level == "sequence" or self.loss_type == "vespo"
+        if why is None and not hasattr(be, "linear_forward_backward"):
+            why = f"backend {be.__name__.rsplit('.', 1)[-1]} has no single-pass linear_forward_backward"
+        if why is None and whole_sequences and seqlen * vocab > WHOLE_SEQUENCE_MAX_ELEMENTS:
+            why = f"a whole sequence of T={seqlen} tokens is more than {WHOLE_SEQUENCE_MAX_ELEMENTS} logits"
+        if self.single_pass and why is not None:
+            raise ValueError(f"single_pass=True is not possible: {why}")
+        # Without a gradient to compute, the forward of the two-pass path is all there is to do.
+        needs_grad = torch.is_grad_enabled() and any(
+            t is not None and t.requires_grad for t in (_input, lin_weight, bias)
+        )
+        use_single = why is None and self.single_pass is not False and needs_grad
+
+        common = dict(
+            advantages=advantages, mask=attention_mask, old=old_per_token_logps, ref=ref, is_ratio=vllm_is_ratio,
+            num_items_in_batch=num_items_in_batch, coef=coef, observe=observe, k=k, tf=tf, be=be,
+        )
+        if use_single:
+            loss, metrics = self._single_pass(_input, lin_weight, bias, targets, whole_sequences, **common)
+            self.last_path = "single"
+        else:
+            loss, metrics = self._two_pass(_input, lin_weight, bias, targets, **common)
+            self.last_path = "two" if needs_grad else "forward"
+        self.last_metrics = metrics
+        out = []
+        if self.beta != 0.0:
+            out.append(metrics["kl"])
+        out.append(metrics["clip_ratio/region_mean"])
+        return loss, tuple(out)
+
+    # -----------------------------------------------------------------------------------------
+
+    def _check_inputs(self, x, w, ids, mask, adv, bias, ref_lp, old_lp, isr):
+        V.check_tensor("_input", x, floating=True)
+        V.check_tensor("lin_weight", w, floating=True)
+        V.check_tensor("selected_token_ids", ids, integer=True)
+        if x.dim() != 3:
+            raise ValueError(f"_input must have shape [B, T, H], got {tuple(x.shape)}")
+        if w.dim() != 2:
+            raise ValueError(f"lin_weight must have shape [V, H], got {tuple(w.shape)}")
+        bsz, seqlen, hidden = x.shape
+        vocab = w.shape[0]
+        if w.shape[1] != hidden:
+            raise ValueError(f"lin_weight has H={w.shape[1]} (shape {tuple(w.shape)}) but _input has H={hidden} (shape {tuple(x.shape)})")
+        if vocab == 0:
+            raise ValueError("lin_weight must have at least one vocabulary row (V >= 1)")
+        if w.dtype != x.dtype:
+            raise TypeError(f"lin_weight dtype {w.dtype} does not match _input dtype {x.dtype}")
+        bt = (bsz, seqlen)
+        if tuple(ids.shape) != bt:
+            raise ValueError(f"selected_token_ids must have shape [B, T]={bt} (from _input {tuple(x.shape)}), got {tuple(ids.shape)}")
+        if not isinstance(mask, torch.Tensor):
+            raise TypeError(f"attention_mask must be a torch.Tensor, got {type(mask).__name__}")
+        if tuple(mask.shape) != bt:
+            raise ValueError(f"attention_mask must have shape [B, T]={bt} (from _input {tuple(x.shape)}), got {tuple(mask.shape)}")
+        V.check_tensor("advantages", adv, floating=True)
+        if tuple(adv.shape) not in ((bsz,), (bsz, seqlen)):
+            raise ValueError(f"advantages must have shape [B]=({bsz},) or [B, T]={bt}, got {tuple(adv.shape)}")
+        if bias is not None:
+            V.check_tensor("bias", bias, floating=True)
+            if tuple(bias.shape) != (vocab,):
+                raise ValueError(f"bias must have shape [V]=({vocab},), got {tuple(bias.shape)}")
+            if bias.dtype != x.dtype:
+                raise TypeError(f"bias dtype {bias.dtype} does not match _input dtype {x.dtype}")
+        for name, t in (("ref_per_token_logps", ref_lp), ("old_per_token_logps", old_lp)):
+            if t is not None:
+                V.check_tensor(name, t, floating=True)
+                if tuple(t.shape) != bt:
+                    raise ValueError(f"{name} must have shape [B, T]={bt}, got {tuple(t.shape)}")
+        if isr is not None:
+            V.check_tensor("vllm_is_ratio", isr, floating=True)
+            if tuple(isr.shape) not in ((bsz,), (bsz, 1), bt):
+                raise ValueError(f"vllm_is_ratio must have shape [B, T]={bt}, [B, 1] or [B]=({bsz},), got {tuple(isr.shape)}")
+        V.check_same_device(_input=x, lin_weight=w, selected_token_ids=ids, attention_mask=mask, advantages=adv,
+                            bias=bias, ref_per_token_logps=ref_lp, old_per_token_logps=old_lp, vllm_is_ratio=isr)
+        return bsz, seqlen, vocab
+
+    @staticmethod
+    def _check_ids(targets, valid, vocab):
+        if targets.numel() == 0:
+            return
+        bad = (targets != _IGNORE) & ((targets < 0) | (targets >= vocab))
+        bad = bad | (valid & (targets == _IGNORE))
+        if bool(bad.any()):
+            value = targets[bad][0].item()
+            raise ValueError(f"selected_token_ids inside attention_mask must be in [0, {vocab}); found {value}")
+
+    def _reference_logprobs(self, ref_lp, ref_input, ref_weight, ref_bias, targets, bsz, seqlen, tf, be):
+        """Reference log-probs ``[B, T]`` for the KL term, or None (then the KL is to the policy itself)."""
+        if not self.use_ref_model or self.beta == 0.0:
+            return None
+        if ref_lp is not None:
+            if ref_input is not None:
+                warnings.warn("Both ref_per_token_logps and ref_input are provided. Using ref_per_token_logps.")
+            return ref_lp
+        if ref_input is None:
+            raise ValueError(
+                "use_ref_model=True with beta != 0 needs ref_per_token_logps or ref_input (with ref_weight)"
+            )
+        if ref_weight is None:
+            raise ValueError("ref_input needs ref_weight (the reference model's LM head [V, H])")
+        V.check_tensor("ref_input", ref_input, floating=True)
+        if ref_input.dim() != 3 or tuple(ref_input.shape[:2]) != (bsz, seqlen):
+            raise ValueError(f"ref_input must have shape [B, T, H]=({bsz}, {seqlen}, H), got {tuple(ref_input.shape)}")
+        with torch.no_grad():
+            stats = linear_logprobs(
+                ref_input, ref_weight, targets, bias=ref_bias, temperature=tf.temperature, softcap=tf.softcap,
+                logit_scale=tf.logit_scale, ignore_index=_IGNORE, entropy=False, backend=self.backend,
+            )
+        return stats.logprobs
+
+    def _grpo_kwargs(self, old, ref, is_ratio, num_items_in_batch):
+        kw = self._loss_options()
+        kw.update(old_logprobs=old, ref_logprobs=ref, is_ratio=is_ratio, num_items_in_batch=num_items_in_batch)
+        return kw
+
+    # -----------------------------------------------------------------------------------------
+    # two passes: linear_logprobs (autograd) -> grpo_loss -> backward recomputes the logits
+    # -----------------------------------------------------------------------------------------
+
+    def _two_pass(self, x, w, bias, targets, *, advantages, mask, old, ref, is_ratio, num_items_in_batch,
+                  coef, observe, k, tf, be):
+        stats = linear_logprobs(
+            x, w, targets, bias=bias, temperature=tf.temperature, softcap=tf.softcap, logit_scale=tf.logit_scale,
+            ignore_index=_IGNORE, entropy=True, topk=self.topk, clamp_p=self.clamp_p, backend=self.backend,
+        )
+        logp = stats.logprobs
+        if self.beta != 0.0 and ref is None:
+            ref = logp.detach()
+        kw = self._grpo_kwargs(old, ref, is_ratio, num_items_in_batch)
+        if observe:
+            kw["entropy_controller"] = self.entropy_controller
+        else:
+            kw["entropy_coef"] = coef
+        return G.grpo_loss(logp, advantages, mask, entropy=stats.entropy, clamped_entropy=stats.clamped_entropy, **kw)
+
+    # -----------------------------------------------------------------------------------------
+    # single pass: per chunk of rows, logits -> statistics -> d loss/d (logp, H, H~) -> dX, dW, db
+    # -----------------------------------------------------------------------------------------
+
+    def _single_pass(self, x, w, bias, targets, whole_sequences, *, advantages, mask, old, ref, is_ratio,
+                     num_items_in_batch, coef, observe, k, tf, be):
+        bsz, seqlen, hidden = x.shape
+        vocab = w.shape[0]
+        n = bsz * seqlen
+        cdt = torch.float64 if x.dtype == torch.float64 else torch.float32
+        step = self.rows_per_chunk or max(1, SINGLE_PASS_ELEMENTS // vocab)
+        if whole_sequences:
+            step = seqlen * max(1, step // max(seqlen, 1))
+        step = max(1, min(step, n)) if n > 0 else 1
+        norms = G.grpo_normalizers(
+            mask, loss_type=self.loss_type, max_completion_length=self.max_completion_length,
+            num_items_in_batch=num_items_in_batch, luspo_normalization="liger", dtype=cdt,
+        )
+        has_k = k is not None
+        bonus_src = self.entropy_source
+        bonus = coef != 0.0
+        policy_ref_is_self = self.beta != 0.0 and ref is None
+        lp_full = torch.zeros(bsz, seqlen, dtype=cdt, device=x.device)
+        ent_full = torch.zeros_like(lp_full)
+        cl_full = torch.zeros_like(lp_full) if has_k else None
+        kw = self._grpo_kwargs(old, ref, is_ratio, num_items_in_batch)
+        chunk_kw = dict(kw, entropy_coef=coef, normalizers=norms)
+
+        def rows(t, b0, b1):
+            if t is None or t.dim() == 0:
+                return t
+            return t[b0:b1]
+
+        def grad_fn(sl, logp_c, ent_c, cl_c):
+            lp_full.view(-1)[sl] = logp_c
+            ent_full.view(-1)[sl] = ent_c
+            if has_k:
+                cl_full.view(-1)[sl] = cl_c
+            b0, b1 = sl.start // seqlen, -(-sl.stop // seqlen)
+            # Rows b0..b1 hold every token of the chunk. For token-level objectives a token's gradient
+            # depends only on its own values and the mask-derived weights, so the entries of those rows
+            # outside the chunk (not computed yet, or already done) only produce gradients we drop.
+            # Sequence-level objectives get chunks of whole sequences (step is a multiple of T).
+            kwc = dict(chunk_kw)
+            for name in ("old_logprobs", "is_ratio"):
+                kwc[name] = rows(kwc[name], b0, b1)
+            lp_rows = lp_full[b0:b1]
+            kwc["ref_logprobs"] = lp_rows.clone() if policy_ref_is_self else rows(kwc["ref_logprobs"], b0, b1)
+            ent_arg = ent_full[b0:b1] if bonus and bonus_src == "full" else None
+            cl_arg = cl_full[b0:b1] if bonus and bonus_src == "clamped" else None
+            _, _, g_lp, g_ent, g_cl = G.grpo_loss_and_grads(
+                lp_rows, advantages[b0:b1], mask[b0:b1], entropy=ent_arg, clamped_entropy=cl_arg, **kwc
+            )
+            off = sl.start - b0 * seqlen
+            cnt = sl.stop - sl.start
+            take = lambda g: None if g is None else g.reshape(-1)[off: off + cnt]  # noqa: E731
+            return take(g_lp), take(g_ent), take(g_cl)
+
+        def sweep():
+            x2 = x.reshape(n, hidden).contiguous()
+            y = targets.reshape(n).contiguous()
+            _, gx, gw, gb = be.linear_forward_backward(
+                x2, w.contiguous(), None if bias is None else bias.contiguous(), y, tf, _IGNORE, True, k,
+                grad_fn, rows_per_chunk=step,
+            )
+            # Loss and metrics of the whole batch from the per-token statistics (O(N) work); the
+            # controller, if any, observes here once per call.
+            fkw = dict(kw, normalizers=norms)
+            if policy_ref_is_self:
+                fkw["ref_logprobs"] = lp_full
+            if observe:
+                fkw["entropy_controller"] = self.entropy_controller
+            else:
+                fkw["entropy_coef"] = coef
+            with torch.set_grad_enabled(observe):
+                loss, metrics = G.grpo_loss(lp_full, advantages, mask, entropy=ent_full, clamped_entropy=cl_full, **fkw)
+            return loss.detach(), gx.reshape(x.shape), gw, gb, metrics
+
+        box = {}
+
+        def run():
+            loss, gx, gw, gb, metrics = sweep()
+            box["metrics"] = metrics
+            return loss, gx, gw, gb
+
+        loss = _SinglePassFunction.apply(x, w, bias, run)
+        return loss, box["metrics"]
