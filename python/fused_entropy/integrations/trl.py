@@ -1,0 +1,579 @@
+"""TRL adapter: ``GRPOTrainer`` whose policy log-probs, entropies and loss run through fused-entropy.
+
+``FusedEntropyGRPOTrainer`` is TRL 1.16's ``GRPOTrainer`` with two parts replaced:
+
+- **the LM head.** The model's forward gets a ``fused_entropy=`` mode (installed next to TRL's own
+  ``fused_lm_head=`` mode, so DDP/FSDP wrappers still see a normal forward call): it runs the
+  backbone, takes the last hidden states of the completion positions and applies
+  :func:`fused_entropy.linear_logprobs` with the head's weight, TRL's temperature and the model's
+  logit softcap/scale. No ``[B, T, V]`` logits are allocated; the ``lm_head`` module is never called.
+  The reference model uses the same head, so the KL term compares like with like.
+- **the loss.** :func:`fused_entropy.grpo_loss` with TRL's options (loss types, token/sequence
+  importance sampling, ``delta``, ``beta`` and the bias-corrected KL, vLLM importance ratios, the
+  off-policy sequence mask, ``top_entropy_quantile``) and TRL's normalization for gradient
+  accumulation, so that with the entropy bonus off the loss and gradients equal stock TRL's.
+
+Added on top (``FusedEntropyGRPOConfig`` fields):
+
+- ``entropy_source="full"|"clamped"`` with ``topk`` or ``clamp_p``: the bonus (and the 80/20 mask)
+  use the top-k clamped entropy of MATH.md section 3 (AEnt).
+- ``entropy_controller="static"|"adaptive"|"aent"``: the bonus coefficient comes from
+  :mod:`fused_entropy.control` (``None``: TRL's own fields decide, ``use_adaptive_entropy`` giving
+  "adaptive", a non-zero ``entropy_coef`` giving "static"). AEnt's band uses ``entropy_low``,
+  ``entropy_high``, ``entropy_coef_lr``, ``entropy_coef_min/max``, ``entropy_coef_warmup``.
+- ``loss_type="clip_cov"|"kl_cov"`` (Cui et al., verl names and defaults).
+- ``use_repo_r``: REPO-R advantage shaping with the REPO zeta controller.
+
+Controller state is written to ``fused_entropy_state.json`` in each checkpoint (and, for the adaptive
+controller, TRL's ``entropy_ctrl_state.json`` too) and restored on resume.
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+from dataclasses import dataclass, field, fields
+from typing import Any, NamedTuple, Optional
+
+import torch
+
+from .. import _grpo
+from .._types import TokenStats
+from .._validate import check_positive_finite, resolve_k
+from ..control import AdaptiveEntropyCoef, AEntCoef, REPOZeta, StaticEntropyCoef, repo_r_advantages
+from ..functional import linear_logprobs
+
+try:
+    from trl import GRPOConfig, GRPOTrainer
+    from trl.trainer.utils import nanmax, nanmin
+except ImportError as e:  # pragma: no cover - exercised only without the extra installed
+    raise ImportError("fused_entropy.integrations.trl needs TRL: pip install 'fused-entropy[trl]'") from e
+
+__all__ = ["FusedEntropyGRPOConfig", "FusedEntropyGRPOTrainer", "install_fused_head"]
+
+STATE_FILE = "fused_entropy_state.json"
+TRL_STATE_FILE = "entropy_ctrl_state.json"
+ENTROPY_SOURCES = _grpo.ENTROPY_SOURCES
+CONTROLLERS = (None, "static", "adaptive", "aent")
+
+
+@dataclass
+class FusedEntropyGRPOConfig(GRPOConfig):
+    """``GRPOConfig`` plus the fused-entropy options (every TRL field keeps its meaning).
+
+    Loss types: TRL's ``grpo``, ``bnpo``, ``dr_grpo``, ``dapo``, ``cispo``, ``sapo``, ``luspo``,
+    ``vespo``, plus ``clip_cov`` and ``kl_cov`` (token-level; normalized like ``dapo``).
+    """
+
+    entropy_source: str = field(
+        default="full",
+        metadata={"help": "Entropy used by the entropy bonus, its controller and the top-entropy mask: 'full', or "
+                  "'clamped' (entropy of the softmax over the top-k logits; needs `topk` or `clamp_p`)."},
+    )
+    topk: Optional[int] = field(
+        default=None, metadata={"help": "Size k of the clamped set (the k largest logits). At most one of topk, clamp_p."}
+    )
+    clamp_p: Optional[float] = field(
+        default=None,
+        metadata={"help": "AEnt clamp: drop the floor(clamp_p * V) lowest logits (k = V - floor(p V)); e.g. 0.33."},
+    )
+    entropy_controller: Optional[str] = field(
+        default=None,
+        metadata={"help": "Controller of the entropy-bonus coefficient: 'static' (entropy_coef), 'adaptive' "
+                  "(Skywork-OR1/TRL rule with entropy_target, entropy_coef_delta, entropy_coef_min/max), 'aent' "
+                  "(AEnt band rule). None: 'adaptive' if use_adaptive_entropy, 'static' if entropy_coef != 0, "
+                  "else no bonus. `entropy_coef` is the initial coefficient for every controller."},
+    )
+    adaptive_entropy_strict: bool = field(
+        default=False, metadata={"help": "Adaptive controller: use `entropy < target` (Skywork-OR1's code) instead of <=."}
+    )
+    adaptive_entropy_start_enabled: bool = field(
+        default=False,
+        metadata={"help": "Adaptive controller: apply the bonus in the first step (Skywork-OR1) instead of waiting "
+                  "for the first measurement (TRL)."},
+    )
+    entropy_low: Optional[float] = field(default=None, metadata={"help": "AEnt: lower edge of the entropy band."})
+    entropy_high: Optional[float] = field(default=None, metadata={"help": "AEnt: upper edge of the entropy band."})
+    entropy_coef_lr: Optional[float] = field(default=None, metadata={"help": "AEnt: step size of the coefficient."})
+    entropy_coef_warmup: int = field(default=0, metadata={"help": "AEnt: optimizer steps before the first update."})
+    entropy_coef_reg: float = field(default=0.0, metadata={"help": "AEnt: pull of the coefficient toward its initial value."})
+    clip_cov_ratio: float = field(default=2e-4, metadata={"help": "Clip-Cov: fraction of tokens whose gradient is cut."})
+    clip_cov_lb: float = field(default=1.0, metadata={"help": "Clip-Cov: lower covariance bound."})
+    clip_cov_ub: float = field(default=5.0, metadata={"help": "Clip-Cov: upper covariance bound."})
+    kl_cov_ratio: float = field(default=2e-4, metadata={"help": "KL-Cov: fraction of tokens that get the KL penalty."})
+    ppo_kl_coef: float = field(default=1.0, metadata={"help": "KL-Cov: coefficient of |log r| on the selected tokens."})
+    use_repo_r: bool = field(
+        default=False, metadata={"help": "REPO-R: shape advantages with the log-prob of the sampled token (arXiv 2603.11682)."}
+    )
+    repo_zeta: float = field(default=0.01, metadata={"help": "REPO-R: initial zeta."})
+    repo_zeta_min: float = field(default=1e-4, metadata={"help": "REPO-R: lower bound of zeta."})
+    repo_zeta_max: float = field(default=0.05, metadata={"help": "REPO-R: upper bound of zeta."})
+    repo_entropy_target: Optional[float] = field(
+        default=None, metadata={"help": "REPO-R: entropy target for zeta (None: the first step's entropy)."}
+    )
+    fused_backend: str = field(
+        default="auto", metadata={"help": "fused-entropy backend: 'auto' (Triton on CUDA, torch elsewhere), 'torch', 'triton'."}
+    )
+
+    def __post_init__(self):
+        super().__post_init__()
+        validate_options(self)
+
+
+_EXTRA_DEFAULTS = {f.name: f.default for f in fields(FusedEntropyGRPOConfig) if f.name not in {g.name for g in fields(GRPOConfig)}}
+
+
+def _opt(args, name):
+    """An added option from ``args``, or its default when ``args`` is a plain ``GRPOConfig``."""
+    return getattr(args, name, _EXTRA_DEFAULTS[name])
+
+
+def _controller_kind(args) -> Optional[str]:
+    kind = _opt(args, "entropy_controller")
+    if kind is not None:
+        return kind
+    if args.use_adaptive_entropy:
+        return "adaptive"
+    return "static" if args.entropy_coef != 0.0 else None
+
+
+def validate_options(args) -> None:
+    """Reject option combinations the trainer cannot honour, naming the option (no model needed)."""
+    src = _opt(args, "entropy_source")
+    if src not in ENTROPY_SOURCES:
+        raise ValueError(f"entropy_source must be one of {ENTROPY_SOURCES}, got {src!r}")
+    topk, clamp_p = _opt(args, "topk"), _opt(args, "clamp_p")
+    if topk is not None and clamp_p is not None:
+        raise ValueError(f"give at most one of topk and clamp_p, got topk={topk} and clamp_p={clamp_p}")
+    if src == "clamped" and topk is None and clamp_p is None:
+        raise ValueError("entropy_source='clamped' needs topk or clamp_p (the size of the clamped set)")
+    if topk is not None and (isinstance(topk, bool) or not isinstance(topk, int) or topk < 1):
+        raise ValueError(f"topk must be an int >= 1, got {topk!r}")
+    if clamp_p is not None:
+        resolve_k(None, clamp_p, 1 << 30)  # range check only; k needs the vocabulary size
+    kind = _opt(args, "entropy_controller")
+    if kind not in CONTROLLERS:
+        raise ValueError(f"entropy_controller must be one of {CONTROLLERS}, got {kind!r}")
+    if args.use_adaptive_entropy and kind not in (None, "adaptive"):
+        raise ValueError(f"use_adaptive_entropy=True conflicts with entropy_controller={kind!r}; set one of them")
+    if kind == "aent":
+        missing = [n for n in ("entropy_low", "entropy_high", "entropy_coef_lr") if _opt(args, n) is None]
+        if missing:
+            raise ValueError(f"entropy_controller='aent' needs {', '.join(missing)} (AEnt's band and step size)")
+    _build_controller(args)  # the controllers check their own numbers (bounds, init within bounds)
+    if args.loss_type not in _grpo.LOSS_TYPES:
+        raise ValueError(f"loss_type must be one of {_grpo.LOSS_TYPES}, got {args.loss_type!r}")
+    if args.importance_sampling_level not in _grpo.IMPORTANCE_SAMPLING_LEVELS:
+        raise ValueError(
+            f"importance_sampling_level must be one of {_grpo.IMPORTANCE_SAMPLING_LEVELS}, got {args.importance_sampling_level!r}"
+        )
+    if args.loss_type in _grpo.COV_TYPES and args.importance_sampling_level != "token":
+        raise ValueError(f"loss_type={args.loss_type!r} is token-level; importance_sampling_level must be 'token'")
+    if not 0.0 < args.top_entropy_quantile <= 1.0:
+        raise ValueError(
+            f"top_entropy_quantile must be in (0, 1] for FusedEntropyGRPOTrainer, got {args.top_entropy_quantile} "
+            "(TRL's 0.0, 'only the single highest-entropy token', is not supported)"
+        )
+    if args.loss_type == "vespo" and args.off_policy_mask_threshold is not None:
+        raise ValueError("off_policy_mask_threshold is not supported with loss_type='vespo' by FusedEntropyGRPOTrainer")
+    if args.loss_type in _grpo.COV_TYPES:
+        _grpo._check_fraction("clip_cov_ratio", _opt(args, "clip_cov_ratio"))
+        _grpo._check_fraction("kl_cov_ratio", _opt(args, "kl_cov_ratio"))
+        if _opt(args, "clip_cov_lb") >= _opt(args, "clip_cov_ub"):
+            raise ValueError(f"clip_cov_lb must be < clip_cov_ub, got {_opt(args, 'clip_cov_lb')} >= {_opt(args, 'clip_cov_ub')}")
+    if _opt(args, "use_repo_r"):
+        _build_repo(args)
+    if _opt(args, "fused_backend") not in _grpo.GRPO_BACKENDS:
+        raise ValueError(f"fused_backend must be one of {_grpo.GRPO_BACKENDS}, got {_opt(args, 'fused_backend')!r}")
+
+
+def _build_controller(args):
+    kind = _controller_kind(args)
+    if kind is None:
+        return None
+    if kind == "static":
+        return StaticEntropyCoef(args.entropy_coef)
+    if kind == "adaptive":
+        return AdaptiveEntropyCoef(
+            target=args.entropy_target, delta=args.entropy_coef_delta, coef_min=args.entropy_coef_min,
+            coef_max=args.entropy_coef_max, init=args.entropy_coef, strict=_opt(args, "adaptive_entropy_strict"),
+            start_enabled=_opt(args, "adaptive_entropy_start_enabled"),
+        )
+    return AEntCoef(
+        low=_opt(args, "entropy_low"), high=_opt(args, "entropy_high"), lr=_opt(args, "entropy_coef_lr"),
+        coef_min=args.entropy_coef_min, coef_max=args.entropy_coef_max, init=args.entropy_coef,
+        warmup=_opt(args, "entropy_coef_warmup"), reg=_opt(args, "entropy_coef_reg"),
+    )
+
+
+def _build_repo(args):
+    if not _opt(args, "use_repo_r"):
+        return None
+    return REPOZeta(init=_opt(args, "repo_zeta"), zeta_min=_opt(args, "repo_zeta_min"),
+                    zeta_max=_opt(args, "repo_zeta_max"), target=_opt(args, "repo_entropy_target"))
+
+
+# ---------------------------------------------------------------------------------------------
+# the fused head, installed on the model's forward
+# ---------------------------------------------------------------------------------------------
+
+
+class HeadRequest(NamedTuple):
+    """What one ``model(..., fused_entropy=HeadRequest(...))`` call computes.
+
+    ``logits_to_keep``: score the last ``K`` tokens (the completion), predicted from positions
+    ``L-K-1 .. L-2``. ``entropy``/``clamped``: also return the full / clamped entropy.
+    """
+
+    logits_to_keep: int
+    entropy: bool = False
+    clamped: bool = False
+
+
+def logit_transform_of(config) -> tuple:
+    """``(softcap, logit_scale)`` that the model applies to its logits, read from the config.
+
+    The same fields TRL's fused head reads: ``final_logit_softcapping``; ``logit_scale``,
+    ``output_multiplier``, ``lm_head_multiplier`` or ``logits_scaling`` (a divisor, except for
+    HyperCLOVA X where it multiplies).
+    """
+    tc = config.get_text_config() if hasattr(config, "get_text_config") else config
+    softcap = getattr(tc, "final_logit_softcapping", None)
+    scale = getattr(tc, "logit_scale", None)
+    for name in ("output_multiplier", "lm_head_multiplier"):
+        if scale is None:
+            scale = getattr(tc, name, None)
+    if scale is None and getattr(tc, "logits_scaling", None) is not None:
+        scale = tc.logits_scaling if getattr(tc, "model_type", None) == "hyperclovax" else 1.0 / tc.logits_scaling
+    if softcap is not None:
+        check_positive_finite("final_logit_softcapping", float(softcap))
+    return (None if softcap is None else float(softcap)), (1.0 if scale is None else float(scale))
+
+
+def install_fused_head(model, *, temperature: float, topk=None, clamp_p=None, backend: str = "auto") -> None:
+    """Give ``model.forward`` a ``fused_entropy=HeadRequest(...)`` mode; other calls are unchanged.
+
+    In that mode the forward returns :class:`fused_entropy.TokenStats` of ``[B, K]`` tensors (zero where
+    the target is padding, i.e. ``attention_mask == 0``) computed from the backbone's last hidden
+    states and the output embedding's weight by :func:`linear_logprobs`, outside autocast (fp32
+    statistics whatever the model dtype).
+    """
+    import functools
+    import types
+
+    softcap, logit_scale = logit_transform_of(model.config)
+    previous = model.forward
+
+    @functools.wraps(type(model).forward)  # generate() validates its kwargs against this signature
+    def forward(self, *args, fused_entropy: Optional[HeadRequest] = None, **kwargs):
+        if fused_entropy is None:
+            return previous(*args, **kwargs)
+        input_ids, attention_mask = kwargs["input_ids"], kwargs["attention_mask"]
+        k = fused_entropy.logits_to_keep
+        if not 0 < k < input_ids.shape[1]:
+            raise ValueError(f"logits_to_keep must be in [1, L-1] = [1, {input_ids.shape[1] - 1}], got {k}")
+        kwargs["use_cache"] = False
+        # Looked up per call: FSDP and PEFT replace the backbone and head after this is installed.
+        hidden = self.base_model(*args, **kwargs).last_hidden_state[:, -k - 1 : -1]
+        head = self.get_output_embeddings()
+        weight, bias = head.weight, head.bias
+        if type(weight).__name__ == "DTensor":  # FSDP2: gather the head like TRL's fused head does
+            weight = weight.full_tensor()
+            bias = None if bias is None else bias.full_tensor()
+        targets = input_ids[:, -k:].masked_fill(attention_mask[:, -k:] == 0, -100).to(weight.device)
+        valid = targets != -100
+        # Only valid rows are scored (prompt/padding rows would cost GEMM work for nothing).
+        h = hidden.to(device=weight.device, dtype=weight.dtype)[valid]
+        with torch.autocast(device_type=weight.device.type, enabled=False):
+            stats = linear_logprobs(
+                h, weight, targets[valid], bias=bias, temperature=temperature, softcap=softcap,
+                logit_scale=logit_scale, entropy=fused_entropy.entropy,
+                topk=topk if fused_entropy.clamped else None, clamp_p=clamp_p if fused_entropy.clamped else None,
+                backend=backend,
+            )
+        scatter = lambda x: None if x is None else x.new_zeros(valid.shape).masked_scatter(valid, x)  # noqa: E731
+        return TokenStats(*(scatter(x) for x in stats))
+
+    model.forward = types.MethodType(forward, model)
+
+
+# ---------------------------------------------------------------------------------------------
+# the trainer
+# ---------------------------------------------------------------------------------------------
+
+
+class FusedEntropyGRPOTrainer(GRPOTrainer):
+    """TRL ``GRPOTrainer`` computing log-probs, entropies and the loss with fused-entropy.
+
+    Takes the same arguments as ``GRPOTrainer``; ``args`` is a :class:`FusedEntropyGRPOConfig` (a plain
+    ``GRPOConfig`` works too and gets the added options' defaults). Unsupported combinations raise
+    ``ValueError`` here, at construction: vision-language models, MoE router auxiliary loss,
+    DeepSpeed ZeRO-3, ``top_entropy_quantile=0``, ``vespo`` with ``off_policy_mask_threshold``.
+
+    Metrics are TRL's (``entropy``, ``kl``, ``clip_ratio/*``, ``cispo_clip_ratio``,
+    ``vespo/phi_seq_mean``, ``policy_loss`` and ``entropy_coef`` when a bonus controller is active)
+    plus ``clamped_entropy`` (when computed), ``entropy_coef_applied`` (the coefficient used in the
+    step), ``entropy_ctrl/window_entropy`` (the window mean that drove the update), ``cov/selected_mean``
+    (Clip-Cov/KL-Cov) and ``repo/zeta``.
+    """
+
+    def __init__(self, model, reward_funcs=None, args: Optional[GRPOConfig] = None, *rest, **kwargs):
+        if args is None:
+            name = model if isinstance(model, str) else getattr(model.config, "_name_or_path", "") or "model"
+            args = FusedEntropyGRPOConfig(f"{name.split('/')[-1]}-GRPO")
+        if not isinstance(args, GRPOConfig):
+            raise TypeError(f"args must be a FusedEntropyGRPOConfig (or GRPOConfig), got {type(args).__name__}")
+        validate_options(args)
+        super().__init__(model, reward_funcs, args, *rest, **kwargs)
+
+        if self._is_vlm:
+            raise ValueError("vision-language models (a ProcessorMixin processing_class) are not supported by "
+                             "FusedEntropyGRPOTrainer; use trl.GRPOTrainer")
+        if self.aux_loss_enabled:
+            raise ValueError("the MoE router auxiliary loss (router_aux_loss_coef != 0) is not supported by "
+                             "FusedEntropyGRPOTrainer; set router_aux_loss_coef=0.0")
+        from transformers.integrations.deepspeed import is_deepspeed_zero3_enabled
+
+        if is_deepspeed_zero3_enabled():
+            raise ValueError("DeepSpeed ZeRO-3 is not supported by FusedEntropyGRPOTrainer: the fused head reads "
+                             "lm_head.weight again in backward, after ZeRO-3 has re-partitioned it")
+
+        self._entropy_ctrl = _build_controller(args)
+        self._repo = _build_repo(args)
+        self._entropy_source = _opt(args, "entropy_source")
+        self._topk, self._clamp_p = _opt(args, "topk"), _opt(args, "clamp_p")
+        self._want_clamped = self._topk is not None or self._clamp_p is not None
+        policy = self.model.get_base_model() if hasattr(self.model, "get_base_model") else self.model
+        vocab = policy.get_output_embeddings().weight.shape[0]
+        if self._topk is not None and self._topk > vocab:
+            raise ValueError(f"topk must be in [1, V={vocab}], got {self._topk}")
+        head = dict(temperature=self.temperature, topk=self._topk, clamp_p=self._clamp_p,
+                    backend=_opt(args, "fused_backend"))
+        install_fused_head(policy, **head)
+        if self.ref_model is not None:
+            install_fused_head(self.accelerator.unwrap_model(self.ref_model), **head)
+        # TRL's own adaptive-entropy bookkeeping (and its checkpoint file handling) is replaced by the
+        # controller; the flag is cleared so the parent class never touches it.
+        self.use_adaptive_entropy = False
+
+    # --- log-probs and entropies ------------------------------------------------------------
+    def _fused_token_stats(self, model, input_ids, attention_mask, logits_to_keep, batch_size=None,
+                           entropy=False, clamped=False) -> TokenStats:
+        batch_size = batch_size or input_ids.size(0)
+        request = HeadRequest(int(logits_to_keep), bool(entropy), bool(clamped))
+        parts = []
+        for start in range(0, input_ids.size(0), batch_size):
+            end = min(start + batch_size, input_ids.size(0))
+            with self.accelerator.autocast():
+                parts.append(model(input_ids=input_ids[start:end], attention_mask=attention_mask[start:end],
+                                   fused_entropy=request))
+        return TokenStats(*(None if xs[0] is None else torch.cat(xs, 0) for xs in zip(*parts)))
+
+    def _get_per_token_logps_and_entropies(self, model, input_ids, attention_mask, logits_to_keep, batch_size=None,
+                                           compute_entropy=False, compute_aux_loss=False, **multimodal):
+        """TRL's hook for old/reference log-probs, computed by the fused head. Returns ``(logps, entropies, None)``."""
+        extra = sorted(k for k, v in multimodal.items() if v is not None)
+        if extra or compute_aux_loss:
+            raise ValueError(f"FusedEntropyGRPOTrainer got inputs it does not support: {extra or ['compute_aux_loss']}")
+        stats = self._fused_token_stats(model, input_ids, attention_mask, logits_to_keep, batch_size,
+                                        entropy=compute_entropy)
+        return stats.logprobs, stats.entropy, None
+
+    # --- the loss -----------------------------------------------------------------------------
+    def _compute_loss(self, model, inputs):
+        mode = "train" if self.model.training else "eval"
+        completion_ids, completion_mask = inputs["completion_ids"], inputs["completion_mask"]
+        input_ids = torch.cat([inputs["prompt_ids"], completion_ids], dim=1)
+        attention_mask = torch.cat([inputs["prompt_mask"], completion_mask], dim=1)
+        logits_to_keep = completion_ids.size(1)
+        mask = completion_mask if "tool_mask" not in inputs else completion_mask * inputs["tool_mask"]
+
+        logps, entropies, clamped = self._fused_token_stats(
+            model, input_ids, attention_mask, logits_to_keep, entropy=True, clamped=self._want_clamped
+        )
+        advantages = inputs["advantages"]
+        adv_2d = advantages.unsqueeze(1) if advantages.dim() == 1 else advantages
+        old = inputs.get("old_per_token_logps")
+        old_or_current = logps.detach() if old is None else old
+
+        # vLLM importance ratio and TRL's off-policy sequence mask both multiply the per-token policy
+        # loss (not the KL term): grpo_loss's is_ratio is that factor.
+        is_ratio = None
+        if self.loss_type == "vespo":
+            # VESPO folds the ratio into its sequence weight instead; TRL reads it whenever present.
+            is_ratio = inputs.get("importance_sampling_ratio")
+        elif self.use_vllm and self.vllm_importance_sampling_correction:
+            is_ratio = inputs["importance_sampling_ratio"]
+        if self.off_policy_mask_threshold is not None:
+            keep = self.get_off_policy_mask(
+                advantages=adv_2d, per_token_logps=logps, sampling_per_token_logps=inputs.get("sampling_per_token_logps", old_or_current),
+                mask=mask, off_policy_threshold=self.off_policy_mask_threshold,
+            ).to(logps.dtype)
+            is_ratio = keep if is_ratio is None else is_ratio * keep
+
+        loss_adv = advantages
+        if self._repo is not None:
+            loss_adv = repo_r_advantages(advantages, old_or_current, self._repo.zeta)
+
+        num_items = None
+        if self.loss_type in _grpo.TOKEN_NORMALIZED:
+            # TRL divides by num_items / world * GA / steps_per_generation and then not by GA; dividing
+            # grpo_loss's micro-batch loss by GA below needs num_items / steps_per_generation here.
+            num_items = inputs["num_items_in_batch"]
+            if mode == "train":
+                num_items = num_items / self.args.steps_per_generation
+        ctrl = self._entropy_ctrl
+        applied_coef = None if ctrl is None else float(ctrl.coef)
+        generator = None
+        if self.loss_type == "clip_cov":
+            generator = torch.Generator(device=logps.device)
+            generator.manual_seed(hash((self.args.seed, self.accelerator.process_index, self._step)) % (1 << 62))
+
+        loss, m = _grpo.grpo_loss(
+            logps, loss_adv, mask,
+            old_logprobs=old, ref_logprobs=inputs.get("ref_per_token_logps") if self.beta != 0.0 else None,
+            entropy=entropies, clamped_entropy=clamped, entropy_source=self._entropy_source,
+            loss_type=self.loss_type, epsilon_low=self.epsilon_low, epsilon_high=self.epsilon_high,
+            delta=self.args.delta, beta=self.beta, use_bias_correction_kl=bool(self.args.use_bias_correction_kl),
+            importance_sampling_level=self.importance_sampling_level,
+            sapo_temperature_pos=self.args.sapo_temperature_pos, sapo_temperature_neg=self.args.sapo_temperature_neg,
+            vespo_k_pos=self.args.vespo_k_pos, vespo_lambda_pos=self.args.vespo_lambda_pos,
+            vespo_k_neg=self.args.vespo_k_neg, vespo_lambda_neg=self.args.vespo_lambda_neg,
+            max_completion_length=self.max_completion_length, num_items_in_batch=num_items, is_ratio=is_ratio,
+            entropy_controller=ctrl if mode == "train" else None,
+            entropy_coef=applied_coef if (ctrl is not None and mode != "train") else 0.0,
+            top_entropy_quantile=self.top_entropy_quantile, luspo_normalization="trl",
+            clip_cov_ratio=_opt(self.args, "clip_cov_ratio"), clip_cov_lb=_opt(self.args, "clip_cov_lb"),
+            clip_cov_ub=_opt(self.args, "clip_cov_ub"), kl_cov_ratio=_opt(self.args, "kl_cov_ratio"),
+            ppo_kl_coef=_opt(self.args, "ppo_kl_coef"), generator=generator, backend=_opt(self.args, "fused_backend"),
+        )
+        ga = self.current_gradient_accumulation_steps if mode == "train" else 1.0
+        loss = loss / ga
+
+        if ctrl is not None:
+            policy_loss = m["policy_loss"]
+            if self.loss_type in _grpo.TOKEN_NORMALIZED:
+                policy_loss = policy_loss / ga  # TRL reports the window-normalized value for these types
+            self._metrics[mode]["policy_loss"].append(self.accelerator.gather(policy_loss).nanmean().item())
+            self._metrics[mode]["entropy_coef_applied"].append(applied_coef)
+        if mode == "train" and self._repo is not None:
+            self._repo.observe((entropies.detach() * mask).sum(), mask.sum())
+        if mode == "train" and self.accelerator.sync_gradients:
+            if ctrl is not None:
+                window = ctrl.step()
+                self._metrics[mode]["entropy_coef"].append(float(ctrl.value))
+                if window is not None:
+                    self._metrics[mode]["entropy_ctrl/window_entropy"].append(window)
+            if self._repo is not None:
+                self._repo.step()
+                self._metrics[mode]["repo/zeta"].append(float(self._repo.zeta))
+
+        self._log_trl_metrics(mode, logps, old_or_current, entropies, clamped, mask, adv_2d, inputs, m)
+        return loss
+
+    def _log_trl_metrics(self, mode, logps, old, entropies, clamped, mask, advantages, inputs, m):
+        """TRL 1.16's metrics, with its definitions (global masked means over ranks)."""
+        mask = mask.to(logps.dtype)
+
+        def global_masked_mean(x):
+            if x.shape[1] == 1:  # sequence level: one value per sequence
+                local = torch.stack([x.sum(), torch.tensor(float(x.shape[0]), device=x.device, dtype=x.dtype)])
+            else:
+                local = torch.stack([(x * mask).sum(), mask.sum()])
+            totals = self.accelerator.reduce(local, reduction="sum")
+            return (totals[0] / totals[1].clamp(min=1.0)).item()
+
+        def masked_seq_mean(x):
+            return x.squeeze(1) if x.shape[1] == 1 else (x * mask).sum(-1) / mask.sum(-1)
+
+        with torch.no_grad():
+            log_ratio = logps.detach() - old
+            if self.importance_sampling_level == "sequence":
+                log_w = ((log_ratio * mask).sum(-1) / mask.sum(-1).clamp(min=1.0)).unsqueeze(-1)
+            else:
+                log_w = log_ratio
+            coef_1 = torch.exp(log_w)
+            if self.beta != 0.0:
+                ref = inputs["ref_per_token_logps"]
+                kl = torch.exp(ref - logps.detach()) - (ref - logps.detach()) - 1
+                if self.args.use_bias_correction_kl:
+                    kl = kl * coef_1
+                self._metrics[mode]["kl"].append(global_masked_mean(kl))
+            self._metrics[mode]["entropy"].append(global_masked_mean(entropies.detach()))
+            if clamped is not None:
+                self._metrics[mode]["clamped_entropy"].append(global_masked_mean(clamped.detach()))
+            if self.loss_type in ("grpo", "bnpo", "dr_grpo", "dapo", "luspo", "clip_cov"):
+                if self.args.delta is not None and self.loss_type != "clip_cov":
+                    coef_1 = coef_1.clamp(max=self.args.delta)  # TRL measures the clip after the delta clamp
+                low = ((coef_1 < 1 - self.epsilon_low) & (advantages < 0)).to(mask.dtype)
+                high = ((coef_1 > 1 + self.epsilon_high) & (advantages > 0)).to(mask.dtype)
+                self._metrics[mode]["clip_ratio/low_mean"].append(global_masked_mean(low))
+                self._metrics[mode]["clip_ratio/high_mean"].append(global_masked_mean(high))
+                self._metrics[mode]["clip_ratio/region_mean"].append(global_masked_mean(torch.maximum(low, high)))
+                self._metrics[mode]["clip_ratio/low_min"].append(nanmin(self.accelerator.gather(masked_seq_mean(low))).item())
+                self._metrics[mode]["clip_ratio/high_max"].append(nanmax(self.accelerator.gather(masked_seq_mean(high))).item())
+            elif self.loss_type == "cispo":
+                clipped = ((coef_1 > self.epsilon_high) & (advantages > 0)).to(mask.dtype)
+                self._metrics[mode]["cispo_clip_ratio"].append(global_masked_mean(clipped))
+            elif self.loss_type == "vespo":
+                phi = self.get_gamma_weights(
+                    advantages=advantages, log_ratio_per_token=log_ratio, mask=mask,
+                    importance_sampling_ratio=inputs.get("importance_sampling_ratio"),
+                    k_pos=self.args.vespo_k_pos, lambda_pos=self.args.vespo_lambda_pos,
+                    k_neg=self.args.vespo_k_neg, lambda_neg=self.args.vespo_lambda_neg,
+                )
+                self._metrics[mode]["vespo/phi_seq_mean"].append(global_masked_mean(phi))
+            if "cov/selected_mean" in m:
+                self._metrics[mode]["cov/selected_mean"].append(float(m["cov/selected_mean"]))
+
+    # --- checkpoints --------------------------------------------------------------------------
+    def controller_state(self) -> dict:
+        """JSON-serializable state of the entropy controller and the REPO zeta controller."""
+        return {
+            "entropy_controller": None if self._entropy_ctrl is None else self._entropy_ctrl.state_dict(),
+            "repo_zeta": None if self._repo is None else self._repo.state_dict(),
+        }
+
+    def _save_checkpoint(self, model, trial):
+        super()._save_checkpoint(model, trial)
+        if not self.args.should_save:
+            return
+        from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
+
+        out = os.path.join(self._get_output_dir(trial=trial), f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}")
+        with open(os.path.join(out, STATE_FILE), "w") as f:
+            json.dump(self.controller_state(), f)
+        if isinstance(self._entropy_ctrl, AdaptiveEntropyCoef):
+            # TRL's file too, so stock GRPOTrainer can resume this run. TRL keeps the last window's
+            # entropy and gates on `entropy <= target`; +inf before the first window (bonus off).
+            c = self._entropy_ctrl
+            last = c.last_entropy if c.last_entropy is not None else math.inf
+            if c.last_entropy is None and c.enabled:
+                last = c.target
+            with open(os.path.join(out, TRL_STATE_FILE), "w") as f:
+                json.dump({"entropy_coef": c.value, "last_world_entropy": last}, f)
+
+    def _load_optimizer_and_scheduler(self, checkpoint):
+        super()._load_optimizer_and_scheduler(checkpoint)
+        if checkpoint is None:
+            return
+        path = os.path.join(checkpoint, STATE_FILE)
+        if os.path.exists(path):
+            with open(path) as f:
+                state = json.load(f)
+            for obj, key in ((self._entropy_ctrl, "entropy_controller"), (self._repo, "repo_zeta")):
+                if obj is not None and state.get(key) is not None:
+                    obj.load_state_dict(state[key])
+            return
+        trl_path = os.path.join(checkpoint, TRL_STATE_FILE)
+        if isinstance(self._entropy_ctrl, AdaptiveEntropyCoef) and os.path.exists(trl_path):
+            # A checkpoint written by stock GRPOTrainer with use_adaptive_entropy=True.
+            with open(trl_path) as f:
+                state = json.load(f)
+            c = self._entropy_ctrl
+            sd = c.state_dict()
+            last = float(state["last_world_entropy"])
+            sd["value"] = float(state["entropy_coef"])
+            sd["enabled"] = (last < c.target) if c.strict else (last <= c.target)
+            sd["last_entropy"] = last if math.isfinite(last) else None
+            c.load_state_dict(sd)
