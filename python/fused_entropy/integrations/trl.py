@@ -41,13 +41,25 @@ from .. import _grpo
 from .._types import TokenStats
 from .._validate import check_positive_finite, resolve_k
 from ..control import AdaptiveEntropyCoef, AEntCoef, REPOZeta, StaticEntropyCoef, repo_r_advantages
+from ..backends import get_backend
 from ..functional import linear_logprobs
 
 try:
+    import trl
     from trl import GRPOConfig, GRPOTrainer
     from trl.trainer.utils import nanmax, nanmin
 except ImportError as e:  # pragma: no cover - exercised only without the extra installed
     raise ImportError("fused_entropy.integrations.trl needs TRL: pip install 'fused-entropy[trl]'") from e
+
+#: The TRL releases this adapter reproduces. It overrides GRPOTrainer internals (_compute_loss,
+#: _get_per_token_logps_and_entropies, the metrics dict), so another release could silently change
+#: the loss; refuse it instead.
+SUPPORTED_TRL = ("1.16",)
+if ".".join(trl.__version__.split(".")[:2]) not in SUPPORTED_TRL:  # pragma: no cover - depends on the install
+    raise ImportError(
+        f"fused_entropy.integrations.trl supports TRL {', '.join(v + '.x' for v in SUPPORTED_TRL)}; found "
+        f"trl {trl.__version__}. Install 'trl>=1.16,<1.17'."
+    )
 
 __all__ = ["FusedEntropyGRPOConfig", "FusedEntropyGRPOTrainer", "install_fused_head"]
 
@@ -347,8 +359,10 @@ class FusedEntropyGRPOTrainer(GRPOTrainer):
         vocab = policy.get_output_embeddings().weight.shape[0]
         if self._topk is not None and self._topk > vocab:
             raise ValueError(f"topk must be in [1, V={vocab}], got {self._topk}")
-        head = dict(temperature=self.temperature, topk=self._topk, clamp_p=self._clamp_p,
-                    backend=_opt(args, "fused_backend"))
+        backend = _opt(args, "fused_backend")
+        get_backend(backend, self.accelerator.device)  # e.g. 'triton' without CUDA: fail now, not in step 1
+        _grpo._resolve_backend(backend, self.accelerator.device)
+        head = dict(temperature=self.temperature, topk=self._topk, clamp_p=self._clamp_p, backend=backend)
         install_fused_head(policy, **head)
         if self.ref_model is not None:
             install_fused_head(self.accelerator.unwrap_model(self.ref_model), **head)
