@@ -357,3 +357,33 @@ def test_bad_types():
         AEntCoef(0.1, 0.2, 0.1, 0.0, 1.0, 0.1, warmup=1.5)
     with pytest.raises(TypeError, match="advantages"):
         repo_r_advantages(torch.ones(2, dtype=torch.long), torch.zeros(2, 3), 0.1)
+
+
+def test_grad_accumulation_through_grpo_loss():
+    """The loss feeds the controller: 4 micro-batch calls then step() == one call on all tokens."""
+    from fused_entropy import grpo_loss
+
+    g = torch.Generator().manual_seed(7)
+    b, t = 8, 5
+    lp = -torch.rand(b, t, generator=g, dtype=torch.float64) * 3
+    ent = torch.rand(b, t, generator=g, dtype=torch.float64)
+    ent[:2] += 1.0  # the first micro-batch has few tokens of high entropy
+    mask = torch.ones(b, t, dtype=torch.bool)
+    mask[:2, 1:] = False
+    mask[5, 3:] = False
+    adv = torch.randn(b, generator=g, dtype=torch.float64)
+    target = float((ent * mask).sum() / mask.sum())
+
+    acc = AdaptiveEntropyCoef(target=target + 1e-9, delta=0.01, init=0.05)
+    whole = AdaptiveEntropyCoef(target=target + 1e-9, delta=0.01, init=0.05)
+    for rows in torch.arange(b).view(4, 2):
+        grpo_loss(lp[rows].requires_grad_(), adv[rows], mask[rows], entropy=ent[rows].requires_grad_(),
+                  entropy_controller=acc)
+    grpo_loss(lp.clone().requires_grad_(), adv, mask, entropy=ent.clone().requires_grad_(), entropy_controller=whole)
+    acc.step()
+    whole.step()
+    assert acc.last_entropy == pytest.approx(target, rel=1e-12)
+    assert (acc.value, acc.enabled) == (whole.value, whole.enabled) == (pytest.approx(0.06), True)
+    # The mean of the micro-batch means is above the target: a per-micro-batch rule would disagree.
+    per_mb = [float((ent[r] * mask[r]).sum() / mask[r].sum()) for r in torch.arange(b).view(4, 2)]
+    assert sum(per_mb) / 4 > target + 1e-9
