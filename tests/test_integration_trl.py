@@ -13,7 +13,6 @@ A 2-layer Qwen2 (V=64, H=32), a WordLevel tokenizer and a prompt dataset are bui
 import json
 import math
 import os
-import tempfile
 import warnings
 
 import pytest

@@ -33,7 +33,7 @@ import json
 import math
 import os
 from dataclasses import dataclass, field, fields
-from typing import Any, NamedTuple, Optional
+from typing import NamedTuple, Optional
 
 import torch
 
