@@ -1,0 +1,521 @@
+"""What ``fused-entropy bench`` and ``pytest bench`` measure: one provider = one way to compute a loss.
+
+A provider builds its inputs for a :class:`Case` and returns a :class:`Run` whose ``step()`` is one
+forward + backward pass. Providers are grouped in families; rows of a family compute the same thing
+(or, for the peers, the closest thing the peer offers) on the same inputs:
+
+    linear_logprobs   per-token log-prob + entropy of ``hidden @ weight.T``; gradient through both
+    clamped_entropy   log-prob + top-k clamped entropy (``topk=64``, ``clamp_p=0.3``)
+    grpo              DAPO loss with an entropy bonus (Liger's GRPO loss has no entropy)
+    logits            log-prob + entropy of logits already in memory (``logprobs_from_logits``)
+
+Every family also has a ``floor`` row: the matrix products the fused algorithm must do, timed alone at
+the same chunking (4 GEMMs for ``linear_logprobs``: forward, recompute, dX, dW; 3 for the single-pass
+GRPO loss: forward, dX, dW). ``gemms`` is the number of ``[N, H] x [H, V]``-sized products a provider
+performs, so its FLOPs are ``gemms * 2 * N * H * V`` (the elementwise softmax work is not counted).
+
+Third-party providers import their package inside ``build``, so a missing package costs nothing
+until that row is asked for; :func:`unavailable` gives the reason a row is skipped.
+"""
+from __future__ import annotations
+
+import importlib
+import importlib.util
+from dataclasses import dataclass, field
+from typing import Callable, Dict, FrozenSet, List, Optional, Tuple
+
+import torch
+
+FAMILIES = ("linear_logprobs", "clamped_entropy", "grpo", "logits")
+
+FAMILY_TITLES = {
+    "linear_logprobs": "linear_logprobs: per-token log-prob + entropy of hidden @ weight.T, fwd+bwd",
+    "clamped_entropy": "clamped entropy: log-prob + top-k clamped entropy (AEnt), fwd+bwd",
+    "grpo": "GRPO (DAPO) loss from hidden states, fwd+bwd",
+    "logits": "logprobs_from_logits: log-prob + entropy of logits already in memory, fwd+bwd",
+}
+
+# TRL 1.16 trainer default (`trl.trainer.utils._CHUNKED_LOGPROB_CHUNK_SIZE`): vocabulary columns per tile
+TRL_CHUNK_SIZE = 32768
+GRPO_ENTROPY_COEF = 0.01
+CLAMP_TOPK = 64
+CLAMP_P = 0.3
+
+
+@dataclass(frozen=True)
+class Case:
+    """One problem size. ``n`` tokens, hidden size ``h``, vocabulary ``v``; GRPO rows split the
+    ``n`` tokens into ``n // seq_len`` sequences of ``seq_len`` tokens."""
+
+    n: int = 2048
+    h: int = 512
+    v: int = 32768
+    dtype: str = "float32"
+    seq_len: int = 256
+
+    @property
+    def torch_dtype(self) -> torch.dtype:
+        return getattr(torch, self.dtype)
+
+    @property
+    def nv_bytes(self) -> int:
+        """Bytes of one fp32 ``[N, V]`` buffer: the unit of working memory."""
+        return self.n * self.v * 4
+
+    @property
+    def seq(self) -> Tuple[int, int]:
+        t = max(1, min(self.seq_len, self.n))
+        return self.n // t, t
+
+    def gemm_flops(self, gemms: int) -> int:
+        return 2 * self.n * self.h * self.v * gemms
+
+
+@dataclass
+class Run:
+    """``step()`` runs one forward + backward; ``leaves`` are the tensors whose ``.grad`` it fills
+    (reset to None before every step, so gradients never accumulate and are counted once)."""
+
+    step: Callable[[], object]
+    leaves: List[torch.Tensor] = field(default_factory=list)
+
+    def reset(self) -> None:
+        for t in self.leaves:
+            t.grad = None
+
+    @property
+    def grad_bytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in self.leaves)
+
+
+@dataclass(frozen=True)
+class Provider:
+    name: str  # unique, used by --providers and in the CSV
+    family: str
+    label: str  # printed in the table
+    kind: str  # "fused" | "reference" | "peer" | "floor"
+    build: Callable[[Case, torch.device], Run]
+    gemms: Callable[[Case, torch.device], int]
+    needs: Tuple[str, ...] = ()  # importable module names
+    devices: FrozenSet[str] = frozenset({"cpu", "cuda"})
+    device_note: str = ""  # why the row does not run on the other device
+    check: Optional[Callable[[torch.device], Optional[str]]] = None
+    full_warmup: bool = False  # warm up at full size (torch.compile specializes on shapes)
+    mem_nv: float = 0.5  # rough working memory in fp32 [N, V] buffers, to skip cases that cannot fit
+    preload: Tuple[str, ...] = ()  # modules a fork server imports once for this row (see bench_worker)
+
+
+# ---------------------------------------------------------------------------------------------
+# inputs
+# ---------------------------------------------------------------------------------------------
+
+
+def _gen(device: torch.device, seed: int) -> torch.Generator:
+    return torch.Generator(device=device).manual_seed(seed)
+
+
+def linear_inputs(case: Case, device: torch.device, *, grad: bool = True, seed: int = 0):
+    """``hidden [N, H] ~ N(0, 1)``, ``weight [V, H] ~ N(0, 1/H)`` (logits of unit scale), targets."""
+    g = _gen(device, seed)
+    dt = case.torch_dtype
+    x = torch.randn(case.n, case.h, generator=g, device=device, dtype=dt)
+    w = torch.randn(case.v, case.h, generator=g, device=device, dtype=dt).mul_(case.h ** -0.5)
+    y = torch.randint(0, case.v, (case.n,), generator=g, device=device)
+    return x.requires_grad_(grad), w.requires_grad_(grad), y
+
+
+def grpo_inputs(case: Case, device: torch.device, seed: int = 0):
+    """``_input [B, T, H]``, ``lin_weight``, ids ``[B, T]``, ``attention_mask [B, T]`` with right
+    padding on three sequences in four (up to 3/8 of T), ``advantages [B]``."""
+    x, w, y = linear_inputs(case, device, grad=False, seed=seed)
+    b, t = case.seq
+    rows = b * t
+    x = x[:rows].reshape(b, t, case.h).contiguous().requires_grad_(True)
+    w.requires_grad_(True)
+    ids = y[:rows].reshape(b, t).contiguous()
+    lengths = torch.tensor([t - (i % 4) * (t // 8) for i in range(b)], device=device)
+    mask = (torch.arange(t, device=device)[None, :] < lengths[:, None]).long()
+    adv = torch.randn(b, generator=_gen(device, seed + 1), device=device, dtype=torch.float32)
+    return x, w, ids, mask, adv
+
+
+def dapo_loss(logp, entropy, mask, advantages, entropy_coef, eps_low=0.2, eps_high=0.2):
+    """Plain torch DAPO loss (MATH.md section 4-5), on-policy (``old = logp.detach()``), with the bonus
+    ``-entropy_coef * masked mean entropy``. Used on top of the non-fused log-prob paths."""
+    m = mask.to(logp.dtype)
+    r = torch.exp(logp - logp.detach())
+    a = advantages[:, None]
+    per_token = -torch.minimum(r * a, r.clamp(1 - eps_low, 1 + eps_high) * a)
+    denom = m.sum().clamp(min=1)
+    loss = (per_token * m).sum() / denom
+    if entropy is not None and entropy_coef:
+        loss = loss - entropy_coef * (entropy * m).sum() / denom
+    return loss
+
+
+# ---------------------------------------------------------------------------------------------
+# linear_logprobs family
+# ---------------------------------------------------------------------------------------------
+
+
+def _fused_linear(backend: str, entropy: bool = True, topk=None, clamp_p=None):
+    def build(case, device):
+        from fused_entropy import linear_logprobs
+
+        x, w, y = linear_inputs(case, device)
+
+        def step():
+            out = linear_logprobs(x, w, y, entropy=entropy, topk=topk, clamp_p=clamp_p, backend=backend)
+            loss = out.logprobs.sum()
+            if out.entropy is not None:
+                loss = loss + out.entropy.sum()
+            if out.clamped_entropy is not None:
+                loss = loss + out.clamped_entropy.sum()
+            loss.backward()
+
+        return Run(step, [x, w])
+
+    return build
+
+
+def _reference_linear(compiled: bool = False, topk=None, clamp_p=None):
+    def build(case, device):
+        from fused_entropy import reference
+
+        x, w, y = linear_inputs(case, device)
+        clamped = topk is not None or clamp_p is not None
+
+        def loss_fn(x, w, y):
+            out = reference.linear_logprobs(x, w, y, entropy=not clamped, topk=topk, clamp_p=clamp_p)
+            second = out.clamped_entropy if clamped else out.entropy
+            return out.logprobs.sum() + second.sum()
+
+        fn = torch.compile(loss_fn) if compiled else loss_fn
+
+        def step():
+            fn(x, w, y).backward()
+
+        return Run(step, [x, w])
+
+    return build
+
+
+def _trl_linear(case, device):
+    from trl.kernels import ChunkedLogProbFunction
+
+    x, w, y = linear_inputs(case, device)
+
+    def step():
+        logp, ent = ChunkedLogProbFunction.apply(x, w, None, y, 1.0, TRL_CHUNK_SIZE, None, 1.0, ("entropy",))[:2]
+        (logp.sum() + ent.sum()).backward()
+
+    return Run(step, [x, w])
+
+
+def _liger_ce(case, device):
+    from liger_kernel.ops.fused_linear_scaled_cross_entropy import LigerFusedLinearScaledCrossEntropyFunction
+
+    x, w, y = linear_inputs(case, device)
+
+    def step():
+        nll, ent = LigerFusedLinearScaledCrossEntropyFunction.apply(x, w, y, 1.0, -100, 1, True)
+        (ent.sum() - nll.sum()).backward()
+
+    return Run(step, [x, w])
+
+
+def torch_chunk_rows(case: Case) -> int:
+    from fused_entropy.backends.torch_chunked import chunk_rows
+
+    return chunk_rows(case.n, case.v)
+
+
+def linear_floor_rows(case: Case, device: torch.device) -> int:
+    """Row chunk of the fused algorithm: the torch backend's chunking; the Triton kernels tile the
+    vocabulary without row chunks, so on CUDA the floor is the unchunked products."""
+    return torch_chunk_rows(case) if device.type != "cuda" else case.n
+
+
+def grpo_floor_rows(case: Case, device: torch.device) -> int:
+    """Row chunk of ``LinearGRPOLoss``'s single pass for a token-level loss (its default
+    ``rows_per_chunk``: ``SINGLE_PASS_ELEMENTS // V`` rows); unchunked on CUDA like the linear floor."""
+    if device.type == "cuda":
+        return case.n
+    try:
+        from fused_entropy import modules
+
+        elements = getattr(modules, "SINGLE_PASS_ELEMENTS", None)
+        if elements is not None:
+            return max(1, min(case.n, int(elements) // case.v))
+    except ImportError:
+        pass
+    return linear_floor_rows(case, device)
+
+
+def _gemm_floor(gemms: int, rows_fn: Callable[[Case, torch.device], int]):
+    """The products alone: per row chunk ``z = x W^T`` (twice with a recompute), ``dX = dz W``,
+    ``dW += dz^T x``, into preallocated buffers."""
+
+    def build(case, device):
+        x, w, _ = linear_inputs(case, device, grad=False)
+        rows = rows_fn(case, device)
+        z = torch.empty(min(rows, case.n), case.v, device=device, dtype=x.dtype)
+        gx = torch.empty_like(x)
+        gw = torch.empty_like(w)
+
+        def step():
+            gw.zero_()
+            for start in range(0, case.n, rows):
+                sl = slice(start, min(start + rows, case.n))
+                xc, zc = x[sl], z[: sl.stop - sl.start]
+                for _ in range(gemms - 2):
+                    torch.mm(xc, w.T, out=zc)
+                torch.mm(zc, w, out=gx[sl])
+                gw.addmm_(zc.T, xc)
+
+        return Run(step, [])
+
+    return build
+
+
+# ---------------------------------------------------------------------------------------------
+# GRPO family
+# ---------------------------------------------------------------------------------------------
+
+
+def _find_linear_grpo_loss():
+    import fused_entropy
+
+    cls = getattr(fused_entropy, "LinearGRPOLoss", None)
+    if cls is None:
+        try:
+            cls = getattr(importlib.import_module("fused_entropy.modules"), "LinearGRPOLoss", None)
+        except ImportError:
+            cls = None
+    return cls
+
+
+def _check_linear_grpo(device) -> Optional[str]:
+    if _find_linear_grpo_loss() is None:
+        return "fused_entropy.LinearGRPOLoss is not in this build"
+    return None
+
+
+def _fused_grpo(entropy_coef: float):
+    def build(case, device):
+        cls = _find_linear_grpo_loss()
+        loss_fn = cls(beta=0.0, use_ref_model=False, loss_type="dapo", entropy_coef=entropy_coef)
+        x, w, ids, mask, adv = grpo_inputs(case, device)
+
+        def step():
+            loss, _ = loss_fn(x, w, ids, mask, adv)
+            loss.backward()
+
+        return Run(step, [x, w])
+
+    return build
+
+
+def _liger_grpo(case, device):
+    from liger_kernel.chunked_loss import LigerFusedLinearGRPOLoss
+
+    # compiled=False: Liger compiles only the per-token loss math, which is negligible next to the GEMMs,
+    # and compiling on CPU would time the C++ toolchain
+    loss_fn = LigerFusedLinearGRPOLoss(beta=0.0, use_ref_model=False, loss_type="dapo", compiled=device.type == "cuda")
+    x, w, ids, mask, adv = grpo_inputs(case, device)
+
+    def step():
+        loss, _ = loss_fn(x, w, ids, mask, adv)
+        loss.backward()
+
+    return Run(step, [x, w])
+
+
+def _trl_grpo(case, device):
+    from trl.kernels import ChunkedLogProbFunction
+
+    x, w, ids, mask, adv = grpo_inputs(case, device)
+    b, t = ids.shape
+
+    def step():
+        logp, ent = ChunkedLogProbFunction.apply(
+            x.reshape(b * t, -1), w, None, ids.reshape(-1), 1.0, TRL_CHUNK_SIZE, None, 1.0, ("entropy",)
+        )[:2]
+        dapo_loss(logp.view(b, t), ent.view(b, t), mask, adv, GRPO_ENTROPY_COEF).backward()
+
+    return Run(step, [x, w])
+
+
+def _reference_grpo(case, device):
+    from fused_entropy import reference
+
+    x, w, ids, mask, adv = grpo_inputs(case, device)
+
+    def step():
+        out = reference.linear_logprobs(x, w, ids)
+        dapo_loss(out.logprobs, out.entropy, mask, adv, GRPO_ENTROPY_COEF).backward()
+
+    return Run(step, [x, w])
+
+
+# ---------------------------------------------------------------------------------------------
+# logits family
+# ---------------------------------------------------------------------------------------------
+
+
+def logits_inputs(case: Case, device: torch.device, seed: int = 0):
+    g = _gen(device, seed)
+    z = torch.randn(case.n, case.v, generator=g, device=device, dtype=case.torch_dtype).requires_grad_(True)
+    y = torch.randint(0, case.v, (case.n,), generator=g, device=device)
+    return z, y
+
+
+def _fused_logits(case, device):
+    from fused_entropy import logprobs_from_logits
+
+    z, y = logits_inputs(case, device)
+
+    def step():
+        out = logprobs_from_logits(z, y, entropy=True)
+        (out.logprobs.sum() + out.entropy.sum()).backward()
+
+    return Run(step, [z])
+
+
+def _reference_logits(case, device):
+    from fused_entropy import reference
+
+    z, y = logits_inputs(case, device)
+
+    def step():
+        out = reference.logprobs_from_logits(z, y, entropy=True)
+        (out.logprobs.sum() + out.entropy.sum()).backward()
+
+    return Run(step, [z])
+
+
+def _trl_logits(case, device):
+    from trl.kernels import selective_log_softmax_and_entropy
+
+    z, y = logits_inputs(case, device)
+
+    def step():
+        logp, ent = selective_log_softmax_and_entropy(z, y)
+        (logp.sum() + ent.sum()).backward()
+
+    return Run(step, [z])
+
+
+# ---------------------------------------------------------------------------------------------
+# GEMM counts and the registry
+# ---------------------------------------------------------------------------------------------
+
+
+def _const(k: int):
+    return lambda case, device: k
+
+
+def _fused_clamped_gemms(topk=None, clamp_p=None):
+    """The torch backend finds the top-k threshold on each logit block it already holds (no extra
+    product). A backend may state its own count as ``gemm_passes(k=..., vocab=...)`` (fwd + bwd)."""
+
+    def gemms(case, device):
+        if device.type == "cuda":
+            try:
+                from fused_entropy._types import clamp_p_to_k
+                from fused_entropy.backends import triton as tb
+
+                passes = getattr(tb, "gemm_passes", None)
+                if callable(passes):
+                    k = topk if topk is not None else clamp_p_to_k(clamp_p, case.v)
+                    return int(passes(k=k, vocab=case.v))
+            except ImportError:
+                pass
+        return 4
+
+    return gemms
+
+
+def _check_triton_backend(device) -> Optional[str]:
+    if importlib.util.find_spec("fused_entropy.backends.triton") is None:
+        return "fused_entropy.backends.triton is not in this build"
+    return None
+
+
+# TRL's backward imports trl.trainer.utils (and with it transformers) on its first call
+_TRL = ("trl.kernels", "trl.trainer.utils")
+
+PROVIDERS: Dict[str, Provider] = {}
+
+
+def _add(p: Provider) -> None:
+    assert p.name not in PROVIDERS, p.name
+    PROVIDERS[p.name] = p
+
+
+# linear_logprobs
+_add(Provider("floor", "linear_logprobs", "GEMM floor: 4 GEMMs", "floor", _gemm_floor(4, linear_floor_rows), _const(4), mem_nv=0.3))
+_add(Provider("fused", "linear_logprobs", "fused_entropy.linear_logprobs", "fused", _fused_linear("auto"), _const(4),
+              check=lambda d: _check_triton_backend(d) if d.type == "cuda" else None))
+_add(Provider("fused-torch", "linear_logprobs", "fused_entropy.linear_logprobs [torch]", "fused", _fused_linear("torch"),
+              _const(4), devices=frozenset({"cuda"}), device_note="same as 'fused' on CPU"))
+_add(Provider("fused-logp", "linear_logprobs", "fused_entropy.linear_logprobs, logp only", "fused",
+              _fused_linear("auto", entropy=False), _const(4),
+              check=lambda d: _check_triton_backend(d) if d.type == "cuda" else None))
+_add(Provider("reference", "linear_logprobs", "reference (materialized, eager)", "reference", _reference_linear(),
+              _const(3), mem_nv=6))
+_add(Provider("reference-compile", "linear_logprobs", "reference (materialized, torch.compile)", "reference",
+              _reference_linear(compiled=True), _const(3), full_warmup=True, mem_nv=6))
+_add(Provider("trl", "linear_logprobs", "TRL ChunkedLogProbFunction", "peer", _trl_linear, _const(4),
+              needs=("trl", "transformers"), mem_nv=2.5, preload=_TRL))
+_add(Provider("liger-ce", "linear_logprobs", "Liger FusedLinearScaledCE(return_entropy)", "peer", _liger_ce, _const(4),
+              needs=("liger_kernel",), mem_nv=2.5, preload=("liger_kernel.ops.fused_linear_scaled_cross_entropy",)))
+
+# clamped entropy: time relative to the plain-entropy 'fused' row
+_add(Provider("fused-topk64", "clamped_entropy", f"fused_entropy, topk={CLAMP_TOPK}", "fused",
+              _fused_linear("auto", entropy=False, topk=CLAMP_TOPK), _fused_clamped_gemms(topk=CLAMP_TOPK),
+              check=lambda d: _check_triton_backend(d) if d.type == "cuda" else None))
+_add(Provider("fused-clamp0.3", "clamped_entropy", f"fused_entropy, clamp_p={CLAMP_P}", "fused",
+              _fused_linear("auto", entropy=False, clamp_p=CLAMP_P), _fused_clamped_gemms(clamp_p=CLAMP_P),
+              check=lambda d: _check_triton_backend(d) if d.type == "cuda" else None))
+_add(Provider("reference-topk64", "clamped_entropy", f"reference topk={CLAMP_TOPK} (eager)", "reference",
+              _reference_linear(topk=CLAMP_TOPK), _const(3), mem_nv=6))
+_add(Provider("reference-clamp0.3", "clamped_entropy", f"reference clamp_p={CLAMP_P} (eager)", "reference",
+              _reference_linear(clamp_p=CLAMP_P), _const(3), mem_nv=7))
+
+# GRPO
+_add(Provider("floor-grpo", "grpo", "GEMM floor: 3 GEMMs", "floor", _gemm_floor(3, grpo_floor_rows), _const(3), mem_nv=0.3))
+_add(Provider("fused-grpo", "grpo", f"LinearGRPOLoss, entropy_coef={GRPO_ENTROPY_COEF}", "fused",
+              _fused_grpo(GRPO_ENTROPY_COEF), _const(3), check=_check_linear_grpo))
+_add(Provider("fused-grpo-noent", "grpo", "LinearGRPOLoss, no entropy", "fused", _fused_grpo(0.0), _const(3),
+              check=_check_linear_grpo))
+_add(Provider("liger-grpo", "grpo", "Liger LigerFusedLinearGRPOLoss (no entropy)", "peer", _liger_grpo, _const(4),
+              needs=("liger_kernel",), mem_nv=1, preload=("liger_kernel.chunked_loss",)))
+_add(Provider("trl-grpo", "grpo", "TRL ChunkedLogProbFunction + DAPO + bonus", "peer", _trl_grpo, _const(4),
+              needs=("trl", "transformers"), mem_nv=2.5, preload=_TRL))
+_add(Provider("reference-grpo", "grpo", "reference + DAPO + bonus (eager)", "reference", _reference_grpo, _const(3),
+              mem_nv=7))
+
+# logits already in memory
+_add(Provider("fused-logits", "logits", "fused_entropy.logprobs_from_logits", "fused", _fused_logits, _const(0),
+              check=lambda d: _check_triton_backend(d) if d.type == "cuda" else None))
+_add(Provider("reference-logits", "logits", "reference (eager)", "reference", _reference_logits, _const(0), mem_nv=5))
+_add(Provider("trl-logits", "logits", "TRL selective_log_softmax_and_entropy", "peer", _trl_logits, _const(0),
+              needs=("trl", "transformers", "triton"), devices=frozenset({"cuda"}),
+              device_note="CUDA only (a Triton kernel)"))
+
+
+def unavailable(p: Provider, device: torch.device) -> Optional[str]:
+    """Why provider ``p`` cannot run on ``device`` here, or None when it can."""
+    if device.type not in p.devices:
+        return p.device_note or f"does not run on {device.type}"
+    for mod in p.needs:
+        if importlib.util.find_spec(mod) is None:
+            return f"package '{mod}' is not installed (pip install 'fused-entropy[bench]')"
+    if p.check is not None:
+        return p.check(device)
+    return None
+
+
+def family_providers(family: str) -> List[str]:
+    return [name for name, p in PROVIDERS.items() if p.family == family]
