@@ -106,6 +106,7 @@ OPTIONS = {
     "bonus-full-8020": dict(entropy_coef=0.05, top_entropy_quantile=0.6),
     "bonus-clamped": dict(entropy_coef=0.03, entropy_source="clamped"),
     "bonus-clamped-8020-is": dict(entropy_coef=0.03, entropy_source="clamped", top_entropy_quantile=0.3, is_ratio=True),
+    "is-per-row-kl": dict(is_ratio="B1", beta=0.02),
 }
 ALL_TYPES = LOSS_TYPES + ["luspo-trl", "clip_cov", "kl_cov"]
 REF_CASES = [
@@ -137,7 +138,7 @@ def _inputs(b=3, t=5, seed=0, adv_shape="B"):
 def _kwargs(case_type, level, opt, isr):
     lt, luspo_norm = ("luspo", "trl") if case_type == "luspo-trl" else (case_type, "liger")
     kw = dict(OPTIONS[opt])
-    kw["is_ratio"] = isr if kw.get("is_ratio") else None
+    kw["is_ratio"] = {None: None, True: isr, "B1": isr[:, :1]}[kw.get("is_ratio")]
     kw.update(loss_type=lt, luspo_normalization=luspo_norm, importance_sampling_level=level,
               max_completion_length=7, epsilon_low=0.2, epsilon_high=1.5 if lt == "cispo" else 0.28)
     if lt in ("clip_cov", "kl_cov"):
@@ -438,3 +439,25 @@ def test_empty_batch_gives_zero():
     loss, metrics = grpo_loss(lp, torch.zeros(0), torch.zeros(0, 4, dtype=torch.bool), loss_type="grpo")
     loss.backward()
     assert loss.item() == 0.0 and all(torch.isfinite(v) for v in metrics.values())
+
+
+@pytest.mark.parametrize("shift", [25.0, -25.0])
+@pytest.mark.parametrize("case_type", ["vespo", "dapo", "sapo", "cispo"])
+def test_extreme_log_ratios_against_reference(case_type, shift):
+    """|log r| beyond VESPO's clamps (+-20 per token, [log 1e-8, 20] per row) and huge ratios."""
+    lp, old, ref, adv, mask, isr, ent, cl = _inputs(seed=11)
+    lp = torch.where(mask, lp, torch.full_like(lp, -2.0))
+    old = old.clone()
+    old[:, 2] = lp[:, 2] - shift  # log r = shift: clamped to +-20 per token ...
+    old[2, 4] = lp[2, 4] + shift * 0.96  # ... and pulled back to a moderate row sum by this one
+    mask = mask.clone()
+    mask[:, 2] = True
+    mask[2, 4] = True
+    kw = dict(loss_type=case_type, beta=0.02, is_ratio=isr, epsilon_high=1.5 if case_type == "cispo" else 0.28)
+    outs = []
+    for fn in (grpo_loss, reference.grpo_loss):
+        x = lp.clone().requires_grad_(True)
+        loss, _ = fn(x, adv, mask, old_logprobs=old, ref_logprobs=ref, **kw)
+        outs.append((loss, torch.autograd.grad(loss, x)[0]))
+    torch.testing.assert_close(outs[0][0], outs[1][0], rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(outs[0][1], outs[1][1], rtol=1e-10, atol=1e-12)

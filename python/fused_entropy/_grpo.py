@@ -481,9 +481,54 @@ def _objective_torch(lp, old, ref, adv, valid, emask, isr, cfg: _Cfg, norms: GRP
 
 def _resolve_backend(backend: str, device: torch.device) -> str:
     _check_choice("backend", backend, GRPO_BACKENDS)
-    if backend == "triton":
-        raise ValueError("backend='triton' for grpo_loss is not built yet in this revision; use 'auto' or 'torch'")
-    return "torch"
+    if backend == "auto":
+        return "triton" if device.type == "cuda" else "torch"
+    if backend == "triton" and device.type != "cuda":
+        from .backends import interpreting
+
+        if not interpreting():
+            raise ValueError(
+                f"backend='triton' needs CUDA tensors, got tensors on {device}; set TRITON_INTERPRET=1 "
+                "to run the Triton kernel on CPU through the interpreter, or use backend='torch'"
+            )
+    return backend
+
+
+class GRPOObjectiveFunction(torch.autograd.Function):
+    """Policy + KL part of the loss through the Triton kernel: ``(logp [B, T], ...) -> (loss, kl, low, high)``.
+
+    The kernel writes ``d loss / d logp`` in the same launch as the loss (the objective is elementwise
+    given the row statistics), so forward saves that ``[B, T]`` gradient and backward only scales it.
+    ``kl``, ``low``, ``high`` are masked sums for the metrics (not differentiable).
+    """
+
+    @staticmethod
+    def forward(ctx, lp, old, ref, adv, valid, emask, isr, row_scale, cfg):
+        from ._launch_objective import launch_objective
+
+        out = launch_objective(lp, old, ref, adv, valid, emask, isr, row_scale, cfg,
+                               compute_grad=ctx.needs_input_grad[0])
+        ctx.save_for_backward(out.grad)
+        kl, low, high = out.row_kl.sum(), out.row_low.sum(), out.row_high.sum()
+        ctx.mark_non_differentiable(kl, low, high)
+        return out.row_loss.sum(), kl, low, high
+
+    @staticmethod
+    def backward(ctx, g_loss, *_):
+        (grad,) = ctx.saved_tensors
+        if grad is None or g_loss is None:
+            return (None,) * 9
+        return (grad * g_loss,) + (None,) * 8
+
+
+def _objective_triton(lp, old, ref, adv, valid, emask, isr, cfg: _Cfg, norms: GRPONormalizers):
+    """Same contract as :func:`_objective_torch`, computed by the Triton kernel."""
+    row_scale = _row_scale(valid.to(lp.dtype), cfg, norms)
+    loss, kl, low, high = GRPOObjectiveFunction.apply(lp, old, ref, adv, valid, emask, isr, row_scale, cfg)
+    sums = {"low": low, "high": high, "region": low + high}  # low needs A < 0, high A > 0: disjoint
+    if cfg.beta != 0.0:
+        sums["kl"] = kl
+    return loss, sums
 
 
 def _sanitize(x: Optional[torch.Tensor], keep: torch.Tensor, fill: float, cdt) -> Optional[torch.Tensor]:
@@ -748,9 +793,7 @@ def _grpo_loss_impl(logprobs, advantages, mask, old, ref, entropy, clamped, bonu
         emask = high_entropy_mask(_sanitize(bonus_entropy, valid, 0.0, cdt), valid, norms.entropy_threshold)
 
     if backend == "triton" and cfg.loss_type not in COV_TYPES:
-        from ._launch_objective import objective_loss
-
-        policy, sums = objective_loss(lp, old_, ref_, adv, valid, emask, isr_, cfg, _row_scale(valid.to(cdt), cfg, norms))
+        policy, sums = _objective_triton(lp, old_, ref_, adv, valid, emask, isr_, cfg, norms)
     else:
         policy, sums = _objective_torch(lp, old_, ref_, adv, valid, emask, isr_, cfg, norms, generator)
 

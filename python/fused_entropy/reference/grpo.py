@@ -12,7 +12,7 @@ Conventions the tables leave open, fixed here as the package defines them:
   Clip-Cov candidates are taken in row-major order and drawn with ``torch.randperm(n, generator)``;
   a drawn token's loss is multiplied by 0 (no value and no gradient) and stays in the denominator.
 - vespo adds ``log(is_ratio)`` of every position of the row (masked or not) to ``log w_seq``, as
-  Liger/TRL ``get_gamma_weights`` do.
+  Liger/TRL ``get_gamma_weights`` do; a per-sequence ratio (``[B]`` or ``[B, 1]``) is added once.
 - clip-ratio metrics: PPO-clip types count ``r < 1-eps_low, A < 0`` (low) and ``r > 1+eps_high, A > 0``
   (high) with ``r`` before ``delta``; cispo counts ``r > eps_high, A > 0`` as high (Liger); sapo, vespo
   and kl_cov clip nothing.
@@ -104,6 +104,7 @@ def grpo_loss(
     A = advantages.to(dt)
     A = A.reshape(B, 1).expand(B, T) if A.numel() == B else A
     isr = None
+    isr_per_row = is_ratio is not None and is_ratio.numel() == B and T != 1
     if is_ratio is not None:
         isr = is_ratio.to(dt).reshape(B, -1).expand(B, T) if is_ratio.numel() == B else is_ratio.to(dt)
     luspo_liger = loss_type == "luspo" and luspo_normalization == "liger"
@@ -140,12 +141,12 @@ def grpo_loss(
     if loss_type in ("clip_cov", "kl_cov") and n_valid > 0:
         cells = [(b, t) for b in range(B) for t in range(T) if valid[b, t]]
         mean_a = sum(float(A[b, t]) for b, t in cells) / n_valid
-        mean_lp = sum(float(lp[b, t]) for b, t in cells) / n_valid
-        cov = {(b, t): (float(A[b, t]) - mean_a) * (float(lp[b, t]) - mean_lp) for b, t in cells}
+        mean_lp = sum(float(lp[b, t].detach()) for b, t in cells) / n_valid
+        cov = {(b, t): (float(A[b, t]) - mean_a) * (float(lp[b, t].detach()) - mean_lp) for b, t in cells}
         if loss_type == "clip_cov":
             cand = []
             for b, t in cells:
-                r = math.exp(float(lp[b, t]) - float(old[b, t]))
+                r = math.exp(float(lp[b, t].detach()) - float(old[b, t]))
                 a = float(A[b, t])
                 unclipped = -a * r
                 clipped = -a * min(max(r, 1 - epsilon_low), 1 + epsilon_high)
@@ -198,7 +199,8 @@ def grpo_loss(
                 l = -a * torch.sigmoid(tau * (r - 1)) * 4 / tau
             elif loss_type == "vespo":
                 phi = _vespo_phi_row([log_r[u].detach() for u in range(T)], [bool(valid[b, u]) for u in range(T)],
-                                     None if isr is None else [isr[b, u] for u in range(T)], float(a),
+                                     None if isr is None else ([isr[b, 0]] if isr_per_row else [isr[b, u] for u in range(T)]),
+                                     float(a),
                                      vespo_k_pos, vespo_lambda_pos, vespo_k_neg, vespo_lambda_neg)
                 l = -phi * a * lp_row[t]
             elif loss_type == "kl_cov":
