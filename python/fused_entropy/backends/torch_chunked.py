@@ -1,13 +1,22 @@
 """Pure-PyTorch backend: the same math as the Triton kernels, chunked over rows.
 
-Each chunk of ``C`` rows materializes one ``[C, V]`` logit block (plus one scratch block of the same
-size), never ``[N, V]``. ``C`` is chosen so that a block holds about ``CHUNK_ELEMENTS`` fp32 values
-(8 MiB). The backward pass recomputes each block (4 matrix products in all: forward, recompute, dX,
-dW). Matrix products run in the input dtype when it is fp32/fp64; bf16/fp16 inputs are upcast to
-fp32 chunk by chunk (weight once), so logits are never rounded to 16 bits (MATH.md section 7).
+Each chunk of ``C`` rows computes one ``[C, V]`` logit block into a workspace that is allocated
+once per call and reused by every chunk, so working memory is a few ``[C, V]`` blocks, never
+``[N, V]``, and the allocator never churns (per-chunk temporaries made glibc keep ~2x ``[N, V]``
+of freed heap resident). ``C`` is chosen so that a block holds about ``CHUNK_ELEMENTS`` values
+(4 MiB in fp32); blocks in use: 2 (log-probs, entropy), 3 with clamped entropy, +1 with softcap.
+
+Matrix products: ``linear_forward`` 1, ``linear_backward`` 3 (recompute, dX, dW), and
+``linear_forward_backward`` (single pass) 3. Products run in the input dtype when it is fp32/fp64;
+bf16/fp16 inputs are upcast to fp32 chunk by chunk (the weight once), so logits are never rounded
+to 16 bits (MATH.md section 7).
+
+Entropy is accumulated from logits shifted by the row max, ``H = log s - sum(e u) / s`` with
+``u = z - max``, so it does not cancel at large logits.
 
 Clamped entropy: the k-th largest logit ``tau`` of each row comes from ``torch.kthvalue`` on the
-block, in the same pass; no extra matrix product.
+block in the same pass (no extra matrix product); logits equal to ``tau`` share the remaining
+weight ``(k - #{z > tau}) / #{z == tau}``, which gives the same value as any tie order.
 """
 from __future__ import annotations
 
@@ -17,10 +26,11 @@ import torch
 
 from .._types import LogitTransform, RowStats
 
-CHUNK_ELEMENTS = 1 << 21
+CHUNK_ELEMENTS = 1 << 20
 
 
-def chunk_rows(n_rows: int, vocab: int, budget: int = CHUNK_ELEMENTS) -> int:
+def chunk_rows(n_rows: int, vocab: int, budget: Optional[int] = None) -> int:
+    budget = CHUNK_ELEMENTS if budget is None else budget
     return max(1, min(n_rows, budget // max(vocab, 1)))
 
 
@@ -28,8 +38,37 @@ def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
+class _Workspace:
+    """``[C, V]`` blocks allocated on first use and reused by every chunk of one call."""
+
+    def __init__(self, rows: int, vocab: int, dtype: torch.dtype, device: torch.device):
+        self.shape, self.dtype, self.device = (rows, vocab), dtype, device
+        self._bufs: dict = {}
+
+    def get(self, name: str, rows: int) -> torch.Tensor:
+        buf = self._bufs.get(name)
+        if buf is None:
+            buf = self._bufs[name] = torch.empty(self.shape, dtype=self.dtype, device=self.device)
+        return buf[:rows]
+
+
+# Shifted logits (z - max, or z - lse) are clamped here: exp(-1e4) is 0 in every float format, so
+# such entries have p = 0 and contribute nothing, while u * g stays finite (-inf * g would not).
+U_MIN = -1e4
+
+
+def _rowdot(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """sum_v a[r, v] * b[r, v] as a batched GEMV (linalg.vecdot would allocate a [C, V] product)."""
+    return torch.matmul(a.unsqueeze(-2), b.unsqueeze(-1)).reshape(a.shape[0])
+
+
+def _safe(t: torch.Tensor) -> torch.Tensor:
+    """-inf (a row whose logits are all -inf) replaced by 0, so differences never are NaN."""
+    return torch.where(torch.isfinite(t), t, torch.zeros_like(t))
+
+
 # ---------------------------------------------------------------------------------------------
-# per-block math shared by both entry points
+# per-block math shared by every entry point
 # ---------------------------------------------------------------------------------------------
 
 
@@ -44,91 +83,119 @@ def _apply_transform_(a: torch.Tensor, tf: LogitTransform) -> torch.Tensor:
     return a
 
 
-def _transform_grad_(dz: torch.Tensor, z: torch.Tensor, tf: LogitTransform) -> torch.Tensor:
-    """In place: dz <- dz * dz/d(h.W + b), written in terms of the transformed logits z."""
-    if tf.softcap is not None:
-        # z = c tanh(a / c) / T  =>  dz/da = (1 - (z T / c)^2) / T
-        t = z * (tf.temperature / tf.softcap)
-        dz.mul_(1.0 - t * t)
-    factor = tf.logit_scale * tf.inv_temperature
-    if factor != 1.0:
+def _softcap_factor(z: torch.Tensor, tf: LogitTransform, out: torch.Tensor) -> torch.Tensor:
+    """out <- (1 - (z T / c)^2): d softcap / d its input, in terms of the transformed logit z."""
+    torch.mul(z, tf.temperature / tf.softcap, out=out)
+    return out.square_().neg_().add_(1.0)
+
+
+def _chain_transform_(dz: torch.Tensor, factor: Optional[torch.Tensor], tf: LogitTransform) -> torch.Tensor:
+    """In place: dL/dz -> dL/d(h.W + b)."""
+    if factor is not None:
         dz.mul_(factor)
+    scale = tf.logit_scale * tf.inv_temperature
+    if scale != 1.0:
+        dz.mul_(scale)
     return dz
 
 
-def _safe(lse: torch.Tensor) -> torch.Tensor:
-    """lse with -inf (rows whose logits are all -inf) replaced by 0, so z - lse never is NaN."""
-    return torch.where(torch.isfinite(lse), lse, torch.zeros_like(lse))
+def _threshold(z: torch.Tensor, k: int):
+    """tau = k-th largest entry of each row, and the weight of each entry equal to tau."""
+    # Row by row: kthvalue copies its input (values + int64 indices); on a whole block those
+    # 12-byte-per-logit temporaries made resident memory grow with the number of chunks.
+    c = z.shape[0]
+    tau = torch.empty(c, dtype=z.dtype, device=z.device)
+    idx = torch.empty(c, dtype=torch.long, device=z.device)
+    for r in range(c):
+        torch.kthvalue(z[r], z.shape[-1] - k + 1, out=(tau[r], idx[r]))
+    n_gt = (z > tau[:, None]).sum(-1)
+    n_eq = (z == tau[:, None]).sum(-1)
+    return tau, (k - n_gt).to(z.dtype) / n_eq.to(z.dtype)
 
 
-def _topk_weights(z: torch.Tensor, k: int, tau: Optional[torch.Tensor] = None, frac=None):
-    """Weight of each logit in the clamped set S: 1 above tau, ``frac`` at tau, 0 below."""
-    if tau is None:
-        vocab = z.shape[-1]
-        tau = torch.kthvalue(z, vocab - k + 1, dim=-1).values
-        n_gt = (z > tau[:, None]).sum(-1)
-        n_eq = (z == tau[:, None]).sum(-1)
-        frac = (k - n_gt).to(z.dtype) / n_eq.to(z.dtype)
-    w = (z > tau[:, None]).to(z.dtype)
-    w.add_((z == tau[:, None]).to(z.dtype) * frac[:, None])
-    return w, tau, frac
+def _weights_into(z, tau, frac, out):
+    """out <- 1 where z > tau, frac where z == tau, 0 below: membership of the clamped set."""
+    torch.gt(z, tau[:, None], out=out)
+    return torch.where(z == tau[:, None], frac[:, None].expand_as(out), out, out=out)
 
 
-def _block_stats(z, targets, valid, entropy: bool, k: Optional[int]):
-    """Row statistics of one ``[C, V]`` block of transformed logits (z is overwritten)."""
-    lse = torch.logsumexp(z, dim=-1)
-    lse0 = _safe(lse)
-    safe_t = torch.where(valid, targets, torch.zeros_like(targets))
-    z_y = z.gather(1, safe_t[:, None]).squeeze(1)
-    zero = torch.zeros_like(lse)
-    logp = torch.where(valid, z_y - lse0, zero)
-    ent = tau = frac = lse_c = ent_c = None
-    if k is not None:
-        w, tau, frac = _topk_weights(z, k)
-        m = z.max(-1).values
-        m0 = _safe(m)
-        e = torch.exp(z - m0[:, None]).mul_(w)
-        s = e.sum(-1)
-        lse_c = m0 + torch.log(s)
-        zf = z.clamp(min=torch.finfo(z.dtype).min)
-        ent_c = torch.where(valid, lse_c - (e * zf).sum(-1) / s, zero)
-        del e, w, zf
-    if entropy:
-        z.sub_(lse0[:, None])  # z <- log p
-        p = torch.exp(z)
-        z.clamp_(min=torch.finfo(z.dtype).min)  # 0 * -inf would be NaN; 0 * -max is 0
-        ent = torch.where(valid, -(p.mul_(z)).sum(-1), zero)
-    return lse, logp, ent, tau, frac, lse_c, ent_c
+class _Fwd:
+    """Forward statistics of one block, leaving what a gradient pass can reuse.
+
+    After ``run``: ``u = z - m`` (in the z buffer), ``e = exp(u)`` (buffer p), and with k the
+    clamped weights times ``e`` (buffer w). Row vectors: m, s = sum e, lse, and the outputs.
+    """
+
+    def __init__(self, z, ws, y, valid, entropy, k):
+        c = z.shape[0]
+        safe_t = torch.where(valid, y, torch.zeros_like(y))
+        z_y = z.gather(1, safe_t[:, None]).squeeze(1)
+        m = z.amax(-1)
+        self.live = torch.isfinite(m)  # False: every logit of the row is -inf
+        self.tau = self.frac = self.w = None
+        if k is not None:
+            self.tau, self.frac = _threshold(z, k)
+            self.w = _weights_into(z, self.tau, self.frac, ws.get("w", c))
+        self.m = torch.where(self.live, m, torch.zeros_like(m))
+        z.sub_(self.m[:, None]).clamp_(min=U_MIN)
+        self.u = z
+        self.e = torch.exp(z, out=ws.get("p", c))
+        s = self.e.sum(-1)
+        self.s = torch.where(self.live, s, torch.ones_like(s))
+        log_s = torch.log(self.s)
+        self.lse = torch.where(self.live, self.m + log_s, torch.full_like(m, -torch.inf))
+        zero = torch.zeros_like(m)
+        self.logprobs = torch.where(valid, torch.where(self.live, z_y - self.m - log_s, torch.full_like(m, -torch.inf)), zero)
+        self.entropy = None
+        if entropy:
+            h = log_s - _rowdot(self.e, z) / self.s
+            self.entropy = torch.where(valid & self.live, h, zero)
+        self.lse_clamped = self.clamped_entropy = None
+        if k is not None:
+            self.w.mul_(self.e)
+            s_c = self.w.sum(-1)
+            self.s_c = torch.where(self.live, s_c, torch.ones_like(s_c))
+            log_sc = torch.log(self.s_c)
+            self.lse_clamped = torch.where(self.live, self.m + log_sc, torch.full_like(m, -torch.inf))
+            hc = log_sc - _rowdot(self.w, z) / self.s_c
+            self.clamped_entropy = torch.where(valid & self.live, hc, zero)
+
+    def stats(self):
+        return (self.lse, self.logprobs, self.entropy, self.tau, self.frac, self.lse_clamped, self.clamped_entropy)
 
 
-def _block_grad(z, targets, valid, stats_rows, g_lp, g_ent, g_cl, k, tf):
-    """dL/d(h.W + b) for one block; ``z`` holds the transformed logits and is reused as output."""
-    lse, ent, tau, frac, lse_c, ent_c = stats_rows
-    lse0 = _safe(lse)
-    dz = torch.zeros_like(z)
+def _grad_from_fwd(f: _Fwd, y, valid, ent, ent_c, g_lp, g_ent, g_cl, ws, factor, tf):
+    """dL/d(h.W + b) for a block whose forward state ``f`` is live; returns a view of the z buffer.
+
+    dlogp/dz = onehot(y) - p,  dH/dz = -p (log p + H),  dHc/dz = -w pi (z - lse_S + Hc).
+    """
+    u, e = f.u, f.e
+    c = u.shape[0]
+    live = valid & f.live
+    zero = torch.zeros((), dtype=u.dtype, device=u.device)
+    g_lp, g_ent, g_cl = (None if g is None else torch.where(live, g.to(u.dtype), zero) for g in (g_lp, g_ent, g_cl))
+    log_s = torch.log(f.s)
+    d_cl = None
     if g_cl is not None:
-        w, _, _ = _topk_weights(z, k, tau, frac)
-        lc0 = _safe(lse_c)
-        pi = torch.exp(z - lc0[:, None]).mul_(w)
-        zf = z.clamp(min=torch.finfo(z.dtype).min)
-        # dHc/dz = -w pi (z - lse_S + Hc)
-        dz.sub_(pi.mul_(zf - lc0[:, None] + ent_c[:, None]).mul_(g_cl[:, None]))
-        del w, pi, zf
-    if g_lp is not None or g_ent is not None:
-        logp_all = (z - lse0[:, None]).clamp_(min=torch.finfo(z.dtype).min)
-        p = torch.exp(logp_all)
-        if g_ent is not None:
-            # dH/dz = -p (log p + H)
-            dz.sub_(p * (logp_all + ent[:, None]) * g_ent[:, None])
-        if g_lp is not None:
-            # dlogp/dz = onehot(y) - p
-            dz.sub_(p.mul_(g_lp[:, None]))
-            safe_t = torch.where(valid, targets, torch.zeros_like(targets))
-            dz.scatter_add_(1, safe_t[:, None], torch.where(valid, g_lp, torch.zeros_like(g_lp))[:, None])
-        del p, logp_all
-    # rows that are ignored, or whose every logit is -inf, get no gradient
-    dz.mul_((valid & torch.isfinite(lse)).to(dz.dtype)[:, None])
-    return _transform_grad_(dz, z, tf)
+        # pi = w e / s_c; scratch (u + m - lse_S + Hc) goes through the p buffer, then e is rebuilt
+        d_cl = f.w.mul_((-g_cl / f.s_c)[:, None])
+        torch.add(u, (f.m - _safe(f.lse_clamped) + ent_c)[:, None], out=e)
+        d_cl.mul_(e)
+        torch.exp(u, out=e)
+    e.div_(f.s[:, None])  # p
+    u.sub_(log_s[:, None])  # log p
+    if g_ent is not None:
+        u.add_(ent[:, None]).mul_(-g_ent[:, None])
+    else:
+        u.zero_()
+    if g_lp is not None:
+        u.sub_(g_lp[:, None])
+    u.mul_(e)
+    if g_lp is not None:
+        u.scatter_add_(1, torch.where(valid, y, torch.zeros_like(y))[:, None], g_lp[:, None])
+    if d_cl is not None:
+        u.add_(d_cl)
+    return _chain_transform_(u, factor, tf)
 
 
 def _rows(t: Optional[torch.Tensor], sl: slice):
@@ -136,7 +203,9 @@ def _rows(t: Optional[torch.Tensor], sl: slice):
 
 
 def _to_stats(parts, n, device, dtype, entropy, k) -> RowStats:
-    cat = lambda i: torch.cat([p[i] for p in parts]) if parts else torch.zeros(n, device=device, dtype=dtype)
+    def cat(i):
+        return torch.cat([p[i] for p in parts]) if parts else torch.zeros(n, device=device, dtype=dtype)
+
     lse, logp = cat(0), cat(1)
     ent = cat(2) if entropy else None
     if k is None:
@@ -144,56 +213,123 @@ def _to_stats(parts, n, device, dtype, entropy, k) -> RowStats:
     return RowStats(lse, logp, ent, cat(3), cat(4), cat(5), cat(6))
 
 
+def _logit_block(x_c, w_c, bias, tf, out):
+    torch.mm(x_c.to(out.dtype), w_c.T, out=out)
+    if bias is not None:
+        out.add_(bias.to(out.dtype))
+    return _apply_transform_(out, tf)
+
+
+class _Plan:
+    """Chunking, compute dtype, upcast weight and workspace of one call."""
+
+    def __init__(self, x, weight, rows_per_chunk=None):
+        self.n, self.vocab = x.shape[0], weight.shape[0]
+        self.cdt = _compute_dtype(x.dtype)
+        self.w = weight.to(self.cdt)
+        self.step = rows_per_chunk or chunk_rows(self.n, self.vocab)
+        self.ws = _Workspace(min(self.step, max(self.n, 1)), self.vocab, self.cdt, x.device)
+
+    def chunks(self):
+        for start in range(0, self.n, self.step):
+            yield slice(start, min(start + self.step, self.n))
+
+
 # ---------------------------------------------------------------------------------------------
 # fused linear head
 # ---------------------------------------------------------------------------------------------
 
 
-def _logit_block(x_c, w_c, bias, tf, cdt):
-    z = x_c.to(cdt) @ w_c.T
-    if bias is not None:
-        z.add_(bias.to(cdt))
-    return _apply_transform_(z, tf)
-
-
 def linear_forward(x, weight, bias, targets, tf, ignore_index, entropy, k) -> RowStats:
-    n, vocab = x.shape[0], weight.shape[0]
-    cdt = _compute_dtype(x.dtype)
-    w_c = weight.to(cdt)
-    step = chunk_rows(n, vocab)
+    plan = _Plan(x, weight)
     parts = []
-    for start in range(0, n, step):
-        sl = slice(start, min(start + step, n))
-        z = _logit_block(x[sl], w_c, bias, tf, cdt)
+    for sl in plan.chunks():
+        z = _logit_block(x[sl], plan.w, bias, tf, plan.ws.get("z", sl.stop - sl.start))
         y = targets[sl]
-        parts.append(_block_stats(z, y, y != ignore_index, entropy, k))
-        del z
-    return _to_stats(parts, n, x.device, cdt, entropy, k)
+        parts.append(_Fwd(z, plan.ws, y, y != ignore_index, entropy, k).stats())
+    return _to_stats(parts, plan.n, x.device, plan.cdt, entropy, k)
+
+
+def _recompute(z, ws, y, valid, stats_rows, k, tf):
+    """Rebuild a block's forward state from the saved row statistics (no second kthvalue)."""
+    c = z.shape[0]
+    lse, tau, frac, lse_c = stats_rows
+    factor = _softcap_factor(z, tf, ws.get("f", c)) if tf.softcap is not None else None
+    f = _Fwd.__new__(_Fwd)
+    f.live = torch.isfinite(lse)
+    f.w = _weights_into(z, tau, frac, ws.get("w", c)) if k is not None else None
+    f.m = _safe(lse)  # shifting by lse instead of the max: e = p directly, s = 1
+    z.sub_(f.m[:, None]).clamp_(min=U_MIN)
+    f.u = z
+    f.e = torch.exp(z, out=ws.get("p", c))
+    f.s = torch.ones_like(lse)
+    f.lse_clamped = lse_c
+    if k is not None:
+        f.w.mul_(f.e)
+        f.s_c = torch.where(f.live, torch.exp(_safe(lse_c) - f.m), torch.ones_like(lse))
+    return f, factor
 
 
 def linear_backward(x, weight, bias, targets, tf, ignore_index, stats: RowStats, g_lp, g_ent, g_cl, k):
-    n, vocab = x.shape[0], weight.shape[0]
-    cdt = _compute_dtype(x.dtype)
-    w_c = weight.to(cdt)
-    grad_x = torch.empty(x.shape, device=x.device, dtype=cdt)
-    grad_w = torch.zeros(w_c.shape, device=x.device, dtype=cdt)
-    grad_b = torch.zeros(vocab, device=x.device, dtype=cdt) if bias is not None else None
-    step = chunk_rows(n, vocab)
-    for start in range(0, n, step):
-        sl = slice(start, min(start + step, n))
-        x_c = x[sl].to(cdt)
-        z = _logit_block(x_c, w_c, bias, tf, cdt)
+    plan = _Plan(x, weight)
+    grad_x = torch.empty(x.shape, device=x.device, dtype=plan.cdt)
+    grad_w = torch.zeros(plan.w.shape, device=x.device, dtype=plan.cdt)
+    grad_b = torch.zeros(plan.vocab, device=x.device, dtype=plan.cdt) if bias is not None else None
+    for sl in plan.chunks():
+        x_c = x[sl].to(plan.cdt)
         y = targets[sl]
-        rows = tuple(_rows(t, sl) for t in (stats.lse, stats.entropy, stats.tau, stats.tie_frac,
-                                            stats.lse_clamped, stats.clamped_entropy))
-        dz = _block_grad(z, y, y != ignore_index, rows, _rows(g_lp, sl), _rows(g_ent, sl), _rows(g_cl, sl), k, tf)
-        del z
-        torch.mm(dz, w_c, out=grad_x[sl])
+        valid = y != ignore_index
+        z = _logit_block(x_c, plan.w, bias, tf, plan.ws.get("z", sl.stop - sl.start))
+        rows = [_rows(t, sl) for t in (stats.lse, stats.tau, stats.tie_frac, stats.lse_clamped)]
+        f, factor = _recompute(z, plan.ws, y, valid, rows, k if g_cl is not None else None, tf)
+        dz = _grad_from_fwd(f, y, valid, _rows(stats.entropy, sl), _rows(stats.clamped_entropy, sl),
+                            _rows(g_lp, sl), _rows(g_ent, sl), _rows(g_cl, sl), plan.ws, factor, tf)
+        torch.mm(dz, plan.w, out=grad_x[sl])
         grad_w.addmm_(dz.T, x_c)
         if grad_b is not None:
             grad_b.add_(dz.sum(0))
-        del dz
     return (
+        grad_x.to(x.dtype),
+        grad_w.to(weight.dtype),
+        None if grad_b is None else grad_b.to(bias.dtype),
+    )
+
+
+def linear_forward_backward(x, weight, bias, targets, tf, ignore_index, entropy, k, grad_fn, rows_per_chunk=None):
+    """Forward statistics and gradients in one sweep over row chunks.
+
+    For each chunk of rows ``sl`` the block's statistics are computed, then
+    ``grad_fn(sl, logprobs_c, entropy_c, clamped_c) -> (g_logprobs, g_entropy, g_clamped)`` (each
+    ``[C]`` or None) gives the upstream gradients of those rows, and dX, dW, db are accumulated from
+    the same block. Valid whenever a row's upstream gradient depends only on statistics of rows in
+    its own chunk plus constants known beforehand (token-level objectives with fixed normalizers).
+    Three matrix products in all (logits, dX, dW).
+
+    Returns ``(RowStats, grad_x, grad_weight, grad_bias)``.
+    """
+    plan = _Plan(x, weight, rows_per_chunk)
+    grad_x = torch.empty(x.shape, device=x.device, dtype=plan.cdt)
+    grad_w = torch.zeros(plan.w.shape, device=x.device, dtype=plan.cdt)
+    grad_b = torch.zeros(plan.vocab, device=x.device, dtype=plan.cdt) if bias is not None else None
+    parts = []
+    for sl in plan.chunks():
+        c = sl.stop - sl.start
+        x_c = x[sl].to(plan.cdt)
+        y = targets[sl]
+        valid = y != ignore_index
+        z = _logit_block(x_c, plan.w, bias, tf, plan.ws.get("z", c))
+        factor = _softcap_factor(z, tf, plan.ws.get("f", c)) if tf.softcap is not None else None
+        f = _Fwd(z, plan.ws, y, valid, entropy, k)
+        parts.append(f.stats())
+        g_lp, g_ent, g_cl = grad_fn(sl, f.logprobs, f.entropy, f.clamped_entropy)
+        dz = _grad_from_fwd(f, y, valid, f.entropy, f.clamped_entropy, g_lp, g_ent, g_cl, plan.ws, factor, tf)
+        torch.mm(dz, plan.w, out=grad_x[sl])
+        grad_w.addmm_(dz.T, x_c)
+        if grad_b is not None:
+            grad_b.add_(dz.sum(0))
+    stats = _to_stats(parts, plan.n, x.device, plan.cdt, entropy, k)
+    return (
+        stats,
         grad_x.to(x.dtype),
         grad_w.to(weight.dtype),
         None if grad_b is None else grad_b.to(bias.dtype),
@@ -205,125 +341,38 @@ def linear_backward(x, weight, bias, targets, tf, ignore_index, stats: RowStats,
 # ---------------------------------------------------------------------------------------------
 
 
-def logits_forward(logits, targets, tf, ignore_index, entropy, k) -> RowStats:
+def _logits_plan(logits):
     n, vocab = logits.shape
     cdt = _compute_dtype(logits.dtype)
     step = chunk_rows(n, vocab)
+    return n, cdt, step, _Workspace(min(step, max(n, 1)), vocab, cdt, logits.device)
+
+
+def logits_forward(logits, targets, tf, ignore_index, entropy, k) -> RowStats:
+    n, cdt, step, ws = _logits_plan(logits)
     parts = []
     for start in range(0, n, step):
         sl = slice(start, min(start + step, n))
-        z = _apply_transform_(logits[sl].to(cdt, copy=True), tf)
+        z = ws.get("z", sl.stop - sl.start)
+        z.copy_(logits[sl])
+        _apply_transform_(z, tf)
         y = targets[sl]
-        parts.append(_block_stats(z, y, y != ignore_index, entropy, k))
-        del z
+        parts.append(_Fwd(z, ws, y, y != ignore_index, entropy, k).stats())
     return _to_stats(parts, n, logits.device, cdt, entropy, k)
 
 
 def logits_backward(logits, targets, tf, ignore_index, stats: RowStats, g_lp, g_ent, g_cl, k):
-    n, vocab = logits.shape
-    cdt = _compute_dtype(logits.dtype)
+    n, cdt, step, ws = _logits_plan(logits)
     grad = torch.empty_like(logits)
-    step = chunk_rows(n, vocab)
     for start in range(0, n, step):
         sl = slice(start, min(start + step, n))
-        z = _apply_transform_(logits[sl].to(cdt, copy=True), tf)
-        y = targets[sl]
-        rows = tuple(_rows(t, sl) for t in (stats.lse, stats.entropy, stats.tau, stats.tie_frac,
-                                            stats.lse_clamped, stats.clamped_entropy))
-        grad[sl] = _block_grad(z, y, y != ignore_index, rows, _rows(g_lp, sl), _rows(g_ent, sl), _rows(g_cl, sl), k, tf)
-        del z
-    return grad
-
-
-# ---------------------------------------------------------------------------------------------
-# single pass: gradients inside the forward (3 matrix products instead of 4)
-# ---------------------------------------------------------------------------------------------
-
-
-def _block_logp_(z):
-    """In place: z <- log p (clamped to the dtype's lowest finite value), returns (p, lse, lse0)."""
-    m0 = _safe(z.amax(-1))
-    z.sub_(m0[:, None])
-    p = torch.exp(z)
-    s = p.sum(-1)
-    log_s = torch.log(s)
-    lse = m0 + log_s  # -inf for a row of -inf logits (s = 0)
-    lse0 = _safe(lse)
-    z.sub_(_safe(log_s)[:, None]).clamp_(min=torch.finfo(z.dtype).min)
-    p.div_(torch.where(s > 0, s, torch.ones_like(s))[:, None])
-    return p, lse, lse0
-
-
-def linear_forward_backward(x, weight, bias, targets, tf, ignore_index, entropy, k, grad_fn, rows_per_chunk=None):
-    """Forward statistics and gradients in one sweep over row chunks.
-
-    For each chunk of rows ``sl`` the block's statistics are computed, then
-    ``grad_fn(sl, logprobs_c, entropy_c, clamped_c) -> (g_logprobs, g_entropy, g_clamped)`` (each
-    ``[C]`` or None) gives the upstream gradients of those rows, and dX, dW, db are accumulated from
-    the same block. Valid whenever a row's upstream gradient depends only on statistics of rows in
-    its own chunk plus constants known beforehand (token-level objectives with fixed normalizers).
-    Three matrix products in all (logits, dX, dW); two ``[C, V]`` buffers per chunk.
-
-    Returns ``(RowStats, grad_x, grad_weight, grad_bias)``.
-    """
-    n, vocab = x.shape[0], weight.shape[0]
-    cdt = _compute_dtype(x.dtype)
-    w_c = weight.to(cdt)
-    grad_x = torch.empty(x.shape, device=x.device, dtype=cdt)
-    grad_w = torch.zeros(w_c.shape, device=x.device, dtype=cdt)
-    grad_b = torch.zeros(vocab, device=x.device, dtype=cdt) if bias is not None else None
-    step = rows_per_chunk or chunk_rows(n, vocab)
-    zero = torch.zeros((), dtype=cdt, device=x.device)
-    parts = []
-    for start in range(0, n, step):
-        sl = slice(start, min(start + step, n))
-        x_c = x[sl].to(cdt)
+        z = ws.get("z", sl.stop - sl.start)
+        z.copy_(logits[sl])
+        _apply_transform_(z, tf)
         y = targets[sl]
         valid = y != ignore_index
-        safe_t = torch.where(valid, y, torch.zeros_like(y))
-        z = _logit_block(x_c, w_c, bias, tf, cdt)
-        tau = frac = lse_c = ent_c = None
-        if k is not None:
-            # the clamped statistics read the transformed logits before they are overwritten
-            _, _, _, tau, frac, lse_c, ent_c = _block_stats(z.clone(), y, valid, False, k)
-            cl_rows = (tau, frac, lse_c, ent_c)
-        z_soft = z.clone() if tf.softcap is not None else None  # the softcap chain rule needs z
-        if k is not None:
-            g_cl_block = z.clone()  # clamped-entropy gradient is formed from the logits as well
-        p, lse, lse0 = _block_logp_(z)  # z now holds log p
-        logp = torch.where(valid, z.gather(1, safe_t[:, None]).squeeze(1), zero)
-        ent = None
-        if entropy:
-            ent = torch.where(valid, -torch.linalg.vecdot(p, z), zero)
-        parts.append((lse, logp, ent, tau, frac, lse_c, ent_c))
-        g_lp, g_ent, g_cl = grad_fn(sl, logp, ent, ent_c)
-        live = valid & torch.isfinite(lse)
-        g_lp, g_ent, g_cl = (None if g is None else torch.where(live, g.to(cdt), zero) for g in (g_lp, g_ent, g_cl))
-        # dL/dz = p * (-g_ent (log p + H) - g_lp) + onehot(y) g_lp, formed in place in z
-        if g_ent is not None:
-            z.add_(ent[:, None]).mul_(-g_ent[:, None])
-        else:
-            z.zero_()
-        if g_lp is not None:
-            z.sub_(g_lp[:, None])
-        z.mul_(p)
-        del p
-        if g_lp is not None:
-            z.scatter_add_(1, safe_t[:, None], g_lp[:, None])
-        if k is not None and g_cl is not None:
-            z.add_(_block_grad(g_cl_block, y, valid, (lse, ent, *cl_rows), None, None, g_cl, k, LogitTransform()))
-        if k is not None:
-            del g_cl_block
-        dz = _transform_grad_(z, z_soft, tf) if z_soft is not None else _transform_grad_(z, None, tf)
-        torch.mm(dz, w_c, out=grad_x[sl])
-        grad_w.addmm_(dz.T, x_c)
-        if grad_b is not None:
-            grad_b.add_(dz.sum(0))
-        del z, dz, z_soft
-    stats = _to_stats(parts, n, x.device, cdt, entropy, k)
-    return (
-        stats,
-        grad_x.to(x.dtype),
-        grad_w.to(weight.dtype),
-        None if grad_b is None else grad_b.to(bias.dtype),
-    )
+        rows = [_rows(t, sl) for t in (stats.lse, stats.tau, stats.tie_frac, stats.lse_clamped)]
+        f, factor = _recompute(z, ws, y, valid, rows, k if g_cl is not None else None, tf)
+        grad[sl] = _grad_from_fwd(f, y, valid, _rows(stats.entropy, sl), _rows(stats.clamped_entropy, sl),
+                                  _rows(g_lp, sl), _rows(g_ent, sl), _rows(g_cl, sl), ws, factor, tf)
+    return grad
