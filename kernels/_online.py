@@ -1,0 +1,184 @@
+"""Shared @triton.jit helpers: the logit transform, the online log-sum-exp state and dL/dz.
+
+Online state of one row over vocabulary tiles (MATH.md section 2)::
+
+    m = max z            (-inf while the row has seen only -inf logits; never initialised to 0)
+    s = sum e^(z - m)
+    t = sum (z - m) e^(z - m)       shifted, so that entropy = log s - t/s never subtracts two
+                                    large numbers (t = sum z e^(z-m) would, at |z| ~ 1e4)
+
+    lse = m + log s,   H = log s - t/s
+
+Every kernel of the package updates this state through ``tile_state`` + ``merge_state`` (the merge
+is written once, here), and every backward kernel forms dL/dz through ``grad_z``.
+"""
+import triton
+import triton.language as tl
+
+
+@triton.jit
+def tanh(u):
+    """tanh without libdevice (the interpreter has none), accurate to a few ulp in fp32 and fp64.
+
+    tanh|u| = (1 - e) / (1 + e) with e = e^(-2|u|), exact as an identity; where 1 - e would cancel
+    (small |u|) the Taylor series u - u^3/3 + 2u^5/15 - ... is used instead: through u^11 below 0.4
+    in fp32 (truncation < 1e-7 relative), through u^15 below 0.1 in fp64 (< 1e-16).
+    """
+    a = tl.abs(u)
+    a2 = a * a
+    if u.dtype == tl.float64:
+        small = a < 0.1
+        c = -929569.0 / 638512875.0
+        c = 21844.0 / 6081075.0 + a2 * c
+        c = -1382.0 / 155925.0 + a2 * c
+    else:
+        small = a < 0.4
+        c = -1382.0 / 155925.0
+    c = 62.0 / 2835.0 + a2 * c
+    c = -17.0 / 315.0 + a2 * c
+    c = 2.0 / 15.0 + a2 * c
+    c = -1.0 / 3.0 + a2 * c
+    poly = a + a * a2 * c
+    e = tl.exp(-2.0 * a)
+    r = tl.where(small, poly, (1.0 - e) / (1.0 + e))
+    return tl.where(u < 0.0, -r, r)
+
+
+@triton.jit
+def transform(a, logit_scale, softcap, inv_temperature, HAS_SOFTCAP: tl.constexpr):
+    """z = softcap(logit_scale * a) / T, softcap(x) = c tanh(x / c) (MATH.md section 1)."""
+    a = a * logit_scale
+    if HAS_SOFTCAP:
+        a = softcap * tanh(a / softcap)
+    return a * inv_temperature
+
+
+@triton.jit
+def transform_grad(dz, z, logit_scale, softcap, temperature, inv_temperature, HAS_SOFTCAP: tl.constexpr):
+    """dL/da from dL/dz, written with the transformed z: dz/da = scale (1 - (zT/c)^2) / T."""
+    if HAS_SOFTCAP:
+        r = z * (temperature / softcap)
+        dz = dz * (1.0 - r * r)
+    return dz * (logit_scale * inv_temperature)
+
+
+@triton.jit
+def tile_state(z):
+    """(m, s, t) of a [BLOCK_N, BLOCK_V] tile, shifted by the tile's own row max.
+
+    A row of -inf gives (-inf, 0, 0): the shift uses 0 instead of -inf so no -inf - -inf appears,
+    and (z - m) e^(z - m) is taken as 0 where e^(z - m) = 0 (no 0 * -inf).
+    """
+    m = tl.max(z, axis=1)
+    m0 = tl.where(m == float("-inf"), 0.0, m)
+    d = z - m0[:, None]
+    e = tl.exp(d)
+    s = tl.sum(e, axis=1)
+    t = tl.sum(tl.where(e > 0.0, d * e, 0.0), axis=1)
+    return m, s, t
+
+
+@triton.jit
+def merge_state(m_a, s_a, t_a, m_b, s_b, t_b):
+    """Merge two online states of the same rows (an empty state has m = -inf, s = t = 0).
+
+    With m = max(m_a, m_b) and c_a = e^(m_a - m):  s = c_a s_a + c_b s_b and
+    t = c_a (t_a + (m_a - m) s_a) + c_b (t_b + (m_b - m) s_b), since t is shifted by m.
+    """
+    m = tl.maximum(m_a, m_b)
+    m0 = tl.where(m == float("-inf"), 0.0, m)
+    d_a = m_a - m0
+    d_b = m_b - m0
+    c_a = tl.exp(d_a)
+    c_b = tl.exp(d_b)
+    s = c_a * s_a + c_b * s_b
+    # an empty side has d = -inf and s = 0: skip it instead of forming -inf * 0
+    t = tl.where(s_a > 0.0, c_a * (t_a + d_a * s_a), 0.0) + tl.where(s_b > 0.0, c_b * (t_b + d_b * s_b), 0.0)
+    return m, s, t
+
+
+@triton.jit
+def finish_state(m, s, t):
+    """(lse, entropy) of a finished state; a row of only -inf logits gives (-inf, 0)."""
+    m0 = tl.where(m == float("-inf"), 0.0, m)
+    log_s = tl.log(s)
+    lse = m0 + log_s
+    ent = tl.where(s > 0.0, log_s - t / s, 0.0)
+    return lse, ent
+
+
+@triton.jit
+def grad_z(
+    z, offs_v, y, row_ok,
+    lse, ent, g_lp, g_ent,
+    tau, frac, lse_c, ent_c, g_cl,
+    HAS_G_LP: tl.constexpr, HAS_G_ENT: tl.constexpr, HAS_G_CL: tl.constexpr,
+):
+    """dL/dz of one tile, L = sum_rows g_lp logp + g_ent H + g_cl H~ (MATH.md sections 2-3).
+
+        dlogp/dz_v = 1[v = y] - p_v
+        dH/dz_v    = -p_v (log p_v + H)
+        dH~/dz_v   = -w_v pi_v (z_v - lse_S + H~),   w_v = 1 above tau, frac at tau, 0 below
+
+    ``z``: [BLOCK_N, BLOCK_V] transformed logits (-inf at padded columns); per-row vectors [BLOCK_N].
+    ``row_ok``: row is not ignored and its lse is finite; other rows get 0. Only the flagged terms
+    are computed, so a gradient on one output costs nothing for the others.
+    """
+    dz = tl.zeros(z.shape, dtype=z.dtype)
+    if HAS_G_LP or HAS_G_ENT:
+        lse0 = tl.where(lse == float("-inf"), 0.0, lse)
+        logp_all = z - lse0[:, None]
+        p = tl.exp(logp_all)
+        if HAS_G_ENT:
+            # p = 0 where z = -inf: take the product as 0 rather than 0 * -inf
+            dz -= tl.where(p > 0.0, p * (logp_all + ent[:, None]), 0.0) * g_ent[:, None]
+        if HAS_G_LP:
+            dz -= p * g_lp[:, None]
+            dz += tl.where(offs_v[None, :] == y[:, None], g_lp[:, None], 0.0)
+    if HAS_G_CL:
+        lc0 = tl.where(lse_c == float("-inf"), 0.0, lse_c)
+        w = tl.where(z > tau[:, None], 1.0, tl.where(z == tau[:, None], frac[:, None], 0.0))
+        pi = tl.exp(z - lc0[:, None]) * w
+        dz -= tl.where(pi > 0.0, pi * (z - lc0[:, None] + ent_c[:, None]), 0.0) * g_cl[:, None]
+    return tl.where(row_ok[:, None], dz, 0.0)
+
+
+@triton.heuristics({"ENTROPY": lambda a: a["ent_ptr"] is not None, "KEEP_MAX": lambda a: a["m_ptr"] is not None})
+@triton.jit
+def finish_stats_kernel(
+    part_ptr, y_ptr, lse_ptr, logp_ptr, ent_ptr, m_ptr, N, n_split, ignore_index,
+    ENTROPY: tl.constexpr, KEEP_MAX: tl.constexpr, BLOCK: tl.constexpr,
+):
+    """part [4, n_split, N] = (m, s, t, z_y) per vocabulary split -> lse, logprobs, entropy [N].
+
+    logp = z_y - lse and H = log s - t/s on valid rows, 0 on ignored rows (as in torch_chunked);
+    a row of only -inf logits has lse = -inf and uses 0 in its place, so nothing is NaN.
+    ``m_ptr`` keeps the row max for the top-k passes.
+    """
+    offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    mask = offs < N
+    plane = n_split.to(tl.int64) * N
+    m = tl.load(part_ptr + offs, mask=mask, other=float("-inf"))
+    s = tl.load(part_ptr + plane + offs, mask=mask, other=0.0)
+    t = tl.load(part_ptr + 2 * plane + offs, mask=mask, other=0.0)
+    z_y = tl.load(part_ptr + 3 * plane + offs, mask=mask, other=0.0)
+    p = part_ptr + offs
+    for _ in range(1, n_split):
+        p += N
+        m, s, t = merge_state(
+            m, s, t,
+            tl.load(p, mask=mask, other=float("-inf")),
+            tl.load(p + plane, mask=mask, other=0.0),
+            tl.load(p + 2 * plane, mask=mask, other=0.0),
+        )
+        z_y += tl.load(p + 3 * plane, mask=mask, other=0.0)
+    lse, ent = finish_state(m, s, t)
+    y = tl.load(y_ptr + offs, mask=mask, other=ignore_index)
+    valid = y != ignore_index
+    lse0 = tl.where(lse == float("-inf"), 0.0, lse)
+    tl.store(lse_ptr + offs, lse, mask=mask)
+    tl.store(logp_ptr + offs, tl.where(valid, z_y - lse0, 0.0), mask=mask)
+    if ENTROPY:
+        tl.store(ent_ptr + offs, tl.where(valid, ent, 0.0), mask=mask)
+    if KEEP_MAX:
+        tl.store(m_ptr + offs, m, mask=mask)

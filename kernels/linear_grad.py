@@ -1,0 +1,111 @@
+"""Backward of the fused LM head: recompute logit tiles, form dL/dz, accumulate dX, dW and db.
+
+Grid ``(cdiv(N, BLOCK_N), cdiv(V, BLOCK_V))``: one program per (row block, vocabulary tile).
+Each program recomputes its tile of ``z`` with ``linear_logit_tile`` (same blocks as the forward,
+so z is bitwise the forward's), forms ``dL/da`` (``_online.grad_z`` then the transform's chain rule)
+in fp32 registers, and then, per ``BLOCK_H`` slice of the hidden dimension::
+
+    dX[rows, h] += dz @ W[tile, h]          dW[tile, h] += dz^T @ x[rows, h]        db[tile] += sum_rows dz
+
+Why atomics: a row block's dX needs every vocabulary tile and a tile's dW every row block, and
+neither fits in registers across the other loop (dX of 128 rows at H = 4096 is 2 MiB). Adding
+fp32 partial products into fp32 buffers with ``atomic_add`` keeps one recompute per tile and no
+``[N, V]`` buffer; the price is a summation order that varies run to run (fp32 rounding only).
+dz enters the tensor cores in the input dtype (bf16/fp16), like any bf16 matmul backward; the
+accumulation stays fp32.
+
+Cost: three GEMM passes (recompute, dX, dW), 6*N*V*H flops; plus ``V/BLOCK_V`` fp32 atomic adds
+per element of dX and ``N/BLOCK_N`` per element of dW.
+"""
+import triton
+import triton.language as tl
+
+from ._online import grad_z, transform_grad
+from .linear_stats import linear_logit_tile
+
+
+@triton.heuristics(
+    {
+        "HAS_BIAS": lambda a: a["b_ptr"] is not None,
+        "HAS_SOFTCAP": lambda a: a["softcap"] > 0,
+        "HAS_G_LP": lambda a: a["g_lp_ptr"] is not None,
+        "HAS_G_ENT": lambda a: a["g_ent_ptr"] is not None,
+        "HAS_G_CL": lambda a: a["g_cl_ptr"] is not None,
+        "COMPUTE_DX": lambda a: a["dx_ptr"] is not None,
+        "COMPUTE_DW": lambda a: a["dw_ptr"] is not None,
+        "COMPUTE_DB": lambda a: a["db_ptr"] is not None,
+    }
+)
+@triton.jit
+def linear_grad_kernel(
+    x_ptr, w_ptr, b_ptr, y_ptr,
+    lse_ptr, ent_ptr, tau_ptr, frac_ptr, lse_c_ptr, ent_c_ptr,
+    g_lp_ptr, g_ent_ptr, g_cl_ptr,
+    dx_ptr, dw_ptr, db_ptr,
+    N, V, H, stride_x, stride_w, ignore_index,
+    logit_scale, softcap, temperature, inv_temperature,
+    HAS_BIAS: tl.constexpr, HAS_SOFTCAP: tl.constexpr,
+    HAS_G_LP: tl.constexpr, HAS_G_ENT: tl.constexpr, HAS_G_CL: tl.constexpr,
+    COMPUTE_DX: tl.constexpr, COMPUTE_DW: tl.constexpr, COMPUTE_DB: tl.constexpr,
+    BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_H: tl.constexpr,
+    UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr,
+):
+    """Row statistics [N] (lse; entropy when g_ent; tau, frac, lse_c, ent_c when g_cl) and upstream
+    gradients [N] -> atomically adds into dx [N, H], dw [V, H], db [V] (fp32, or fp64 for fp64).
+
+    ``dx``/``dw`` are contiguous with row stride H; ``x``/``W`` have row strides stride_x/stride_w.
+    """
+    pid_n = tl.program_id(0)
+    pid_v = tl.program_id(1)
+    offs_n = pid_n.to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_v = pid_v.to(tl.int64) * BLOCK_V + tl.arange(0, BLOCK_V)
+    mask_n = offs_n < N
+    mask_v = offs_v < V
+    z = linear_logit_tile(
+        x_ptr, w_ptr, b_ptr, offs_n, offs_v, mask_n, mask_v, H, stride_x, stride_w,
+        logit_scale, softcap, inv_temperature, HAS_BIAS, HAS_SOFTCAP,
+        BLOCK_N, BLOCK_V, BLOCK_H, UPCAST, DOT_PRECISION,
+    )
+    y = tl.load(y_ptr + offs_n, mask=mask_n, other=ignore_index)
+    lse = tl.load(lse_ptr + offs_n, mask=mask_n, other=0.0)
+    row_ok = mask_n & (y != ignore_index) & (lse > float("-inf"))
+    # placeholders for the terms that are switched off (never read then)
+    ent, g_lp, g_ent, tau, frac, lse_c, ent_c, g_cl = lse, lse, lse, lse, lse, lse, lse, lse
+    if HAS_G_LP:
+        g_lp = tl.load(g_lp_ptr + offs_n, mask=mask_n, other=0.0)
+    if HAS_G_ENT:
+        ent = tl.load(ent_ptr + offs_n, mask=mask_n, other=0.0)
+        g_ent = tl.load(g_ent_ptr + offs_n, mask=mask_n, other=0.0)
+    if HAS_G_CL:
+        tau = tl.load(tau_ptr + offs_n, mask=mask_n, other=0.0)
+        frac = tl.load(frac_ptr + offs_n, mask=mask_n, other=0.0)
+        lse_c = tl.load(lse_c_ptr + offs_n, mask=mask_n, other=0.0)
+        ent_c = tl.load(ent_c_ptr + offs_n, mask=mask_n, other=0.0)
+        g_cl = tl.load(g_cl_ptr + offs_n, mask=mask_n, other=0.0)
+    dz = grad_z(z, offs_v, y, row_ok, lse, ent, g_lp, g_ent, tau, frac, lse_c, ent_c, g_cl,
+                HAS_G_LP, HAS_G_ENT, HAS_G_CL)
+    dz = transform_grad(dz, z, logit_scale, softcap, temperature, inv_temperature, HAS_SOFTCAP)
+    # padded columns hold z = -inf, where the softcap factor is -inf: drop them explicitly
+    dz = tl.where(mask_v[None, :], dz, 0.0)
+    if COMPUTE_DB:
+        tl.atomic_add(db_ptr + offs_v, tl.sum(dz, axis=0), mask=mask_v, sem="relaxed")
+    # tensor-core operand: the input dtype (rounded like the interpreter's fp32 stand-in)
+    dz_op = dz.to(w_ptr.dtype.element_ty)
+    if UPCAST:
+        dz_op = dz_op.to(tl.float32)
+    offs_h = tl.arange(0, BLOCK_H)
+    for h0 in range(0, H, BLOCK_H):
+        cols = h0 + offs_h
+        mask_h = cols < H
+        if COMPUTE_DX:
+            w = tl.load(w_ptr + offs_v[:, None] * stride_w + cols[None, :], mask=mask_v[:, None] & mask_h[None, :], other=0.0)
+            if UPCAST:
+                w = w.to(tl.float32)
+            dx = tl.dot(dz_op, w, input_precision=DOT_PRECISION)
+            tl.atomic_add(dx_ptr + offs_n[:, None] * H + cols[None, :], dx, mask=mask_n[:, None] & mask_h[None, :], sem="relaxed")
+        if COMPUTE_DW:
+            x = tl.load(x_ptr + offs_n[:, None] * stride_x + cols[None, :], mask=mask_n[:, None] & mask_h[None, :], other=0.0)
+            if UPCAST:
+                x = x.to(tl.float32)
+            dw = tl.dot(tl.trans(dz_op), x, input_precision=DOT_PRECISION)
+            tl.atomic_add(dw_ptr + offs_v[:, None] * H + cols[None, :], dw, mask=mask_v[:, None] & mask_h[None, :], sem="relaxed")

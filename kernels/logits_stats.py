@@ -1,0 +1,124 @@
+"""Logits already in memory: row statistics (forward) and dL/dlogits (backward), streamed over V.
+
+Forward grid ``(cdiv(N, BLOCK_N), SPLIT)``, the same partial-state layout as ``linear_stats.py``
+(part [4, SPLIT, N], merged by ``_online.finish_stats_kernel``): a split grid keeps a GPU busy
+when there are few rows (N = 1 at V = 256k is one row block). Backward grid
+``(cdiv(N, BLOCK_N), cdiv(V, BLOCK_V))`` writes ``grad_logits`` directly, tile by tile; nothing
+else of size [N, V] is allocated. ``z = transform(logits)`` is recomputed in fp32 (fp64 for fp64).
+"""
+import triton
+import triton.language as tl
+
+from ._online import grad_z, merge_state, tile_state, transform, transform_grad
+from ._radix import radix_count
+
+
+@triton.jit
+def logits_tile(
+    l_ptr, offs_n, offs_v, mask_n, mask_v, stride_l, logit_scale, softcap, inv_temperature,
+    HAS_SOFTCAP: tl.constexpr,
+):
+    """Transformed logits of one [BLOCK_N, BLOCK_V] tile in fp32 (fp64); -inf at padded columns."""
+    mask = mask_n[:, None] & mask_v[None, :]
+    a = tl.load(l_ptr + offs_n[:, None] * stride_l + offs_v[None, :], mask=mask, other=float("-inf"))
+    if l_ptr.dtype.element_ty != tl.float64:
+        a = a.to(tl.float32)
+    z = transform(a, logit_scale, softcap, inv_temperature, HAS_SOFTCAP)
+    return tl.where(mask_v[None, :], z, float("-inf"))
+
+
+@triton.heuristics(
+    {
+        "HAS_SOFTCAP": lambda a: a["softcap"] > 0,
+        "TOPK": lambda a: a["hist_ptr"] is not None,
+    }
+)
+@triton.jit
+def logits_stats_kernel(
+    l_ptr, y_ptr, part_ptr, hist_ptr,
+    N, V, stride_l, ignore_index, logit_scale, softcap, inv_temperature, tiles_per_split,
+    HAS_SOFTCAP: tl.constexpr, TOPK: tl.constexpr,
+    RADIX_SHIFT: tl.constexpr, RADIX_BITS: tl.constexpr, NBINS: tl.constexpr,
+    BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr,
+):
+    """logits [N, V], targets [N] -> part [4, SPLIT, N] (m, s, t, z_y per split)."""
+    pid_n = tl.program_id(0)
+    pid_s = tl.program_id(1)
+    n_split = tl.num_programs(1)
+    offs_n = pid_n.to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N)
+    mask_n = offs_n < N
+    y = tl.load(y_ptr + offs_n, mask=mask_n, other=ignore_index)
+    valid = y != ignore_index
+    if l_ptr.dtype.element_ty == tl.float64:
+        s = tl.zeros([BLOCK_N], dtype=tl.float64)
+    else:
+        s = tl.zeros([BLOCK_N], dtype=tl.float32)
+    m = s + float("-inf")
+    t = s
+    z_y = s
+    v_start = pid_s.to(tl.int64) * tiles_per_split * BLOCK_V
+    v_stop = tl.minimum(v_start + tiles_per_split * BLOCK_V, V)
+    for v0 in range(v_start, v_stop, BLOCK_V):
+        offs_v = v0 + tl.arange(0, BLOCK_V)
+        mask_v = offs_v < V
+        z = logits_tile(l_ptr, offs_n, offs_v, mask_n, mask_v, stride_l, logit_scale, softcap, inv_temperature, HAS_SOFTCAP)
+        m_t, s_t, t_t = tile_state(z)
+        m, s, t = merge_state(m, s, t, m_t, s_t, t_t)
+        hit = (offs_v[None, :] == y[:, None]) & valid[:, None]
+        z_y += tl.sum(tl.where(hit, z, 0.0), axis=1)
+        if TOPK:
+            radix_count(z, mask_n[:, None] & mask_v[None, :], hist_ptr + pid_n.to(tl.int64) * BLOCK_N * NBINS,
+                        0, RADIX_SHIFT, RADIX_BITS, NBINS, True)
+    out = part_ptr + pid_s.to(tl.int64) * N + offs_n
+    plane = n_split.to(tl.int64) * N
+    tl.store(out, m, mask=mask_n)
+    tl.store(out + plane, s, mask=mask_n)
+    tl.store(out + 2 * plane, t, mask=mask_n)
+    tl.store(out + 3 * plane, z_y, mask=mask_n)
+
+
+@triton.heuristics(
+    {
+        "HAS_SOFTCAP": lambda a: a["softcap"] > 0,
+        "HAS_G_LP": lambda a: a["g_lp_ptr"] is not None,
+        "HAS_G_ENT": lambda a: a["g_ent_ptr"] is not None,
+        "HAS_G_CL": lambda a: a["g_cl_ptr"] is not None,
+    }
+)
+@triton.jit
+def logits_grad_kernel(
+    l_ptr, y_ptr, lse_ptr, ent_ptr, tau_ptr, frac_ptr, lse_c_ptr, ent_c_ptr,
+    g_lp_ptr, g_ent_ptr, g_cl_ptr, dl_ptr,
+    N, V, stride_l, stride_dl, ignore_index, logit_scale, softcap, temperature, inv_temperature,
+    HAS_SOFTCAP: tl.constexpr, HAS_G_LP: tl.constexpr, HAS_G_ENT: tl.constexpr, HAS_G_CL: tl.constexpr,
+    BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr,
+):
+    """Row statistics and upstream gradients [N] -> grad_logits [N, V] (the logits' dtype)."""
+    pid_n = tl.program_id(0)
+    pid_v = tl.program_id(1)
+    offs_n = pid_n.to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_v = pid_v.to(tl.int64) * BLOCK_V + tl.arange(0, BLOCK_V)
+    mask_n = offs_n < N
+    mask_v = offs_v < V
+    z = logits_tile(l_ptr, offs_n, offs_v, mask_n, mask_v, stride_l, logit_scale, softcap, inv_temperature, HAS_SOFTCAP)
+    y = tl.load(y_ptr + offs_n, mask=mask_n, other=ignore_index)
+    lse = tl.load(lse_ptr + offs_n, mask=mask_n, other=0.0)
+    row_ok = mask_n & (y != ignore_index) & (lse > float("-inf"))
+    # placeholders for the terms that are switched off (never read then)
+    ent, g_lp, g_ent, tau, frac, lse_c, ent_c, g_cl = lse, lse, lse, lse, lse, lse, lse, lse
+    if HAS_G_LP:
+        g_lp = tl.load(g_lp_ptr + offs_n, mask=mask_n, other=0.0)
+    if HAS_G_ENT:
+        ent = tl.load(ent_ptr + offs_n, mask=mask_n, other=0.0)
+        g_ent = tl.load(g_ent_ptr + offs_n, mask=mask_n, other=0.0)
+    if HAS_G_CL:
+        tau = tl.load(tau_ptr + offs_n, mask=mask_n, other=0.0)
+        frac = tl.load(frac_ptr + offs_n, mask=mask_n, other=0.0)
+        lse_c = tl.load(lse_c_ptr + offs_n, mask=mask_n, other=0.0)
+        ent_c = tl.load(ent_c_ptr + offs_n, mask=mask_n, other=0.0)
+        g_cl = tl.load(g_cl_ptr + offs_n, mask=mask_n, other=0.0)
+    dz = grad_z(z, offs_v, y, row_ok, lse, ent, g_lp, g_ent, tau, frac, lse_c, ent_c, g_cl,
+                HAS_G_LP, HAS_G_ENT, HAS_G_CL)
+    dz = transform_grad(dz, z, logit_scale, softcap, temperature, inv_temperature, HAS_SOFTCAP)
+    mask = mask_n[:, None] & mask_v[None, :]
+    tl.store(dl_ptr + offs_n[:, None] * stride_dl + offs_v[None, :], dz.to(dl_ptr.dtype.element_ty), mask=mask)

@@ -1,0 +1,277 @@
+"""Launchers: one per kernel family. Allocation, grid, configuration, launch; no math of their own.
+
+Inputs are validated by the functional layer (shapes, dtypes, devices, target range); these
+functions only assume it. Row statistics are fp32 (fp64 for fp64 inputs).
+
+Precision choices:
+- bf16/fp16 GEMM operands stay 16-bit on the GPU (tensor cores), accumulation fp32. Under the
+  interpreter bf16 ``tl.dot`` is wrong, so bf16 operands are upcast there (``UPCAST``); they are
+  exactly representable in fp32, so the products are the same.
+- fp32 inputs: ``input_precision="ieee"`` (exact fp32 products, like the torch backend) unless the
+  caller opted into TF32 with ``torch.backends.cuda.matmul.allow_tf32 = True``, then "tf32".
+"""
+from __future__ import annotations
+
+import math
+from typing import Optional
+
+import torch
+import triton
+
+from ._types import LogitTransform, RowStats
+from .backends import interpreting
+from .kernels import configs
+from .kernels._online import finish_stats_kernel
+from .kernels.linear_grad import linear_grad_kernel
+from .kernels.linear_stats import linear_stats_kernel
+from .kernels.logits_stats import logits_grad_kernel, logits_stats_kernel
+
+_DTYPE_KEY = {torch.bfloat16: "bf16", torch.float16: "fp16", torch.float32: "fp32", torch.float64: "fp64"}
+
+
+def dtype_key(dtype: torch.dtype) -> str:
+    return _DTYPE_KEY[dtype]
+
+
+def acc_dtype(dtype: torch.dtype) -> torch.dtype:
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def _upcast(dtype: torch.dtype) -> bool:
+    return interpreting() and dtype == torch.bfloat16
+
+
+def _dot_precision(dtype: torch.dtype) -> str:
+    if dtype == torch.float32 and not interpreting() and torch.backends.cuda.matmul.allow_tf32:
+        return "tf32"
+    return "ieee"
+
+
+def _num_sms(device: torch.device) -> int:
+    if device.type == "cuda":
+        return torch.cuda.get_device_properties(device).multi_processor_count
+    return 4  # interpreter: a few programs are enough to exercise the split path
+
+
+def _split(n_row_blocks: int, n_vtiles: int, device: torch.device):
+    """(SPLIT, tiles_per_split): split the vocabulary when the row blocks alone cannot fill the GPU."""
+    forced = configs.forced_split()
+    if forced is not None:
+        split = max(1, min(forced, n_vtiles))
+    else:
+        target = configs.PROGRAMS_PER_SM * _num_sms(device)
+        split = 1 if n_row_blocks >= target else max(1, min(n_vtiles, triton.cdiv(target, n_row_blocks)))
+    per = triton.cdiv(n_vtiles, split)
+    return triton.cdiv(n_vtiles, per), per
+
+
+_TUNED: dict = {}
+
+
+def _run(name: str, dt: str, shape_key, cfg: configs.Config, launch, reset=None):
+    """Launch with the frozen (num_warps, num_stages), or with the tuned pair when
+    FUSED_ENTROPY_AUTOTUNE=1 on CUDA (tuned once per bucketed key; ``reset`` undoes a trial's
+    side effects on accumulating outputs before the real launch)."""
+    if not (configs.autotune_enabled() and not interpreting() and torch.cuda.is_available()):
+        launch(cfg.num_warps, cfg.num_stages)
+        return
+    key = (name, dt, shape_key)
+    best = _TUNED.get(key)
+    if best is None:
+        from triton.testing import do_bench
+
+        trials = {}
+        for w, s in configs.autotune_candidates(name, dt):
+            try:
+                trials[(w, s)] = do_bench(lambda: launch(w, s), warmup=5, rep=20)
+            except Exception:  # a candidate that does not fit (shared memory) is skipped
+                continue
+        best = min(trials, key=trials.get) if trials else (cfg.num_warps, cfg.num_stages)
+        _TUNED[key] = best
+        if reset is not None:
+            reset()
+    launch(*best)
+
+
+# ---------------------------------------------------------------------------------------------
+# forward
+# ---------------------------------------------------------------------------------------------
+
+
+def _finish(part, targets, ignore_index: int, entropy: bool, keep_max: bool):
+    """part [4, SPLIT, N] -> (lse, logprobs, entropy | None, row max | None)."""
+    n = targets.shape[0]
+    lse = torch.empty(n, device=part.device, dtype=part.dtype)
+    logp = torch.empty_like(lse)
+    ent = torch.empty_like(lse) if entropy else None
+    m = torch.empty_like(lse) if keep_max else None
+    cfg = configs.get("finish_stats", "fp64" if part.dtype == torch.float64 else "fp32")
+    finish_stats_kernel[(triton.cdiv(n, cfg.block_n),)](
+        part, targets, lse, logp, ent, m, n, part.shape[1], ignore_index,
+        BLOCK=cfg.block_n, num_warps=cfg.num_warps,
+    )
+    return lse, logp, ent, m
+
+
+def _new_hist(rows: int, device) -> torch.Tensor:
+    """[rows, NBINS] int32 radix histogram; ``rows`` covers the last row block in full because the
+    fused first pass counts unmasked tiles (see ``kernels/_radix.radix_count``)."""
+    return torch.zeros(rows, configs.RADIX_NBINS, device=device, dtype=torch.int32)
+
+
+def _radix_first(k: Optional[int], dtype: torch.dtype):
+    bits = 64 if dtype == torch.float64 else 32
+    first = configs.RADIX_DIGITS[bits][0]
+    return bits - first, first
+
+
+def linear_stats(x, weight, bias, targets, tf: LogitTransform, ignore_index: int, entropy: bool,
+                 k: Optional[int]) -> RowStats:
+    """x [N, H], weight [V, H], bias [V] | None, targets [N] int64 -> RowStats (see _types)."""
+    n, h = x.shape
+    vocab = weight.shape[0]
+    dt = dtype_key(x.dtype)
+    cfg = configs.get("linear_stats", dt)
+    n_blocks = triton.cdiv(n, cfg.block_n)
+    split, per = _split(n_blocks, triton.cdiv(vocab, cfg.block_v), x.device)
+    part = torch.empty(4, split, n, device=x.device, dtype=acc_dtype(x.dtype))
+    hist = _new_hist(n_blocks * cfg.block_n, x.device) if k is not None else None
+    shift, bits = _radix_first(k, x.dtype)
+
+    def launch(num_warps, num_stages):
+        linear_stats_kernel[(n_blocks, split)](
+            x, weight, bias, targets, part, hist,
+            n, vocab, h, x.stride(0), weight.stride(0), ignore_index,
+            tf.logit_scale, tf.softcap or 0.0, tf.inv_temperature, per,
+            RADIX_SHIFT=shift, RADIX_BITS=bits, NBINS=configs.RADIX_NBINS,
+            BLOCK_N=cfg.block_n, BLOCK_V=cfg.block_v, BLOCK_H=cfg.block_h,
+            UPCAST=_upcast(x.dtype), DOT_PRECISION=_dot_precision(x.dtype),
+            num_warps=num_warps, num_stages=num_stages,
+        )
+
+    _run("linear_stats", dt, (h, vocab, configs.bucket(n), k is not None), cfg, launch,
+         reset=None if hist is None else hist.zero_)
+    lse, logp, ent, m = _finish(part, targets, ignore_index, entropy, k is not None)
+    if k is None:
+        return RowStats(lse, logp, ent)
+    from . import _launch_topk
+
+    clamped = _launch_topk.linear_clamped(x, weight, bias, targets, tf, ignore_index, k, m, hist)
+    return RowStats(lse, logp, ent, *clamped)
+
+
+def logits_stats(logits, targets, tf: LogitTransform, ignore_index: int, entropy: bool,
+                 k: Optional[int]) -> RowStats:
+    """logits [N, V], targets [N] int64 -> RowStats."""
+    n, vocab = logits.shape
+    dt = dtype_key(logits.dtype)
+    cfg = configs.get("logits_stats", dt)
+    n_blocks = triton.cdiv(n, cfg.block_n)
+    split, per = _split(n_blocks, triton.cdiv(vocab, cfg.block_v), logits.device)
+    part = torch.empty(4, split, n, device=logits.device, dtype=acc_dtype(logits.dtype))
+    hist = _new_hist(n_blocks * cfg.block_n, logits.device) if k is not None else None
+    shift, bits = _radix_first(k, logits.dtype)
+
+    def launch(num_warps, num_stages):
+        logits_stats_kernel[(n_blocks, split)](
+            logits, targets, part, hist, n, vocab, logits.stride(0), ignore_index,
+            tf.logit_scale, tf.softcap or 0.0, tf.inv_temperature, per,
+            RADIX_SHIFT=shift, RADIX_BITS=bits, NBINS=configs.RADIX_NBINS,
+            BLOCK_N=cfg.block_n, BLOCK_V=cfg.block_v, num_warps=num_warps, num_stages=num_stages,
+        )
+
+    _run("logits_stats", dt, (vocab, configs.bucket(n), k is not None), cfg, launch,
+         reset=None if hist is None else hist.zero_)
+    lse, logp, ent, m = _finish(part, targets, ignore_index, entropy, k is not None)
+    if k is None:
+        return RowStats(lse, logp, ent)
+    from . import _launch_topk
+
+    clamped = _launch_topk.logits_clamped(logits, targets, tf, ignore_index, k, m, hist)
+    return RowStats(lse, logp, ent, *clamped)
+
+
+# ---------------------------------------------------------------------------------------------
+# backward
+# ---------------------------------------------------------------------------------------------
+
+
+def _row(t: Optional[torch.Tensor], dtype: torch.dtype) -> Optional[torch.Tensor]:
+    return None if t is None else t.to(dtype).contiguous()
+
+
+def linear_grad(x, weight, bias, targets, tf: LogitTransform, ignore_index: int, stats: RowStats,
+                g_lp, g_ent, g_cl, *, need_x: bool = True, need_weight: bool = True, need_bias: bool = True):
+    """Gradients (x [N, H], weight [V, H], bias [V] | None) in the inputs' dtypes; None where not needed.
+
+    g_* are [N] upstream gradients or None (that term is not formed at all).
+    """
+    n, h = x.shape
+    vocab = weight.shape[0]
+    dt = dtype_key(x.dtype)
+    acc = acc_dtype(x.dtype)
+    cfg = configs.get("linear_grad", dt)
+    dx = torch.zeros(n, h, device=x.device, dtype=acc) if need_x else None
+    dw = torch.zeros(vocab, h, device=x.device, dtype=acc) if need_weight else None
+    db = torch.zeros(vocab, device=x.device, dtype=acc) if (need_bias and bias is not None) else None
+    g_lp, g_ent, g_cl = (_row(g, acc) for g in (g_lp, g_ent, g_cl))
+    cl = g_cl is not None
+    grid = (triton.cdiv(n, cfg.block_n), triton.cdiv(vocab, cfg.block_v))
+
+    def launch(num_warps, num_stages):
+        linear_grad_kernel[grid](
+            x, weight, bias, targets,
+            stats.lse, stats.entropy if g_ent is not None else None,
+            stats.tau if cl else None, stats.tie_frac if cl else None,
+            stats.lse_clamped if cl else None, stats.clamped_entropy if cl else None,
+            g_lp, g_ent, g_cl, dx, dw, db,
+            n, vocab, h, x.stride(0), weight.stride(0), ignore_index,
+            tf.logit_scale, tf.softcap or 0.0, tf.temperature, tf.inv_temperature,
+            BLOCK_N=cfg.block_n, BLOCK_V=cfg.block_v, BLOCK_H=cfg.block_h,
+            UPCAST=_upcast(x.dtype), DOT_PRECISION=_dot_precision(x.dtype),
+            num_warps=num_warps, num_stages=num_stages,
+        )
+
+    def reset():
+        for t in (dx, dw, db):
+            if t is not None:
+                t.zero_()
+
+    if n > 0 and (g_lp is not None or g_ent is not None or g_cl is not None):
+        _run("linear_grad", dt, (h, vocab, configs.bucket(n), g_lp is not None, g_ent is not None, cl),
+             cfg, launch, reset)
+    return (
+        None if dx is None else dx.to(x.dtype),
+        None if dw is None else dw.to(weight.dtype),
+        None if db is None else db.to(bias.dtype),
+    )
+
+
+def logits_grad(logits, targets, tf: LogitTransform, ignore_index: int, stats: RowStats, g_lp, g_ent, g_cl):
+    """grad_logits [N, V] in the logits' dtype, written tile by tile."""
+    n, vocab = logits.shape
+    dt = dtype_key(logits.dtype)
+    acc = acc_dtype(logits.dtype)
+    cfg = configs.get("logits_grad", dt)
+    grad = torch.empty_like(logits, memory_format=torch.contiguous_format)
+    g_lp, g_ent, g_cl = (_row(g, acc) for g in (g_lp, g_ent, g_cl))
+    cl = g_cl is not None
+    if n == 0:
+        return grad
+    if g_lp is None and g_ent is None and g_cl is None:
+        return grad.zero_()
+    grid = (triton.cdiv(n, cfg.block_n), triton.cdiv(vocab, cfg.block_v))
+
+    def launch(num_warps, num_stages):
+        logits_grad_kernel[grid](
+            logits, targets, stats.lse, stats.entropy if g_ent is not None else None,
+            stats.tau if cl else None, stats.tie_frac if cl else None,
+            stats.lse_clamped if cl else None, stats.clamped_entropy if cl else None,
+            g_lp, g_ent, g_cl, grad,
+            n, vocab, logits.stride(0), grad.stride(0), ignore_index,
+            tf.logit_scale, tf.softcap or 0.0, tf.temperature, tf.inv_temperature,
+            BLOCK_N=cfg.block_n, BLOCK_V=cfg.block_v, num_warps=num_warps, num_stages=num_stages,
+        )
+
+    _run("logits_grad", dt, (vocab, configs.bucket(n), g_lp is not None, g_ent is not None, cl), cfg, launch)
+    return grad

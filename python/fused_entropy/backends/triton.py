@@ -1,0 +1,42 @@
+"""Triton backend: fused kernels (``fused_entropy.kernels``) behind the backend interface.
+
+Same signatures and semantics as ``torch_chunked`` (see ``backends/__init__.py``). Forward: one GEMM
+pass over (row block x vocabulary tile) with the row statistics in the epilogue, plus the top-k
+radix passes when a clamped entropy is asked for (``kernels/topk.py``). Backward: one pass that
+recomputes each logit tile and accumulates dX, dW, db. No ``[N, V]`` buffer is ever allocated
+(the logits entry point writes only the logits gradient itself). fp16/bf16/fp32/fp64 inputs.
+"""
+from __future__ import annotations
+
+import torch
+
+from .. import _launch
+from .._types import RowStats
+
+
+def _empty_stats(n_dtype: torch.dtype, device, entropy: bool, k) -> RowStats:
+    dt = _launch.acc_dtype(n_dtype)
+    e = lambda: torch.zeros(0, device=device, dtype=dt)
+    if k is None:
+        return RowStats(e(), e(), e() if entropy else None)
+    return RowStats(e(), e(), e() if entropy else None, e(), e(), e(), e())
+
+
+def linear_forward(x, weight, bias, targets, tf, ignore_index, entropy, k) -> RowStats:
+    if x.shape[0] == 0:
+        return _empty_stats(x.dtype, x.device, entropy, k)
+    return _launch.linear_stats(x, weight, bias, targets, tf, ignore_index, entropy, k)
+
+
+def linear_backward(x, weight, bias, targets, tf, ignore_index, stats: RowStats, g_lp, g_ent, g_cl, k):
+    return _launch.linear_grad(x, weight, bias, targets, tf, ignore_index, stats, g_lp, g_ent, g_cl)
+
+
+def logits_forward(logits, targets, tf, ignore_index, entropy, k) -> RowStats:
+    if logits.shape[0] == 0:
+        return _empty_stats(logits.dtype, logits.device, entropy, k)
+    return _launch.logits_stats(logits, targets, tf, ignore_index, entropy, k)
+
+
+def logits_backward(logits, targets, tf, ignore_index, stats: RowStats, g_lp, g_ent, g_cl, k):
+    return _launch.logits_grad(logits, targets, tf, ignore_index, stats, g_lp, g_ent, g_cl)
