@@ -22,9 +22,16 @@ the aggregation:
     luspo  (liger)   c = n_b / (B * T)   on every position (Liger 0.8.5 does not mask per token)
     luspo  (trl)     c = M / B
 
-The token-level objective and its derivative run in one Triton kernel on CUDA
-(``kernels/objective.py``); Clip-Cov and KL-Cov choose tokens from statistics of the whole micro-batch
-(means, a random permutation, a top-k) and run in torch.
+On CUDA (``backend="auto"``) the per-token objective, its metrics and ``d loss / d logp`` come from one
+Triton kernel launch (``kernels/objective.py``, one program per row), for every loss type at token and
+sequence level, with KL, ``is_ratio`` and the 80/20 mask. The 80/20 threshold (two ``kthvalue``
+selections) and the entropy bonus (one masked sum) are torch. Clip-Cov and KL-Cov run in torch on every
+device: they pick tokens from statistics of the whole micro-batch (means, a random permutation, a top-k),
+after which the per-token loss is a handful of elementwise ops.
+
+Chunking (the fused head): call :func:`grpo_loss` (or :func:`grpo_loss_and_grads`) on chunks of whole
+sequences with ``normalizers=grpo_normalizers(full_mask, ...)``; the chunk results add up to the batch
+results. Clip-Cov/KL-Cov need the whole micro-batch in one call.
 """
 from __future__ import annotations
 
@@ -503,11 +510,10 @@ class GRPOObjectiveFunction(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, lp, old, ref, adv, valid, emask, isr, row_scale, cfg):
+    def forward(ctx, lp, old, ref, adv, valid, emask, isr, row_scale, cfg, compute_grad: bool):
         from ._launch_objective import launch_objective
 
-        out = launch_objective(lp, old, ref, adv, valid, emask, isr, row_scale, cfg,
-                               compute_grad=ctx.needs_input_grad[0])
+        out = launch_objective(lp, old, ref, adv, valid, emask, isr, row_scale, cfg, compute_grad=compute_grad)
         ctx.save_for_backward(out.grad)
         kl, low, high = out.row_kl.sum(), out.row_low.sum(), out.row_high.sum()
         ctx.mark_non_differentiable(kl, low, high)
@@ -517,14 +523,16 @@ class GRPOObjectiveFunction(torch.autograd.Function):
     def backward(ctx, g_loss, *_):
         (grad,) = ctx.saved_tensors
         if grad is None or g_loss is None:
-            return (None,) * 9
-        return (grad * g_loss,) + (None,) * 8
+            return (None,) * 10
+        return (grad * g_loss,) + (None,) * 9
 
 
 def _objective_triton(lp, old, ref, adv, valid, emask, isr, cfg: _Cfg, norms: GRPONormalizers):
     """Same contract as :func:`_objective_torch`, computed by the Triton kernel."""
     row_scale = _row_scale(valid.to(lp.dtype), cfg, norms)
-    loss, kl, low, high = GRPOObjectiveFunction.apply(lp, old, ref, adv, valid, emask, isr, row_scale, cfg)
+    compute_grad = torch.is_grad_enabled() and lp.requires_grad  # evaluation writes no gradient
+    loss, kl, low, high = GRPOObjectiveFunction.apply(lp, old, ref, adv, valid, emask, isr, row_scale, cfg,
+                                                      compute_grad)
     sums = {"low": low, "high": high, "region": low + high}  # low needs A < 0, high A > 0: disjoint
     if cfg.beta != 0.0:
         sums["kl"] = kl
