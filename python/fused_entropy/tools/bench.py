@@ -115,13 +115,14 @@ def _row_from(name: str, case: Case, result: Optional[dict]) -> Row:
     return Row(name, case, result=result)
 
 
-def run_spawned(name: str, case: Case, device, repeats: int, timeout: float) -> Row:
+def run_spawned(name: str, case: Case, device, repeats: int, timeout: float, verbose: bool = False) -> Row:
     """One row in a new ``python -m fused_entropy.tools.bench_worker`` process."""
     cmd = [sys.executable, "-m", "fused_entropy.tools.bench_worker", "--provider", name,
            "--n", str(case.n), "--h", str(case.h), "--v", str(case.v), "--dtype", case.dtype,
            "--seq-len", str(case.seq_len), "--device", str(device), "--repeats", str(repeats)]
     try:
-        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
+        proc = subprocess.run(cmd, stdout=subprocess.PIPE, stderr=None if verbose else subprocess.PIPE,
+                              text=True, timeout=timeout)
     except subprocess.TimeoutExpired:
         return Row(name, case, error=f"timed out after {timeout:.0f} s")
     lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("{")]
@@ -129,47 +130,55 @@ def run_spawned(name: str, case: Case, device, repeats: int, timeout: float) -> 
         return _row_from(name, case, json.loads(lines[-1]))
     if proc.returncode < 0:
         return Row(name, case, error=f"killed by signal {-proc.returncode} (out of memory?)")
-    tail = [ln for ln in proc.stderr.splitlines() if ln.strip()]
+    tail = [ln for ln in (proc.stderr or "").splitlines() if ln.strip()]
     return Row(name, case, error=(tail[-1] if tail else f"exit status {proc.returncode}")[:200])
 
 
 class ForkServer:
     """``bench_worker --serve``: imports the packages once and forks a fresh process per row (CPU)."""
 
-    def __init__(self, names: Sequence[str]):
+    def __init__(self, names: Sequence[str], verbose: bool = False):
         mods = ["fused_entropy", "fused_entropy.modules"]
         for n in names:
             mods += [m for m in PROVIDERS[n].preload if m not in mods]
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "fused_entropy.tools.bench_worker", "--serve", "--preload", ",".join(mods)],
-            stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True, bufsize=1)
+            stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=None if verbose else subprocess.DEVNULL,
+            text=True, bufsize=1)
         if self.proc.stdout.readline().strip() != "ready":
             self.close()
             raise RuntimeError("bench fork server did not start")
 
-    def run(self, name: str, case: Case, device, repeats: int, timeout: float) -> Row:
+    def run(self, name: str, case: Case, device, repeats: int, timeout: float) -> Optional[Row]:
+        """The row, or None when the server itself has gone (the caller then spawns)."""
         from .bench_worker import request
 
-        self.proc.stdin.write(json.dumps(request(name, case, str(device), repeats, timeout)) + "\n")
-        self.proc.stdin.flush()
-        line = self.proc.stdout.readline()
-        return _row_from(name, case, json.loads(line) if line.strip() else None)
+        try:
+            self.proc.stdin.write(json.dumps(request(name, case, str(device), repeats, timeout)) + "\n")
+            self.proc.stdin.flush()
+            line = self.proc.stdout.readline()
+        except OSError:
+            return None
+        return _row_from(name, case, json.loads(line)) if line.strip() else None
 
     def close(self) -> None:
         if self.proc.poll() is None:
-            self.proc.stdin.close()
-            self.proc.wait(timeout=30)
+            try:
+                self.proc.stdin.close()
+                self.proc.wait(timeout=30)
+            except (OSError, subprocess.TimeoutExpired):
+                self.proc.kill()
 
 
 def run_rows(names: Sequence[str], cases: Sequence[Case], device, repeats: int, timeout: float,
-             spawn: bool = False, log=sys.stderr) -> List[Row]:
+             spawn: bool = False, verbose: bool = False, log=sys.stderr) -> List[Row]:
     """Measure every (case, provider) in a process of its own: forked from a fork server on CPU,
     spawned (``python -m``) on CUDA (a CUDA context does not survive fork) or with ``spawn``."""
     rows: List[Row] = []
     todo = [(c, n) for c in cases for n in names]
     server = None
     if not spawn and getattr(device, "type", device) == "cpu" and hasattr(os, "fork"):
-        server = ForkServer([n for n in names if unavailable(PROVIDERS[n], device) is None])
+        server = ForkServer([n for n in names if unavailable(PROVIDERS[n], device) is None], verbose)
     for i, (case, name) in enumerate(todo, 1):
         tag = f"[{i:2d}/{len(todo)}] {name} N={case.n} V={case.v}"
         reason = unavailable(PROVIDERS[name], device)
@@ -182,10 +191,13 @@ def run_rows(names: Sequence[str], cases: Sequence[Case], device, repeats: int, 
             print(f"{tag}: skipped ({reason})", file=log, flush=True)
             continue
         t0 = time.perf_counter()
-        if server is not None:
-            row = server.run(name, case, device, repeats, timeout)
-        else:
-            row = run_spawned(name, case, device, repeats, timeout)
+        row = server.run(name, case, device, repeats, timeout) if server is not None else None
+        if row is None:
+            if server is not None:
+                print("bench fork server stopped; starting the remaining rows with python -m", file=log)
+                server.close()
+                server = None
+            row = run_spawned(name, case, device, repeats, timeout, verbose)
         rows.append(row)
         if row.ok:
             mem = "" if row.working is None else f", {row.working:.3f} x [N,V]"
@@ -257,11 +269,15 @@ def family_table(rows: List[Row], family: str, case: Case, device) -> List[str]:
     if cuda:
         headers.append(f"%{H100_BF16_PEAK_TFLOPS:.0f}")
         align += "r"
-    headers.append("xfloor")
-    headers.append(f"x{base_tag}")
-    align += "rr"
-    for p in peers:
-        headers.append("x" + PEER_SHORT.get(p.provider, p.provider))
+    # a ratio column only where its row was measured
+    ratio_to = [r for r in (floor, base) if r is not None] + peers
+    for ref in ratio_to:
+        if ref is floor:
+            headers.append("xfloor")
+        elif ref is base:
+            headers.append(f"x{base_tag}")
+        else:
+            headers.append("x" + PEER_SHORT.get(ref.provider, ref.provider))
         align += "r"
     headers += ["mem/[N,V]", "MiB"]
     align += "rr"
@@ -277,9 +293,7 @@ def family_table(rows: List[Row], family: str, case: Case, device) -> List[str]:
                  "-" if rate is None else f"{rate:.1f}"]
         if cuda:
             cells.append("-" if rate is None else f"{100 * rate / H100_BF16_PEAK_TFLOPS:.1f}")
-        cells.append(_ratio(r, floor))
-        cells.append(_ratio(r, base))
-        cells += [_ratio(r, p) for p in peers]
+        cells += [_ratio(r, ref) for ref in ratio_to]
         w = r.working
         cells += ["-" if w is None else f"{w:.3f}", "-" if w is None else f"{w * case.nv_bytes / 2**20:.0f}"]
         body.append(cells)
@@ -328,7 +342,7 @@ def report(rows: List[Row], cases: Sequence[Case], device, preset: str, repeats:
         b, t = case.seq
         out.append("")
         out.append(f"== N={case.n} tokens, H={case.h}, V={case.v}, {case.dtype}; GRPO: {b} sequences x {t} "
-                   f"tokens; one fp32 [N,V] buffer = {case.nv_bytes / 2**20:.0f} MiB ==")
+                   f"tokens; one fp32 [N,V] buffer = {case.nv_bytes / 2**20:.4g} MiB ==")
         for fam in FAMILIES:
             block = family_table(rows, fam, case, device)
             if block:
@@ -392,16 +406,28 @@ def write_plot(path: str, rows: List[Row], cases: Sequence[Case], sweep: bool, d
         fig, axes = plt.subplots(len(fams), 2, figsize=(13, 2.2 + 0.45 * len(rows)), squeeze=False)
         for ax_row, fam in zip(axes, fams):
             rs = [r for r in rows if r.ok and PROVIDERS[r.provider].family == fam and r.case == case]
-            labels = [_label(r, device) for r in rs]
-            ax_row[0].barh(labels, [r.time * unit for r in rs], color="tab:blue")
+            if fam == "clamped_entropy":  # next to the plain-entropy row it is compared with
+                rs = [r for r in [_find(rows, BASELINE[fam][0], case)] if r is not None] + rs
+            ys = list(range(len(rs)))
+            times = [r.time * unit for r in rs]
+            ax_row[0].barh(ys, times, color="tab:blue")
             ax_row[0].set_xlabel(f"fwd+bwd time ({tunit})")
-            mem = [(lab, r.working) for lab, r in zip(labels, rs) if r.working is not None]
+            mem = [(y, r.working) for y, r in zip(ys, rs) if r.working is not None]
             ax_row[1].barh([m[0] for m in mem], [m[1] for m in mem], color="tab:orange")
             ax_row[1].set_xlabel("working memory / one fp32 [N, V] buffer")
-            ax_row[1].set_yticklabels([])
+            for y, t in zip(ys, times):
+                ax_row[0].text(t, y, f" {t:.3g}", va="center", fontsize=8)
+            for y, m in mem:
+                ax_row[1].text(m, y, f" {m:.2g}", va="center", fontsize=8)
+            for y, r in zip(ys, rs):
+                if r.working is None:
+                    ax_row[1].text(0, y, " n/a", va="center", fontsize=8, color="gray")
+            ax_row[0].set_yticks(ys, [_label(r, device) for r in rs])
+            ax_row[1].set_yticks(ys, [""] * len(ys))
             ax_row[0].set_title(FAMILY_TITLES[fam].split(":")[0], loc="left", fontsize=10)
             for ax in ax_row:
-                ax.invert_yaxis()
+                ax.set_ylim(len(ys) - 0.5, -0.5)
+                ax.margins(x=0.15)
                 ax.grid(axis="x", alpha=0.3)
         fig.suptitle(f"N={case.n}, H={case.h}, V={case.v}, {case.dtype}", fontsize=10)
     else:
@@ -409,17 +435,19 @@ def write_plot(path: str, rows: List[Row], cases: Sequence[Case], sweep: bool, d
         for ax_row, fam in zip(axes, fams):
             names = [n for n in PROVIDERS if PROVIDERS[n].family == fam]
             for col, (axis, fixed) in enumerate((("n", "v"), ("v", "n"))):
-                for name in names:
+                for idx, name in enumerate(names):
+                    color = f"C{idx % 10}"  # one color per provider in both panels
                     pts = sorted((getattr(r.case, axis), r) for r in rows if r.ok and r.provider == name
                                  and getattr(r.case, fixed) == getattr(base, fixed))
                     if len(pts) < 1:
                         continue
                     xs = [x for x, _ in pts]
-                    ax_row[2 * col].plot(xs, [r.time * unit for _, r in pts], "o-", label=_label(pts[0][1], device))
+                    ax_row[2 * col].plot(xs, [r.time * unit for _, r in pts], "o-", color=color,
+                                         label=_label(pts[0][1], device))
                     mem = [(x, r.working) for x, r in pts if r.working is not None]
                     if mem:
                         ax_row[2 * col + 1].plot([m[0] for m in mem], [max(m[1], 1e-4) for m in mem], "o-",
-                                                 label=_label(pts[0][1], device))
+                                                 color=color)
                 ax_row[2 * col].set_xlabel(f"{axis.upper()} ({fixed.upper()}={getattr(base, fixed)})")
                 ax_row[2 * col + 1].set_xlabel(f"{axis.upper()} ({fixed.upper()}={getattr(base, fixed)})")
                 ax_row[2 * col].set_ylabel(f"time ({tunit})")
@@ -479,6 +507,7 @@ def build_parser(prog: str = "fused-entropy bench") -> argparse.ArgumentParser:
     ap.add_argument("--spawn", action="store_true",
                     help="start every CPU row with python -m instead of forking it from a server that "
                          "has imported the packages once (slower start, same measurement)")
+    ap.add_argument("--verbose", action="store_true", help="show the workers' stderr (tracebacks, warnings)")
     ap.add_argument("--list", action="store_true", help="list the providers and whether each can run here")
     return ap
 
@@ -508,7 +537,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         cases = [base]
     names = _select(args.providers, args.preset)
     t0 = time.perf_counter()
-    rows = run_rows(names, cases, device, args.repeats, args.timeout, spawn=args.spawn)
+    rows = run_rows(names, cases, device, args.repeats, args.timeout, spawn=args.spawn, verbose=args.verbose)
     lines = report(rows, cases, device, args.preset, args.repeats)
     lines += ["", f"total wall time {time.perf_counter() - t0:.0f} s"]
     if args.out:

@@ -116,7 +116,7 @@ def measure(name: str, case: Case, device: torch.device, repeats: int) -> dict:
     tiny.reset()
     del tiny
     run = p.build(case, device)
-    if p.full_warmup:
+    if p.full_warmup or device.type == "cuda":  # compilation, autotuning; a GPU step is cheap
         run.step()
     if device.type == "cuda":
         torch.cuda.synchronize()
