@@ -23,9 +23,9 @@ def order_key(z):
 
 
 @triton.jit
-def key_to_float(key, FLOAT: tl.constexpr):
-    """Inverse of ``order_key``."""
-    if FLOAT == tl.float64:
+def key_to_float(key):
+    """Inverse of ``order_key`` (uint32 keys give fp32, uint64 keys fp64)."""
+    if key.dtype == tl.uint64:
         bits = key ^ tl.where((key >> 63) != 0, 0x8000000000000000, 0xFFFFFFFFFFFFFFFF)
         z = bits.to(tl.float64, bitcast=True)
     else:
@@ -46,7 +46,7 @@ def radix_count(z, mask, hist_block, prefix, SHIFT: tl.constexpr, BITS: tl.const
     GEMM epilogue's register budget: the histogram has a row for every row of the last row block,
     and padded columns (z = -inf) are subtracted from the -inf bin by ``radix_select_kernel``.
     Several programs (vocabulary splits) add to the same row's bins; integer adds commute, so the
-    counts are exact and deterministic.
+    counts are exact and deterministic. Returns the keys.
     """
     key = order_key(z)
     offs = tl.arange(0, z.shape[0])[:, None] * NBINS + ((key >> SHIFT) & ((1 << BITS) - 1)).to(tl.int32)
@@ -55,3 +55,4 @@ def radix_count(z, mask, hist_block, prefix, SHIFT: tl.constexpr, BITS: tl.const
     else:
         hit = mask & ((key >> (SHIFT + BITS)) == prefix[:, None])
         tl.atomic_add(hist_block + offs, 1, mask=hit, sem="relaxed")
+    return key

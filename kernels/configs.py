@@ -171,7 +171,7 @@ def aot_specs():
     Attributes mark pointers 16-byte aligned and H / row strides divisible by 16, as the JIT
     specializes them at run time for ordinary tensors.
     """
-    from . import _online, linear_grad, linear_stats, logits_stats
+    from . import _online, linear_grad, linear_stats, logits_stats, topk
 
     out = []
     for dt in DTYPES:
@@ -256,5 +256,6 @@ def aot_specs():
             if not flags:
                 const.update(ent_ptr=None, m_ptr=None)
             out.append(("finish_stats", _online.finish_stats_kernel.fn, sig, const, c.num_warps, c.num_stages))
+        out.extend(topk.aot_specs(dt, get))
 
     return [AotSpec(name, fn, sig, const, _attrs(sig), nw, ns) for name, fn, sig, const, nw, ns in out]

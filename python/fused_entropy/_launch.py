@@ -25,6 +25,7 @@ from .kernels._online import finish_stats_kernel
 from .kernels.linear_grad import linear_grad_kernel
 from .kernels.linear_stats import linear_stats_kernel
 from .kernels.logits_stats import logits_grad_kernel, logits_stats_kernel
+from .kernels.topk import linear_radix_kernel, logits_radix_kernel, radix_select_kernel
 
 _DTYPE_KEY = {torch.bfloat16: "bf16", torch.float16: "fp16", torch.float32: "fp32", torch.float64: "fp64"}
 
@@ -125,6 +126,54 @@ def _radix_first(k: Optional[int], dtype: torch.dtype):
     return bits - first, first
 
 
+def _n_pad(vocab: int, block_v: int) -> int:
+    """Padded columns per row that the fused first radix pass counts (all in the last tile)."""
+    return triton.cdiv(vocab, block_v) * block_v - vocab
+
+
+def radix_gemm_passes(dtype: torch.dtype) -> int:
+    """GEMM passes of the linear forward with clamped entropy (1 without): the plain pass carries
+    the first radix digit, each further digit costs one recompute."""
+    return len(configs.RADIX_DIGITS[64 if dtype == torch.float64 else 32])
+
+
+def _clamped(radix_pass, targets, ignore_index: int, k: int, m, hist, split: int, n_pad: int):
+    """Top-k threshold by radix select (kernels/topk.py) after the fused first pass.
+
+    ``radix_pass(prefix, above, shift, bits)`` launches one counting pass over the logit tiles.
+    Returns (tau, tie_frac, lse_clamped, clamped_entropy), each [N].
+    """
+    n = targets.shape[0]
+    key_bits = 64 if m.dtype == torch.float64 else 32
+    digits = configs.RADIX_DIGITS[key_bits]
+    prefix = torch.zeros(n, device=m.device, dtype=torch.int64 if key_bits == 64 else torch.int32)
+    k_rem = torch.empty(n, device=m.device, dtype=torch.int32)
+    tau, frac, lse_c, ent_c = (torch.empty_like(m) for _ in range(4))
+    cfg = configs.get("radix_select", "fp64" if key_bits == 64 else "fp32")
+    # bin of the first digit where the padded columns' -inf keys were counted
+    neg_inf_key = (0x000FFFFFFFFFFFFF if key_bits == 64 else 0x007FFFFF)
+    pad_digit = neg_inf_key >> (key_bits - digits[0])
+    grid = (triton.cdiv(n, cfg.block_n),)
+
+    def select(first, above, bits):
+        last = above is not None
+        radix_select_kernel[grid](
+            hist, prefix, k_rem, m, above, targets,
+            tau if last else None, frac if last else None, lse_c if last else None, ent_c if last else None,
+            n, k, ignore_index, split, pad_digit, n_pad,
+            FIRST=first, BITS=bits, NBINS=configs.RADIX_NBINS, BLOCK_R=cfg.block_n, num_warps=cfg.num_warps,
+        )
+
+    select(True, None, digits[0])
+    shift = key_bits - digits[0]
+    for i, bits in enumerate(digits[1:], start=1):
+        shift -= bits
+        above = torch.empty(2, split, n, device=m.device, dtype=m.dtype) if i == len(digits) - 1 else None
+        radix_pass(prefix, above, shift, bits)
+        select(False, above, bits)
+    return tau, frac, lse_c, ent_c
+
+
 def linear_stats(x, weight, bias, targets, tf: LogitTransform, ignore_index: int, entropy: bool,
                  k: Optional[int]) -> RowStats:
     """x [N, H], weight [V, H], bias [V] | None, targets [N] int64 -> RowStats (see _types)."""
@@ -154,9 +203,19 @@ def linear_stats(x, weight, bias, targets, tf: LogitTransform, ignore_index: int
     lse, logp, ent, m = _finish(part, targets, ignore_index, entropy, k is not None)
     if k is None:
         return RowStats(lse, logp, ent)
-    from . import _launch_topk
 
-    clamped = _launch_topk.linear_clamped(x, weight, bias, targets, tf, ignore_index, k, m, hist)
+    def radix_pass(prefix, above, shift, bits):
+        linear_radix_kernel[(n_blocks, split)](
+            x, weight, bias, prefix, m, hist, above,
+            n, vocab, h, x.stride(0), weight.stride(0),
+            tf.logit_scale, tf.softcap or 0.0, tf.inv_temperature, per,
+            SHIFT=shift, BITS=bits, NBINS=configs.RADIX_NBINS,
+            BLOCK_N=cfg.block_n, BLOCK_V=cfg.block_v, BLOCK_H=cfg.block_h,
+            UPCAST=_upcast(x.dtype), DOT_PRECISION=_dot_precision(x.dtype),
+            num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+        )
+
+    clamped = _clamped(radix_pass, targets, ignore_index, k, m, hist, split, _n_pad(vocab, cfg.block_v))
     return RowStats(lse, logp, ent, *clamped)
 
 
@@ -185,9 +244,16 @@ def logits_stats(logits, targets, tf: LogitTransform, ignore_index: int, entropy
     lse, logp, ent, m = _finish(part, targets, ignore_index, entropy, k is not None)
     if k is None:
         return RowStats(lse, logp, ent)
-    from . import _launch_topk
 
-    clamped = _launch_topk.logits_clamped(logits, targets, tf, ignore_index, k, m, hist)
+    def radix_pass(prefix, above, shift, bits):
+        logits_radix_kernel[(n_blocks, split)](
+            logits, prefix, m, hist, above, n, vocab, logits.stride(0),
+            tf.logit_scale, tf.softcap or 0.0, tf.inv_temperature, per,
+            SHIFT=shift, BITS=bits, NBINS=configs.RADIX_NBINS,
+            BLOCK_N=cfg.block_n, BLOCK_V=cfg.block_v, num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+        )
+
+    clamped = _clamped(radix_pass, targets, ignore_index, k, m, hist, split, _n_pad(vocab, cfg.block_v))
     return RowStats(lse, logp, ent, *clamped)
 
 

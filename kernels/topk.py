@@ -1,0 +1,275 @@
+"""Exact top-k threshold and clamped entropy (MATH.md section 3) by radix select over recomputed tiles.
+
+For each row, ``tau`` is the k-th largest transformed logit, found digit by digit (most significant
+first) on order-preserving integer keys (``_radix.py``); digits for fp32 keys are 11 + 11 + 10 bits
+(fp64: 11 x 4 + 10 x 2). Pass 1 is fused into the forward stats kernel (``linear_stats.py`` /
+``logits_stats.py`` with ``hist_ptr``): it counts the first digit of every logit into a per-row
+``[N, 2048]`` int32 histogram. After each pass ``radix_select_kernel`` picks, per row, the digit
+bin that holds the k-th largest key and narrows the prefix; the next pass (``linear_radix_kernel``
+or ``logits_radix_kernel``) recomputes the logit tiles and counts the next digit of the logits that
+share the prefix. The last pass also sums, relative to the row max m,
+
+    s_above = sum_{z above the final bin range} e^(z - m),  t_above = sum (z - m) e^(z - m)
+
+and the last select resolves every bin of the final digit to one exact float, so
+
+    tau          = the k-th largest z                  (exact; -0.0 and +0.0 are one value)
+    tie_frac     = (k - #{z > tau}) / #{z == tau}
+    s_S          = s_above + sum_{bins above tau} count e^(v - m) + (k - #{z > tau}) e^(tau - m)
+    lse_clamped  = m + log s_S,   H~ = log s_S - t_S / s_S      (t_S likewise, shifted by m)
+
+exactly as the torch backend defines them, for every k in [1, V], any ties, and -inf logits.
+
+Cost (linear head): 3 GEMM passes for the forward of fp16/bf16/fp32 inputs (the plain forward pass
+plus 2 radix passes; 6 for fp64), i.e. +2 GEMM passes over plain entropy; the backward is unchanged
+(4 GEMM-equivalents in all with the recompute), the tie weights come from (tau, tie_frac). Memory:
+the histogram, 8 KiB per row, plus O(N) row state. No ``[N, V]`` buffer. The logits entry point
+reads the logits 3 times instead of once.
+"""
+import triton
+import triton.language as tl
+
+from ._radix import key_to_float, radix_count
+from .linear_stats import linear_logit_tile
+from .logits_stats import logits_tile
+
+
+@triton.jit
+def radix_tile(z, mask, hist_block, prefix, m0, s_a, t_a,
+               SHIFT: tl.constexpr, BITS: tl.constexpr, NBINS: tl.constexpr, LAST: tl.constexpr):
+    """One tile of a radix pass after the first; on the last pass also the sums over logits whose
+    key is above the prefix range (they are in S for sure)."""
+    key = radix_count(z, mask, hist_block, prefix, SHIFT, BITS, NBINS, False)
+    if LAST:
+        above = mask & ((key >> BITS) > prefix[:, None])
+        d = z - m0[:, None]
+        e = tl.where(above, tl.exp(d), 0.0)
+        s_a += tl.sum(e, axis=1)
+        t_a += tl.sum(tl.where(e > 0.0, d * e, 0.0), axis=1)
+    return s_a, t_a
+
+
+@triton.jit
+def _load_prefix(prefix_ptr, offs_n, mask_n):
+    p = tl.load(prefix_ptr + offs_n, mask=mask_n, other=0)
+    if prefix_ptr.dtype.element_ty == tl.int64:
+        p = p.to(tl.uint64, bitcast=True)
+    else:
+        p = p.to(tl.uint32, bitcast=True)
+    return p
+
+
+@triton.heuristics(
+    {
+        "HAS_BIAS": lambda a: a["b_ptr"] is not None,
+        "HAS_SOFTCAP": lambda a: a["softcap"] > 0,
+        "LAST": lambda a: a["above_ptr"] is not None,
+    }
+)
+@triton.jit
+def linear_radix_kernel(
+    x_ptr, w_ptr, b_ptr, prefix_ptr, m_ptr, hist_ptr, above_ptr,
+    N, V, H, stride_x, stride_w, logit_scale, softcap, inv_temperature, tiles_per_split,
+    HAS_BIAS: tl.constexpr, HAS_SOFTCAP: tl.constexpr, LAST: tl.constexpr,
+    SHIFT: tl.constexpr, BITS: tl.constexpr, NBINS: tl.constexpr,
+    BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_H: tl.constexpr,
+    UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr,
+):
+    """One radix pass over recomputed GEMM tiles: grid (cdiv(N, BLOCK_N), SPLIT) like the forward.
+
+    prefix [N] (int32/int64 holding the key bits chosen so far), m [N] row max, hist [*, NBINS]
+    int32 (zeroed), above [2, SPLIT, N] (s_above, t_above) on the last pass.
+    """
+    pid_n = tl.program_id(0)
+    pid_s = tl.program_id(1)
+    offs_n = pid_n.to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N)
+    mask_n = offs_n < N
+    prefix = _load_prefix(prefix_ptr, offs_n, mask_n)
+    m = tl.load(m_ptr + offs_n, mask=mask_n, other=0.0)
+    m0 = tl.where(m == float("-inf"), 0.0, m)
+    s_a = tl.zeros_like(m0)
+    t_a = tl.zeros_like(m0)
+    hist_block = hist_ptr + pid_n.to(tl.int64) * BLOCK_N * NBINS
+    v_start = pid_s.to(tl.int64) * tiles_per_split * BLOCK_V
+    v_stop = tl.minimum(v_start + tiles_per_split * BLOCK_V, V)
+    for v0 in range(v_start, v_stop, BLOCK_V):
+        offs_v = v0 + tl.arange(0, BLOCK_V)
+        mask_v = offs_v < V
+        z = linear_logit_tile(
+            x_ptr, w_ptr, b_ptr, offs_n, offs_v, mask_n, mask_v, H, stride_x, stride_w,
+            logit_scale, softcap, inv_temperature, HAS_BIAS, HAS_SOFTCAP,
+            BLOCK_N, BLOCK_V, BLOCK_H, UPCAST, DOT_PRECISION,
+        )
+        s_a, t_a = radix_tile(z, mask_n[:, None] & mask_v[None, :], hist_block, prefix, m0, s_a, t_a,
+                              SHIFT, BITS, NBINS, LAST)
+    if LAST:
+        out = above_ptr + pid_s.to(tl.int64) * N + offs_n
+        tl.store(out, s_a, mask=mask_n)
+        tl.store(out + tl.num_programs(1).to(tl.int64) * N, t_a, mask=mask_n)
+
+
+@triton.heuristics(
+    {
+        "HAS_SOFTCAP": lambda a: a["softcap"] > 0,
+        "LAST": lambda a: a["above_ptr"] is not None,
+    }
+)
+@triton.jit
+def logits_radix_kernel(
+    l_ptr, prefix_ptr, m_ptr, hist_ptr, above_ptr,
+    N, V, stride_l, logit_scale, softcap, inv_temperature, tiles_per_split,
+    HAS_SOFTCAP: tl.constexpr, LAST: tl.constexpr,
+    SHIFT: tl.constexpr, BITS: tl.constexpr, NBINS: tl.constexpr,
+    BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr,
+):
+    """``linear_radix_kernel`` for logits in memory."""
+    pid_n = tl.program_id(0)
+    pid_s = tl.program_id(1)
+    offs_n = pid_n.to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N)
+    mask_n = offs_n < N
+    prefix = _load_prefix(prefix_ptr, offs_n, mask_n)
+    m = tl.load(m_ptr + offs_n, mask=mask_n, other=0.0)
+    m0 = tl.where(m == float("-inf"), 0.0, m)
+    s_a = tl.zeros_like(m0)
+    t_a = tl.zeros_like(m0)
+    hist_block = hist_ptr + pid_n.to(tl.int64) * BLOCK_N * NBINS
+    v_start = pid_s.to(tl.int64) * tiles_per_split * BLOCK_V
+    v_stop = tl.minimum(v_start + tiles_per_split * BLOCK_V, V)
+    for v0 in range(v_start, v_stop, BLOCK_V):
+        offs_v = v0 + tl.arange(0, BLOCK_V)
+        mask_v = offs_v < V
+        z = logits_tile(l_ptr, offs_n, offs_v, mask_n, mask_v, stride_l, logit_scale, softcap, inv_temperature, HAS_SOFTCAP)
+        s_a, t_a = radix_tile(z, mask_n[:, None] & mask_v[None, :], hist_block, prefix, m0, s_a, t_a,
+                              SHIFT, BITS, NBINS, LAST)
+    if LAST:
+        out = above_ptr + pid_s.to(tl.int64) * N + offs_n
+        tl.store(out, s_a, mask=mask_n)
+        tl.store(out + tl.num_programs(1).to(tl.int64) * N, t_a, mask=mask_n)
+
+
+@triton.heuristics({"LAST": lambda a: a["above_ptr"] is not None})
+@triton.jit
+def radix_select_kernel(
+    hist_ptr, prefix_ptr, krem_ptr, m_ptr, above_ptr, y_ptr,
+    tau_ptr, frac_ptr, lse_c_ptr, ent_c_ptr,
+    N, k, ignore_index, n_split, pad_digit, n_pad,
+    FIRST: tl.constexpr, LAST: tl.constexpr, BITS: tl.constexpr, NBINS: tl.constexpr, BLOCK_R: tl.constexpr,
+):
+    """After a radix pass: per row, the bin of the k-th largest key among those sharing the prefix.
+
+    With c_j the count of bin j and k' the rank still to find (k on the first pass), the chosen
+    bin d satisfies sum_{j>d} c_j < k' <= sum_{j>=d} c_j; then prefix <- prefix * 2^BITS + d and
+    k' <- k' - sum_{j>d} c_j. The histogram rows are zeroed for the next pass. On the first pass
+    the ``n_pad`` padded columns counted in bin ``pad_digit`` (their key is -inf's) are removed.
+    The last pass writes tau, tie_frac, lse_clamped and the clamped entropy (0 on ignored rows).
+    """
+    offs_r = tl.program_id(0).to(tl.int64) * BLOCK_R + tl.arange(0, BLOCK_R)
+    mask_r = offs_r < N
+    bins = tl.arange(0, NBINS)
+    used = bins < (1 << BITS)
+    h_ptrs = hist_ptr + offs_r[:, None] * NBINS + bins[None, :]
+    h_mask = mask_r[:, None] & used[None, :]
+    hist = tl.load(h_ptrs, mask=h_mask, other=0)
+    tl.store(h_ptrs, tl.zeros_like(hist), mask=h_mask)
+    if FIRST:
+        hist -= tl.where(bins[None, :] == pad_digit, n_pad, 0)
+        k_rem = tl.zeros([BLOCK_R], dtype=tl.int32) + k
+        if m_ptr.dtype.element_ty == tl.float64:
+            prefix = tl.zeros([BLOCK_R], dtype=tl.uint64)
+        else:
+            prefix = tl.zeros([BLOCK_R], dtype=tl.uint32)
+    else:
+        k_rem = tl.load(krem_ptr + offs_r, mask=mask_r, other=1)
+        prefix = _load_prefix(prefix_ptr, offs_r, mask_r)
+    incl = tl.cumsum(hist, axis=1, reverse=True)  # count of keys in bins >= j
+    d = tl.sum((incl >= k_rem[:, None]).to(tl.int32), axis=1) - 1
+    at_d = bins[None, :] == d[:, None]
+    above_d = tl.sum(tl.where(at_d, incl - hist, 0), axis=1)
+    n_eq_d = tl.sum(tl.where(at_d, hist, 0), axis=1)
+    old_prefix = prefix
+    prefix = (prefix << BITS) | d.to(prefix.dtype)
+    k_rem = k_rem - above_d
+    if not LAST:
+        tl.store(krem_ptr + offs_r, k_rem, mask=mask_r)
+        tl.store(prefix_ptr + offs_r, prefix.to(prefix_ptr.dtype.element_ty, bitcast=True), mask=mask_r)
+    else:
+        tau = key_to_float(prefix)
+        m = tl.load(m_ptr + offs_r, mask=mask_r, other=0.0)
+        m0 = tl.where(m == float("-inf"), 0.0, m)
+        s_c = tl.zeros_like(m0)
+        t_c = tl.zeros_like(m0)
+        p = above_ptr + offs_r
+        plane = n_split.to(tl.int64) * N
+        for _ in range(0, n_split):
+            s_c += tl.load(p, mask=mask_r, other=0.0)
+            t_c += tl.load(p + plane, mask=mask_r, other=0.0)
+            p += N
+        # bins of the final digit above d: each is one exact value v
+        vals = key_to_float((old_prefix[:, None] << BITS) | bins[None, :].to(prefix.dtype))
+        take = (bins[None, :] > d[:, None]) & (hist > 0)  # empty bins may decode to NaN patterns
+        dv = tl.where(take, vals - m0[:, None], 0.0)
+        e = tl.where(take, tl.exp(dv), 0.0)
+        cnt = hist.to(m0.dtype)
+        s_c += tl.sum(cnt * e, axis=1)
+        t_c += tl.sum(tl.where(e > 0.0, cnt * dv * e, 0.0), axis=1)
+        # the k - #{z > tau} members of S that equal tau
+        n_tie = k_rem.to(m0.dtype)
+        dt = tau - m0
+        e_t = tl.exp(dt)
+        s_c += n_tie * e_t
+        t_c += tl.where(e_t > 0.0, n_tie * dt * e_t, 0.0)
+        log_s = tl.log(s_c)
+        lse_c = m0 + log_s
+        ent_c = tl.where(s_c > 0.0, log_s - t_c / s_c, 0.0)
+        y = tl.load(y_ptr + offs_r, mask=mask_r, other=ignore_index)
+        tl.store(tau_ptr + offs_r, tau, mask=mask_r)
+        tl.store(frac_ptr + offs_r, n_tie / n_eq_d.to(m0.dtype), mask=mask_r)
+        tl.store(lse_c_ptr + offs_r, lse_c, mask=mask_r)
+        tl.store(ent_c_ptr + offs_r, tl.where(y != ignore_index, ent_c, 0.0), mask=mask_r)
+
+
+def aot_specs(dt: str, get):
+    """Shipped builds of this module's kernels for input dtype ``dt`` (see ``configs.aot_specs``):
+    (name, fn, signature, constexprs, num_warps, num_stages) tuples."""
+    from .configs import RADIX_DIGITS, RADIX_NBINS
+
+    ptr = {"bf16": "*bf16", "fp16": "*fp16", "fp32": "*fp32", "fp64": "*fp64"}[dt]
+    acc = "*fp64" if dt == "fp64" else "*fp32"
+    pre = "*i64" if dt == "fp64" else "*i32"
+    digits = RADIX_DIGITS[64 if dt == "fp64" else 32]
+    out = []
+    for last in (False, True):
+        bits = digits[-1] if last else digits[1]
+        shift = 0 if last else sum(digits[2:])
+        opt = acc if last else "constexpr"
+        c = get("linear_radix", dt)
+        sig = {"x_ptr": ptr, "w_ptr": ptr, "b_ptr": ptr, "prefix_ptr": pre, "m_ptr": acc, "hist_ptr": "*i32",
+               "above_ptr": opt, "N": "i32", "V": "i32", "H": "i32", "stride_x": "i32", "stride_w": "i32",
+               "logit_scale": "fp32", "softcap": "fp32", "inv_temperature": "fp32", "tiles_per_split": "i32"}
+        const = {"HAS_BIAS": True, "HAS_SOFTCAP": True, "LAST": last, "SHIFT": shift, "BITS": bits,
+                 "NBINS": RADIX_NBINS, "BLOCK_N": c.block_n, "BLOCK_V": c.block_v, "BLOCK_H": c.block_h,
+                 "UPCAST": False, "DOT_PRECISION": "ieee"}
+        if not last:
+            const["above_ptr"] = None
+        out.append(("linear_radix", linear_radix_kernel.fn, sig, const, c.num_warps, c.num_stages))
+        c = get("logits_radix", dt)
+        sig = {"l_ptr": ptr, "prefix_ptr": pre, "m_ptr": acc, "hist_ptr": "*i32", "above_ptr": opt,
+               "N": "i32", "V": "i32", "stride_l": "i32", "logit_scale": "fp32", "softcap": "fp32",
+               "inv_temperature": "fp32", "tiles_per_split": "i32"}
+        const = {"HAS_SOFTCAP": False, "LAST": last, "SHIFT": shift, "BITS": bits, "NBINS": RADIX_NBINS,
+                 "BLOCK_N": c.block_n, "BLOCK_V": c.block_v}
+        if not last:
+            const["above_ptr"] = None
+        out.append(("logits_radix", logits_radix_kernel.fn, sig, const, c.num_warps, c.num_stages))
+    c = get("radix_select", dt)
+    for first, last in ((True, False), (False, False), (False, True)):
+        opt = acc if last else "constexpr"
+        sig = {"hist_ptr": "*i32", "prefix_ptr": pre, "krem_ptr": "*i32", "m_ptr": acc, "above_ptr": opt,
+               "y_ptr": "*i64", "tau_ptr": opt, "frac_ptr": opt, "lse_c_ptr": opt, "ent_c_ptr": opt,
+               "N": "i32", "k": "i32", "ignore_index": "i32", "n_split": "i32", "pad_digit": "i32", "n_pad": "i32"}
+        const = {"FIRST": first, "LAST": last, "BITS": digits[0] if first else digits[-1] if last else digits[1],
+                 "NBINS": RADIX_NBINS, "BLOCK_R": c.block_n}
+        if not last:
+            const.update({k: None for k, v in sig.items() if v == "constexpr"})
+        out.append(("radix_select", radix_select_kernel.fn, sig, const, c.num_warps, c.num_stages))
+    return out
