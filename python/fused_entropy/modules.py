@@ -488,10 +488,20 @@ class LinearGRPOLoss(nn.Module):
         vocab = w.shape[0]
         n = bsz * seqlen
         cdt = torch.float64 if x.dtype == torch.float64 else torch.float32
+        flat_targets = targets.reshape(n)
+        # Token-level objectives only need the rows inside the mask: gather them, so padding costs
+        # no matrix product. Sequence-level ones keep the [B*T] layout and chunk by whole sequences;
+        # luspo (Liger) has no masked rows to skip.
+        rows_in = None
+        if not whole_sequences and self.loss_type != "luspo":
+            keep = flat_targets != _IGNORE
+            if not bool(keep.all()):
+                rows_in = keep.nonzero().squeeze(1)
+        n_rows = n if rows_in is None else rows_in.numel()
         step = self.rows_per_chunk or max(1, SINGLE_PASS_ELEMENTS // vocab)
         if whole_sequences:
             step = seqlen * max(1, step // max(seqlen, 1))
-        step = max(1, min(step, n)) if n > 0 else 1
+        step = max(1, min(step, n_rows)) if n_rows > 0 else 1
         norms = G.grpo_normalizers(
             mask, loss_type=self.loss_type, max_completion_length=self.max_completion_length,
             num_items_in_batch=num_items_in_batch, luspo_normalization="liger", dtype=cdt,
@@ -512,11 +522,17 @@ class LinearGRPOLoss(nn.Module):
             return t[b0:b1]
 
         def grad_fn(sl, logp_c, ent_c, cl_c):
-            lp_full.view(-1)[sl] = logp_c
-            ent_full.view(-1)[sl] = ent_c
+            # flat [B*T] positions of the chunk's rows: a slice, or the gathered mask positions
+            if rows_in is None:
+                flat, first, last = sl, sl.start, sl.stop - 1
+            else:
+                flat = rows_in[sl]
+                first, last = int(flat[0]), int(flat[-1])
+            lp_full.view(-1)[flat] = logp_c
+            ent_full.view(-1)[flat] = ent_c
             if has_k:
-                cl_full.view(-1)[sl] = cl_c
-            b0, b1 = sl.start // seqlen, -(-sl.stop // seqlen)
+                cl_full.view(-1)[flat] = cl_c
+            b0, b1 = first // seqlen, last // seqlen + 1
             # Rows b0..b1 hold every token of the chunk. For token-level objectives a token's gradient
             # depends only on its own values and the mask-derived weights, so the entries of those rows
             # outside the chunk (not computed yet, or already done) only produce gradients we drop.
@@ -531,18 +547,25 @@ class LinearGRPOLoss(nn.Module):
             _, _, g_lp, g_ent, g_cl = G.grpo_loss_and_grads(
                 lp_rows, advantages[b0:b1], mask[b0:b1], entropy=ent_arg, clamped_entropy=cl_arg, **kwc
             )
-            off = sl.start - b0 * seqlen
-            cnt = sl.stop - sl.start
-            take = lambda g: None if g is None else g.reshape(-1)[off: off + cnt]  # noqa: E731
+            if rows_in is None:
+                at = slice(sl.start - b0 * seqlen, sl.stop - b0 * seqlen)
+            else:
+                at = flat - b0 * seqlen
+            take = lambda g: None if g is None else g.reshape(-1)[at]  # noqa: E731
             return take(g_lp), take(g_ent), take(g_cl)
 
         def sweep():
-            x2 = x.reshape(n, hidden).contiguous()
-            y = targets.reshape(n).contiguous()
+            x2 = x.reshape(n, hidden)
+            y = flat_targets
+            if rows_in is not None:
+                x2, y = x2.index_select(0, rows_in), y.index_select(0, rows_in)
             _, gx, gw, gb = be.linear_forward_backward(
-                x2, w.contiguous(), None if bias is None else bias.contiguous(), y, tf, _IGNORE, True, k,
-                grad_fn, rows_per_chunk=step,
+                x2.contiguous(), w.contiguous(), None if bias is None else bias.contiguous(), y.contiguous(), tf,
+                _IGNORE, True, k, grad_fn, rows_per_chunk=step,
             )
+            if rows_in is not None:
+                # rows outside the mask have exactly zero gradient
+                gx = torch.zeros((n, hidden), dtype=gx.dtype, device=gx.device).index_copy_(0, rows_in, gx)
             # Loss and metrics of the whole batch from the per-token statistics (O(N) work); the
             # controller, if any, observes here once per call.
             fkw = dict(kw, normalizers=norms)
