@@ -12,6 +12,7 @@ Rows whose target equals ``ignore_index`` give 0 and get no gradient.
 """
 from __future__ import annotations
 
+import sys
 from typing import Optional
 
 import torch
@@ -38,39 +39,8 @@ def _check_transform(temperature, softcap, logit_scale) -> LogitTransform:
     return LogitTransform(float(temperature), None if softcap is None else float(softcap), float(logit_scale))
 
 
-def linear_logprobs(
-    hidden: torch.Tensor,
-    weight: torch.Tensor,
-    targets: torch.Tensor,
-    *,
-    bias: Optional[torch.Tensor] = None,
-    temperature: float = 1.0,
-    softcap: Optional[float] = None,
-    logit_scale: float = 1.0,
-    ignore_index: int = -100,
-    entropy: bool = True,
-    topk: Optional[int] = None,
-    clamp_p: Optional[float] = None,
-    backend: str = "auto",
-) -> TokenStats:
-    """Fused LM head + log-softmax: per-token log-prob, entropy and clamped entropy.
-
-    Args:
-        hidden: ``[..., H]`` hidden states (fp16, bf16, fp32 or fp64).
-        weight: ``[V, H]`` LM-head weight, same dtype and device as ``hidden``.
-        targets: ``[...]`` integer token ids in ``[0, V)`` or ``ignore_index``.
-        bias: optional ``[V]``.
-        temperature, softcap, logit_scale: the logit transform above (runtime scalars).
-        entropy: also return the full entropy ``H``.
-        topk / clamp_p: also return the clamped entropy over the ``topk`` largest logits, or over
-            all but the ``floor(clamp_p * V)`` lowest (AEnt). At most one of them.
-        backend: ``"auto"`` (triton on CUDA, torch elsewhere), ``"torch"`` or ``"triton"``.
-
-    Returns:
-        ``TokenStats(logprobs, entropy, clamped_entropy)``: fp32 (fp64 for fp64 inputs) tensors of
-        shape ``targets.shape``, differentiable w.r.t. ``hidden``, ``weight`` and ``bias``.
-        Working memory is ``O(N)`` statistics plus bounded tiles; no ``[N, V]`` buffer.
-    """
+def _check_linear(hidden, weight, targets, bias, temperature, softcap, logit_scale, ignore_index):
+    """Checks of one rank's arguments that need no other rank; returns ``(V, H, LogitTransform)``."""
     V.check_tensor("hidden", hidden, floating=True)
     V.check_tensor("weight", weight, floating=True)
     V.check_tensor("targets", targets, integer=True)
@@ -93,10 +63,106 @@ def linear_logprobs(
         raise TypeError(f"bias dtype {bias.dtype} does not match hidden dtype {hidden.dtype}")
     if vocab == 0:
         raise ValueError("weight must have at least one vocabulary row (V >= 1)")
+    if ignore_index is not None and (isinstance(ignore_index, bool) or not isinstance(ignore_index, int)):
+        raise TypeError(f"ignore_index must be an int or None, got {type(ignore_index).__name__}")
     V.check_same_device(hidden=hidden, weight=weight, targets=targets, bias=bias)
-    tf = _check_transform(temperature, softcap, logit_scale)
+    return vocab, h, _check_transform(temperature, softcap, logit_scale)
+
+
+def _check_vocab_size(vocab_size) -> None:
+    if vocab_size is not None and (isinstance(vocab_size, bool) or not isinstance(vocab_size, int) or vocab_size < 1):
+        raise ValueError(f"vocab_size must be a positive int or None, got {vocab_size!r}")
+
+
+def _check_hidden_grad(hidden_grad) -> None:
+    from ._distributed import HIDDEN_GRADS
+
+    if hidden_grad not in HIDDEN_GRADS:
+        raise ValueError(f"hidden_grad must be one of {HIDDEN_GRADS}, got {hidden_grad!r}")
+
+
+# Stands in for ignore_index=None inside the backends: every target is then checked to be in [0, V).
+_NO_IGNORE = -100
+
+
+def linear_logprobs(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    targets: torch.Tensor,
+    *,
+    bias: Optional[torch.Tensor] = None,
+    temperature: float = 1.0,
+    softcap: Optional[float] = None,
+    logit_scale: float = 1.0,
+    ignore_index: Optional[int] = -100,
+    entropy: bool = True,
+    topk: Optional[int] = None,
+    clamp_p: Optional[float] = None,
+    backend: str = "auto",
+    process_group=None,
+    vocab_size: Optional[int] = None,
+    hidden_grad: str = "full",
+) -> TokenStats:
+    """Fused LM head + log-softmax: per-token log-prob, entropy and clamped entropy.
+
+    Args:
+        hidden: ``[..., H]`` hidden states (fp16, bf16, fp32 or fp64).
+        weight: ``[V, H]`` LM-head weight, same dtype and device as ``hidden``; with
+            ``process_group``, this rank's contiguous vocabulary shard ``[V_r, H]``.
+        targets: ``[...]`` integer token ids in ``[0, V)`` or ``ignore_index`` (global ids with
+            ``process_group``).
+        bias: optional ``[V]`` (``[V_r]``, this rank's shard, with ``process_group``).
+        temperature, softcap, logit_scale: the logit transform above (runtime scalars).
+        ignore_index: target value of rows to skip; None: no row is skipped (every target must be
+            a vocabulary id).
+        entropy: also return the full entropy ``H``.
+        topk / clamp_p: also return the clamped entropy over the ``topk`` largest logits, or over
+            all but the ``floor(clamp_p * V)`` lowest (AEnt). At most one of them. ``V`` is the
+            global vocabulary with ``process_group``.
+        backend: ``"auto"`` (triton on CUDA, torch elsewhere), ``"torch"`` or ``"triton"``.
+        process_group: a ``torch.distributed`` group over which the vocabulary is split (tensor
+            parallelism of the LM head), or None. Every rank of the group calls this function with
+            the same ``hidden`` and ``targets`` and its own shard; rank ``r`` holds vocabulary rows
+            ``[o_r, o_r + V_r)`` with ``o_r`` the sum of the lower ranks' ``V_r`` (shards may differ
+            in size). The outputs are the exact global values on every rank. In backward each
+            rank gets the gradient of its own weight (and bias) shard and, with
+            ``hidden_grad="full"``, the FULL hidden gradient (all-reduced over the group inside the
+            autograd function); ``hidden_grad="partial"`` returns only this rank's share (the sum
+            over the group is the full gradient) for frameworks whose tensor-parallel region op
+            already sums it (Megatron's ``copy_to_tensor_model_parallel_region``). Collectives per
+            call: 1 small ``all_gather`` that checks the inputs on all ranks together (bad input
+            raises on every rank), 1 ``all_gather`` of ``[2-3, N]`` row statistics, with clamped
+            entropy 4 ``all_reduce`` (7 for fp64 inputs) of ``[N, 2048]`` digit histograms and
+            ``[2, N]`` sums for the exact global top-k (see ``fused_entropy._distributed``), and in
+            backward 1 ``all_reduce`` of ``[N, H]`` (0 with ``"partial"``). Clamped entropy with
+            ``process_group`` runs on the torch backend (``"auto"`` picks it); the Triton backend
+            cannot take it yet.
+        vocab_size: the global vocabulary size, checked against ``V`` (the sum of the shard sizes
+            with ``process_group``); None: not checked.
+        hidden_grad: ``"full"`` or ``"partial"`` (only differs with ``process_group``).
+
+    Returns:
+        ``TokenStats(logprobs, entropy, clamped_entropy)``: fp32 (fp64 for fp64 inputs) tensors of
+        shape ``targets.shape``, differentiable w.r.t. ``hidden``, ``weight`` and ``bias``.
+        Working memory is ``O(N)`` statistics plus bounded tiles; no ``[N, V]`` buffer.
+    """
+    if process_group is not None:
+        return _linear_logprobs_vocab_parallel(
+            hidden, weight, targets, bias, temperature, softcap, logit_scale, ignore_index, entropy, topk,
+            clamp_p, backend, process_group, vocab_size, hidden_grad,
+        )
+    vocab, h, tf = _check_linear(hidden, weight, targets, bias, temperature, softcap, logit_scale, ignore_index)
+    _check_vocab_size(vocab_size)
+    _check_hidden_grad(hidden_grad)
+    if vocab_size is not None and vocab_size != vocab:
+        raise ValueError(f"vocab_size={vocab_size} but weight has V={vocab} rows (shape {tuple(weight.shape)})")
     k = V.resolve_k(topk, clamp_p, vocab)
     be = get_backend(backend, hidden.device)
+    if ignore_index is None:
+        if targets.numel() and bool(((targets < 0) | (targets >= vocab)).any()):
+            bad = targets[(targets < 0) | (targets >= vocab)].reshape(-1)[0].item()
+            raise ValueError(f"targets must be in [0, {vocab}) (ignore_index=None: no row is skipped); found {bad}")
+        ignore_index = _NO_IGNORE
     V.check_targets_range(targets, vocab, ignore_index)
 
     lead = targets.shape
@@ -106,6 +172,50 @@ def linear_logprobs(
         x, weight.contiguous(), None if bias is None else bias.contiguous(), y, tf, int(ignore_index), bool(entropy), k, be
     )
     return _finish(outs, lead, bool(entropy), k is not None)
+
+
+def _linear_logprobs_vocab_parallel(hidden, weight, targets, bias, temperature, softcap, logit_scale, ignore_index,
+                                    entropy, topk, clamp_p, backend, group, vocab_size, hidden_grad) -> TokenStats:
+    """``linear_logprobs`` over a vocabulary split across ``group`` (see ``_distributed.py``).
+
+    Every check whose failure could differ between ranks goes through one collective, so that either
+    every rank raises or none does (a rank that raised alone would leave the others waiting).
+    """
+    from . import _distributed as D
+
+    D.check_group(group)
+    err, tf, be, be_name, device = None, None, None, "torch", None
+    try:
+        _, h, tf = _check_linear(hidden, weight, targets, bias, temperature, softcap, logit_scale, ignore_index)
+        device = hidden.device
+        V.resolve_k(topk, clamp_p, sys.maxsize)  # types and ranges; k <= V is checked against the global V
+        _check_vocab_size(vocab_size)
+        _check_hidden_grad(hidden_grad)
+        be_name = backend
+        if backend == "auto":
+            # the Triton backend has no vocabulary-parallel top-k select: auto falls back to torch
+            be_name = "triton" if device.type == "cuda" and topk is None and clamp_p is None else "torch"
+        be = get_backend(be_name, device)
+        if be_name == "triton" and (topk is not None or clamp_p is not None):
+            raise ValueError(
+                "process_group with a clamped entropy (topk/clamp_p) needs backend='torch' or 'auto': the Triton "
+                "backend cannot yet count its logits into the all-reduced digit histograms of the global top-k select"
+            )
+    except (TypeError, ValueError) as e:
+        err = e
+    grad_x = torch.is_grad_enabled() and isinstance(hidden, torch.Tensor) and hidden.requires_grad
+    layout = D.agree(group, err, weight=weight, hidden=hidden, targets=targets, bias=bias, tf=tf,
+                     ignore_index=ignore_index, entropy=entropy, topk=topk, clamp_p=clamp_p, vocab_size=vocab_size,
+                     backend_name=be_name, hidden_grad=hidden_grad, grad_x=grad_x, device=device)
+    lead = targets.shape
+    x = hidden.reshape(-1, h).contiguous()
+    y = targets.reshape(-1).long().contiguous()
+    ig = _NO_IGNORE if ignore_index is None else int(ignore_index)
+    outs = D.VocabParallelLinearLogprobsFunction.apply(
+        x, weight.contiguous(), None if bias is None else bias.contiguous(), y, tf, ig, bool(entropy), layout, be,
+        group, hidden_grad == "full",
+    )
+    return _finish(outs, lead, bool(entropy), layout.k is not None)
 
 
 def logprobs_from_logits(

@@ -99,6 +99,11 @@ def _chain_transform_(dz: torch.Tensor, factor: Optional[torch.Tensor], tf: Logi
     return dz
 
 
+def _in_block(y: torch.Tensor, valid: torch.Tensor, vocab: int) -> torch.Tensor:
+    """Rows whose target is a column of this block (not ignored, and in [0, V))."""
+    return valid & (y >= 0) & (y < vocab)
+
+
 def _threshold(z: torch.Tensor, k: int):
     """tau = k-th largest entry of each row, and the weight of each entry equal to tau."""
     # Row by row: kthvalue copies its input (values + int64 indices); on a whole block those
@@ -128,8 +133,11 @@ class _Fwd:
 
     def __init__(self, z, ws, y, valid, entropy, k):
         c = z.shape[0]
-        safe_t = torch.where(valid, y, torch.zeros_like(y))
-        z_y = z.gather(1, safe_t[:, None]).squeeze(1)
+        # A target outside [0, V) that is not ignore_index lies in another vocabulary shard: the row
+        # is computed in full and its target logit counts as 0 (as in the Triton kernels).
+        here = _in_block(y, valid, z.shape[1])
+        z_y = z.gather(1, torch.where(here, y, torch.zeros_like(y))[:, None]).squeeze(1)
+        z_y = torch.where(here, z_y, torch.zeros((), dtype=z.dtype, device=z.device))
         m = z.amax(-1)
         self.live = torch.isfinite(m)  # False: every logit of the row is -inf
         self.tau = self.frac = self.w = None
@@ -192,7 +200,8 @@ def _grad_from_fwd(f: _Fwd, y, valid, ent, ent_c, g_lp, g_ent, g_cl, ws, factor,
         u.sub_(g_lp[:, None])
     u.mul_(e)
     if g_lp is not None:
-        u.scatter_add_(1, torch.where(valid, y, torch.zeros_like(y))[:, None], g_lp[:, None])
+        here = _in_block(y, valid, u.shape[1])  # no one-hot term for a target in another shard
+        u.scatter_add_(1, torch.where(here, y, torch.zeros_like(y))[:, None], torch.where(here, g_lp, zero)[:, None])
     if d_cl is not None:
         u.add_(d_cl)
     return _chain_transform_(u, factor, tf)
@@ -248,6 +257,18 @@ def linear_forward(x, weight, bias, targets, tf, ignore_index, entropy, k) -> Ro
         y = targets[sl]
         parts.append(_Fwd(z, plan.ws, y, y != ignore_index, entropy, k).stats())
     return _to_stats(parts, plan.n, x.device, plan.cdt, entropy, k)
+
+
+def linear_logit_blocks(x, weight, bias, tf):
+    """Yield ``(rows, z)``: the transformed logits ``z [C, V]`` of each chunk of rows, computed exactly
+    as ``linear_forward``/``linear_backward`` compute them (same chunks, same products, same dtype).
+
+    For callers that reduce over the vocabulary themselves (the vocabulary-parallel top-k selection
+    in ``_distributed.py``). ``z`` is a reused workspace: it is overwritten by the next block.
+    """
+    plan = _Plan(x, weight)
+    for sl in plan.chunks():
+        yield sl, _logit_block(x[sl], plan.w, bias, tf, plan.ws.get("z", sl.stop - sl.start))
 
 
 def _recompute(z, ws, y, valid, stats_rows, k, tf):

@@ -1,0 +1,245 @@
+"""torch.distributed: vocabulary-parallel LM head (tensor parallelism) and data-parallel statistics.
+
+Every test forks 2 or 3 CPU processes joined by a gloo group (``_dist_utils.run_ranks``, bounded by
+a timeout) and compares what each rank gets with the single-process result over the whole
+vocabulary / all tokens, computed here in the parent.
+"""
+import pathlib
+
+import pytest
+import torch
+import torch.distributed as dist
+
+from _dist_utils import run_ranks
+from fused_entropy import linear_logprobs
+from fused_entropy.backends import interpreting
+
+pytestmark = pytest.mark.skipif(not dist.is_available(), reason="torch.distributed not built")
+
+# Global vocabulary of 17 split unevenly (a 1-row shard included).
+SHARDS = {2: (6, 11), 3: (4, 1, 12)}
+N_LEAD, H = (3, 4), 7
+VOCAB = 17
+IGNORE = -100
+
+
+def _shard(t, world, rank):
+    if t is None:
+        return None
+    o = sum(SHARDS[world][:rank])
+    return t[o : o + SHARDS[world][rank]]
+
+
+def _head(dtype, case):
+    """hidden [3, 4, H], weight [V, H], bias [V], targets [3, 4] and the loss weights [3, 3, 4]."""
+    g = torch.Generator().manual_seed(7)
+    x = torch.randn(*N_LEAD, H, generator=g, dtype=torch.float64)
+    w = torch.randn(VOCAB, H, generator=g, dtype=torch.float64) * 0.8
+    b = torch.randn(VOCAB, generator=g, dtype=torch.float64)
+    y = torch.randint(0, VOCAB, N_LEAD, generator=g)
+    y[0, 1] = IGNORE
+    y[2, 3] = IGNORE
+    a = torch.randn(3, *N_LEAD, generator=g, dtype=torch.float64)
+    if case == "ties":
+        # rows with hidden 0 have logits = bias exactly; equal bias values sit in different shards of
+        # both layouts (columns 2, 5, 9, 14), at the boundary of the top-5 set
+        b = torch.linspace(-2.0, 1.0, VOCAB, dtype=torch.float64)
+        b[[2, 5, 9, 14]] = 0.5
+        b[[0, 16]] = 2.0  # two above the ties: k = 5 takes 3 of the 4 tied logits
+        x[1] = 0.0
+        x[2, :2] = 0.0
+    if case == "neg_inf":
+        # whole shards of -inf bias (rank 1's single row in the 3-rank layout, rows 3-5 in the 2-rank
+        # one); topk=16 reaches into the -inf logits (tau = -inf, tied)
+        b[[3, 4, 5]] = -torch.inf
+    return x.to(dtype), w.to(dtype), b.to(dtype), y, a
+
+
+CASES = {
+    "logp_entropy": dict(),
+    "transform": dict(temperature=0.7, softcap=3.0, logit_scale=1.3),
+    "topk3": dict(topk=3),
+    "ties": dict(topk=5),
+    "clamp_p": dict(clamp_p=0.3),
+    "neg_inf": dict(topk=16),
+    "clamp_p_transform": dict(clamp_p=0.25, temperature=1.4, softcap=2.5),
+}
+# which outputs the loss uses, per case (the others get no gradient, i.e. None upstream)
+USES = {"logp_entropy": (1, 1, 0), "transform": (1, 0, 0), "topk3": (1, 1, 1), "ties": (0, 0, 1),
+        "clamp_p": (1, 1, 1), "neg_inf": (1, 1, 1), "clamp_p_transform": (0, 1, 1)}
+
+
+def _forward_backward(x, w, b, y, a, case, **extra):
+    x = x.clone().requires_grad_()
+    w = w.clone().requires_grad_()
+    b = b.clone().requires_grad_()
+    st = linear_logprobs(x, w, y, bias=b, ignore_index=IGNORE, **CASES[case], **extra)
+    loss = 0.0
+    for use, out, ai in zip(USES[case], st, a):
+        if use:
+            loss = loss + (out * ai.to(out.dtype)).sum()
+    loss.backward()
+    outs = [None if t is None else t.detach() for t in st]
+    return outs, x.grad, w.grad, b.grad
+
+
+def _tp_worker(rank, world, dtypes, cases, backend):
+    res = {}
+    for dtype in dtypes:
+        for case in cases:
+            x, w, b, y, a = _head(dtype, case)
+            res[(dtype, case)] = _forward_backward(x, _shard(w, world, rank), _shard(b, world, rank), y, a, case,
+                                                   process_group=dist.group.WORLD, backend=backend)
+    # hidden_grad="partial": each rank's share, summed by the caller
+    x, w, b, y, a = _head(torch.float64, "topk3")
+    res["partial"] = _forward_backward(x, _shard(w, world, rank), _shard(b, world, rank), y, a, "topk3",
+                                       process_group=dist.group.WORLD, hidden_grad="partial")[1]
+    return res
+
+
+def _tol(dtype):
+    # fp32: the shards' statistics are merged in another order than one process sums them
+    return dict(rtol=1e-10, atol=1e-12) if dtype == torch.float64 else dict(rtol=1e-5, atol=3e-6)
+
+
+def _check_against_single_process(results, world, dtypes, cases, backend="torch"):
+    for dtype in dtypes:
+        for case in cases:
+            x, w, b, y, a = _head(dtype, case)
+            outs, gx, gw, gb = _forward_backward(x, w, b, y, a, case, backend="torch")
+            for rank, res in enumerate(results):
+                got_outs, got_gx, got_gw, got_gb = res[(dtype, case)]
+                where = f"{case} {dtype} rank {rank}/{world}"
+                for name, g, want in zip(("logprobs", "entropy", "clamped_entropy"), got_outs, outs):
+                    assert (g is None) == (want is None), f"{where}: {name}"
+                    if want is not None:
+                        torch.testing.assert_close(g, want, **_tol(dtype), msg=lambda m: f"{where} {name}: {m}")
+                torch.testing.assert_close(got_gx, gx, **_tol(dtype), msg=lambda m: f"{where} d hidden: {m}")
+                torch.testing.assert_close(got_gw, _shard(gw, world, rank), **_tol(dtype),
+                                           msg=lambda m: f"{where} d weight: {m}")
+                torch.testing.assert_close(got_gb, _shard(gb, world, rank), **_tol(dtype),
+                                           msg=lambda m: f"{where} d bias: {m}")
+
+
+@pytest.mark.parametrize("world", [2, 3])
+def test_vocab_parallel_equals_single_process(world, tmp_path):
+    dtypes = (torch.float64, torch.float32)
+    results = run_ranks(_tp_worker, world, tmp_path, dtypes, tuple(CASES), "torch")
+    _check_against_single_process(results, world, dtypes, tuple(CASES))
+    # the tie case really has a tie at tau spread over shards, and -inf really is tau in neg_inf
+    x, w, b, y, a = _head(torch.float64, "ties")
+    z = x[1, 0] @ w.T + b
+    assert (z == torch.topk(z, 5).values[-1]).sum() == 4
+    # partial hidden gradients add up to the full one and differ from it
+    x, w, b, y, a = _head(torch.float64, "topk3")
+    full = _forward_backward(x, w, b, y, a, "topk3")[1]
+    parts = [r["partial"] for r in results]
+    torch.testing.assert_close(sum(parts), full, rtol=1e-10, atol=1e-12)
+    assert not torch.allclose(parts[0], full)
+
+
+@pytest.mark.skipif(not interpreting(), reason="the Triton kernels run on CPU only under TRITON_INTERPRET=1 (as CI runs)")
+def test_vocab_parallel_triton_backend_interpreted(tmp_path):
+    """The Triton backend's forward/backward take the global statistics as they are (no clamped entropy)."""
+    cases = ("logp_entropy", "transform")
+    results = run_ranks(_tp_worker, 2, tmp_path, (torch.float32,), cases, "triton")
+    _check_against_single_process(results, 2, (torch.float32,), cases)
+
+
+# --- bad input: the same error path on every rank, never a hang ---------------------------------
+
+def _bad_calls(rank, world):
+    """(name, thunk) pairs; each thunk is one collective call that must fail on every rank."""
+    x, w, b, y, a = _head(torch.float32, "logp_entropy")
+    ws, bs = _shard(w, world, rank), _shard(b, world, rank)
+    group = dist.group.WORLD
+
+    def call(**kw):
+        args = dict(hidden=x, weight=ws, targets=y, bias=bs, process_group=group)
+        args.update(kw)
+        return lambda: linear_logprobs(args.pop("hidden"), args.pop("weight"), args.pop("targets"), **args)
+
+    y_out = y.clone()
+    y_out[1, 2] = VOCAB  # one past the global vocabulary (a valid id of no shard)
+    y_neg = y.clone()
+    y_neg[0, 0] = -3
+    y_other = y.clone()
+    if rank == 1:
+        y_other[2, 0] = (y_other[2, 0] + 1) % VOCAB  # this rank's targets differ from the others'
+    wide = torch.randn(*N_LEAD, H + 1)
+    return [
+        ("vocab_size", call(vocab_size=VOCAB + 1)),
+        ("target_out", call(targets=y_out)),
+        ("target_neg", call(targets=y_neg)),
+        ("target_none", call(targets=torch.where(y == IGNORE, 0, y).clone().index_fill_(0, torch.tensor([1]), VOCAB),
+                             ignore_index=None)),
+        ("H_mismatch", call(hidden=wide, weight=torch.randn(ws.shape[0], H + 1)) if rank == world - 1 else call()),
+        ("targets_differ", call(targets=y_other)),
+        ("dtype_one_rank", call(bias=bs.double()) if rank == 0 else call()),
+        ("topk_too_big", call(topk=VOCAB + 1)),
+        ("options_differ", call(topk=2) if rank == 1 else call()),
+        ("triton_topk", call(backend="triton", topk=2)),
+    ]
+
+
+def _bad_worker(rank, world):
+    out = {}
+    for name, thunk in _bad_calls(rank, world):
+        try:
+            thunk()
+            out[name] = ("no error", "")
+        except (ValueError, TypeError) as e:
+            out[name] = (type(e).__name__, str(e))
+        # the group is still in step: a good call right after gives the right answer
+        x, w, b, y, a = _head(torch.float64, "topk3")
+        st = linear_logprobs(x, _shard(w, world, rank), y, bias=_shard(b, world, rank), topk=3,
+                             process_group=dist.group.WORLD)
+        out[name + "/after"] = st.clamped_entropy
+    return out
+
+
+BAD_MESSAGES = {
+    "vocab_size": r"shards \(weight.shape\[0\] per rank: \[4, 1, 12\]\) add up to 17, but vocab_size=18",
+    "target_out": r"targets must be global ids in \[0, 17\) or equal ignore_index=-100 .*found 17",
+    "target_neg": r"targets must be global ids in \[0, 17\).*found -3",
+    "target_none": r"targets must be global ids in \[0, 17\) \(the shards.*found 17",
+    "H_mismatch": r"hidden size H must be the same on every rank, got \[7, 7, 8\]",
+    "targets_differ": r"targets differ across ranks",
+    "topk_too_big": r"topk must be in \[1, V=17\]",
+    "options_differ": r"topk/clamp_p must be the same on every rank",
+    "triton_topk": r"backend='triton'|Triton backend cannot yet",
+}
+
+
+def test_bad_input_raises_on_every_rank(tmp_path):
+    import re
+
+    world = 3
+    results = run_ranks(_bad_worker, world, tmp_path, timeout_s=60)
+    x, w, b, y, a = _head(torch.float64, "topk3")
+    want = linear_logprobs(x, w, y, bias=b, topk=3).clamped_entropy
+    for rank, res in enumerate(results):
+        for name, pattern in BAD_MESSAGES.items():
+            kind, msg = res[name]
+            assert kind == "ValueError" and re.search(pattern, msg), f"rank {rank}, {name}: {kind}: {msg}"
+        # a bad value on one rank: that rank raises its own error, the others say which rank failed
+        kind, msg = res["dtype_one_rank"]
+        if rank == 0:
+            assert kind == "TypeError" and "bias dtype torch.float64 does not match hidden dtype torch.float32" in msg
+        else:
+            assert kind == "ValueError" and "rank(s) [0] of process_group rejected their inputs" in msg
+        for name in [n for n in res if n.endswith("/after")]:
+            torch.testing.assert_close(res[name], want, rtol=1e-10, atol=1e-12)
+
+
+def test_process_group_without_init_is_a_local_error():
+    x, w, b, y, a = _head(torch.float32, "logp_entropy")
+    assert not dist.is_initialized()
+    with pytest.raises(ValueError, match="torch.distributed is not initialized"):
+        linear_logprobs(x, w, y, process_group=object())
+    with pytest.raises(ValueError, match="vocab_size=18 but weight has V=17"):
+        linear_logprobs(x, w, y, vocab_size=VOCAB + 1)
+    with pytest.raises(ValueError, match="hidden_grad must be one of"):
+        linear_logprobs(x, w, y, hidden_grad="half")
+    with pytest.raises(ValueError, match=r"targets must be in \[0, 17\) \(ignore_index=None"):
+        linear_logprobs(x, w, y, ignore_index=None)
