@@ -13,6 +13,7 @@ import torch.distributed as dist
 from _dist_utils import run_ranks
 from fused_entropy import linear_logprobs
 from fused_entropy.backends import interpreting
+from fused_entropy.integrations.verl import linear_cross_entropy
 
 pytestmark = pytest.mark.skipif(not dist.is_available(), reason="torch.distributed not built")
 
@@ -179,6 +180,10 @@ def _bad_calls(rank, world):
         ("topk_too_big", call(topk=VOCAB + 1)),
         ("options_differ", call(topk=2) if rank == 1 else call()),
         ("triton_topk", call(backend="triton", topk=2)),
+        # verl adapter: no ignore index (-100 is an error); one rank's bad label count fails everywhere
+        ("verl_label", lambda: linear_cross_entropy(x.reshape(-1, H), ws, y.reshape(-1), 1.0, "none", group)),
+        ("verl_shape", lambda: linear_cross_entropy(x.reshape(-1, H), ws, y.reshape(-1)[: 11 if rank == 1 else 12],
+                                                    1.0, "none", group)),
     ]
 
 
@@ -208,6 +213,7 @@ BAD_MESSAGES = {
     "topk_too_big": r"topk must be in \[1, V=17\]",
     "options_differ": r"topk/clamp_p must be the same on every rank",
     "triton_topk": r"backend='triton'|Triton backend cannot yet",
+    "verl_label": r"targets must be global ids in \[0, 17\) \(the shards.*found -100",
 }
 
 
@@ -228,6 +234,11 @@ def test_bad_input_raises_on_every_rank(tmp_path):
             assert kind == "TypeError" and "bias dtype torch.float64 does not match hidden dtype torch.float32" in msg
         else:
             assert kind == "ValueError" and "rank(s) [0] of process_group rejected their inputs" in msg
+        kind, msg = res["verl_shape"]
+        if rank == 1:
+            assert kind == "ValueError" and "labels must hold one id per token of hidden (12 tokens" in msg
+        else:
+            assert kind == "ValueError" and "rank(s) [1] of process_group rejected their inputs" in msg
         for name in [n for n in res if n.endswith("/after")]:
             torch.testing.assert_close(res[name], want, rtol=1e-10, atol=1e-12)
 

@@ -12,11 +12,18 @@ Shapes follow verl: ``hidden [..., H]`` and ``labels [...]`` are flattened to ``
 ``entropy`` is always ``[N]``. Both are fp32 (fp64 for fp64 inputs).
 
 With ``dist_process_group`` (tensor parallelism over the vocabulary), each rank holds the slice
-``W[r*V:(r+1)*V]`` of the head, labels are global ids in ``[0, world*V)``, and the outputs are the
+``W[r*V:(r+1)*V]`` of the head (verl's layout; slices of unequal sizes also work, each starting at the
+sum of the lower ranks' sizes), labels are global ids in ``[0, world*V)``, and the outputs are the
 global log-probs and entropies on every rank. Backward gives each rank the gradient for its own
-weight slice and its partial ``d hidden`` (the sum over ranks is the full gradient), as verl does.
+weight slice and its PARTIAL ``d hidden`` (this slice's contribution; the sum over ranks is the full
+gradient), as verl does: verl's Megatron models sum it over the tensor-parallel group themselves
+(the region op in front of the LM head), so returning the full gradient would count it ``world``
+times. This is ``linear_logprobs(..., process_group=g, hidden_grad="partial")``; the core's default
+(``"full"``) all-reduces instead.
 
-The work is done by :func:`fused_entropy.linear_logprobs`; no ``[N, V]`` logits are allocated.
+The work is done by :func:`fused_entropy.linear_logprobs` (with ``process_group`` under tensor
+parallelism: its collectives, checks on every rank and exact merge); no ``[N, V]`` logits are
+allocated.
 """
 from __future__ import annotations
 
@@ -26,6 +33,7 @@ from typing import Optional
 import torch
 import torch.distributed as dist
 
+from .. import _distributed
 from .. import _validate as V
 from ..functional import linear_logprobs
 
@@ -76,43 +84,6 @@ def _reduce(logprobs: torch.Tensor, reduction: str) -> torch.Tensor:
     return total if reduction == "sum" else total / max(logprobs.numel(), 1)
 
 
-def _sum_others_detached(x: torch.Tensor, group) -> torch.Tensor:
-    """All-reduce sum whose gradient flows only into this rank's own term (the others are constants)."""
-    total = x.detach().clone()
-    dist.all_reduce(total, op=dist.ReduceOp.SUM, group=group)
-    return x + (total - x.detach())
-
-
-def _tensor_parallel(hidden2d, weight, labels1d, temperature, group):
-    """Global log-probs and entropies from per-rank vocabulary slices (see the module docstring).
-
-    Per rank: ``lse_r`` and ``S_r = sum_{v in r} p^r_v z_v`` of its slice (``p^r`` the softmax over
-    the slice), merged as ``lse = log sum_r e^{lse_r}``, ``sum_v p_v z_v = sum_r e^{lse_r - lse} S_r``.
-    ``lse_r`` comes from ``linear_logprobs`` at a local target ``t``: ``lse_r = z_t - log p^r_t``.
-    """
-    rank, world = dist.get_rank(group), dist.get_world_size(group)
-    vocab_local = weight.shape[0]
-    lo = rank * vocab_local
-    _check_labels(labels1d, vocab_local * world)
-    local = (labels1d >= lo) & (labels1d < lo + vocab_local)
-    targets = torch.where(local, labels1d - lo, torch.zeros_like(labels1d))
-
-    stats = linear_logprobs(hidden2d, weight, targets, temperature=temperature, entropy=True)
-    acc = stats.logprobs.dtype
-    z_t = (hidden2d.to(acc) * weight[targets].to(acc)).sum(-1) / temperature
-    lse_r = z_t - stats.logprobs
-    s_r = lse_r - stats.entropy
-
-    m = lse_r.detach().clone()
-    dist.all_reduce(m, op=dist.ReduceOp.MAX, group=group)
-    e_r = torch.exp(lse_r - m)
-    a = _sum_others_detached(e_r, group)
-    b = _sum_others_detached(e_r * s_r, group)
-    lse = m + torch.log(a)
-    z_y = _sum_others_detached(torch.where(local, z_t, torch.zeros_like(z_t)), group)
-    return z_y - lse, lse - b / a
-
-
 def linear_cross_entropy(
     hidden: torch.Tensor,
     weight: torch.Tensor,
@@ -130,21 +101,32 @@ def linear_cross_entropy(
             (``[0, world * V)`` under tensor parallelism). verl has no ignore index; neither does this.
         temperature: ``T > 0``; ``None`` means 1.
         reduction: ``"none"``, ``"sum"`` or ``"mean"`` (applied to ``logprobs`` only; ``None`` = ``"none"``).
-        dist_process_group: the tensor-parallel group the vocabulary is split over, or None.
+        dist_process_group: the tensor-parallel group the vocabulary is split over, or None. Then
+            ``hidden``/``labels`` must be the same on every rank, and ``d hidden`` is this rank's part.
 
     Returns:
         ``(logprobs, entropy)``: ``logprobs`` ``[N]`` or a 0-d tensor, ``entropy`` ``[N]``; fp32
         (fp64 for fp64 inputs). Differentiable w.r.t. ``hidden`` and ``weight``.
     """
-    n_tokens, temperature, reduction = _check_args(hidden, weight, labels, temperature, reduction)
-    hidden2d = hidden.reshape(n_tokens, hidden.shape[-1])
-    labels1d = labels.reshape(n_tokens)
     if dist_process_group is None:
+        n_tokens, temperature, reduction = _check_args(hidden, weight, labels, temperature, reduction)
+        hidden2d, labels1d = hidden.reshape(n_tokens, hidden.shape[-1]), labels.reshape(n_tokens)
         _check_labels(labels1d, weight.shape[0])
         stats = linear_logprobs(hidden2d, weight, labels1d, temperature=temperature, entropy=True)
         logprobs, entropy = stats.logprobs, stats.entropy
     else:
         if not dist.is_available() or not dist.is_initialized():
             raise ValueError("dist_process_group was given but torch.distributed is not initialized")
-        logprobs, entropy = _tensor_parallel(hidden2d, weight, labels1d, temperature, dist_process_group)
+        try:
+            n_tokens, temperature, reduction = _check_args(hidden, weight, labels, temperature, reduction)
+        except (TypeError, ValueError) as e:
+            # the other ranks are about to enter linear_logprobs' agreement collective: take part in it,
+            # so that every rank raises here instead of waiting for this one
+            _distributed.agree(dist_process_group, e)
+            raise
+        hidden2d, labels1d = hidden.reshape(n_tokens, hidden.shape[-1]), labels.reshape(n_tokens)
+        # ignore_index=None: verl has no ignore index, and the label range is checked on all ranks together
+        stats = linear_logprobs(hidden2d, weight, labels1d, temperature=temperature, entropy=True, ignore_index=None,
+                                process_group=dist_process_group, hidden_grad="partial")
+        logprobs, entropy = stats.logprobs, stats.entropy
     return _reduce(logprobs, reduction), entropy
