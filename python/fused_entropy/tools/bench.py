@@ -14,7 +14,7 @@ so that ratios, not absolute times, carry the result. Working memory is printed 
 fp32 ``[N, V]`` buffer.
 
 Presets: ``quick`` (default): one case (CPU: N=2048, H=512, V=32768, fp32; CUDA: N=8192, H=4096,
-V=131072, bf16), the main rows, under 2 minutes on a 2-core CPU. ``sweep``: N from 1k to 16k at the
+V=131072, bf16), the main rows, two timed runs per row on CPU (about 2 minutes on a quiet 2-core CPU). ``sweep``: N from 1k to 16k at the
 default V, and V from 32k to 256k at the default N, every provider; rows that would not fit in free
 memory are skipped. ``--out DIR`` writes ``bench_<preset>_<device>.csv`` and ``.png``.
 """
@@ -501,7 +501,9 @@ def build_parser(prog: str = "fused-entropy bench") -> argparse.ArgumentParser:
     ap.add_argument("--v", type=int, help="vocabulary size")
     ap.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), help="input dtype")
     ap.add_argument("--seq-len", type=int, help="tokens per sequence in the GRPO rows")
-    ap.add_argument("--repeats", type=int, default=3, help="timed fwd+bwd runs per row on CPU (default 3)")
+    ap.add_argument("--repeats", type=int,
+                    help="timed fwd+bwd runs per row on CPU (default: 2 for quick, to stay under 2 minutes "
+                         "on a 2-core CPU; 3 for sweep)")
     ap.add_argument("--timeout", type=float, default=1800.0, help="seconds per row before it is abandoned")
     ap.add_argument("--out", help="directory for bench_<preset>_<device>.csv and .png")
     ap.add_argument("--spawn", action="store_true",
@@ -536,6 +538,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     else:
         cases = [base]
     names = _select(args.providers, args.preset)
+    if args.repeats is None:
+        args.repeats = 2 if args.preset == "quick" else 3
+    if args.repeats < 1:
+        raise SystemExit("fused-entropy bench: --repeats must be at least 1")
     t0 = time.perf_counter()
     rows = run_rows(names, cases, device, args.repeats, args.timeout, spawn=args.spawn, verbose=args.verbose)
     lines = report(rows, cases, device, args.preset, args.repeats)

@@ -415,25 +415,18 @@ def _const(k: int):
     return lambda case, device: k
 
 
-def _fused_clamped_gemms(topk=None, clamp_p=None):
-    """The torch backend finds the top-k threshold on each logit block it already holds (no extra
-    product). A backend may state its own count as ``gemm_passes(k=..., vocab=...)`` (fwd + bwd)."""
+def _fused_clamped_gemms(case: Case, device: torch.device) -> int:
+    """GEMM passes of the clamped rows. torch backend: the top-k threshold comes from each logit block
+    it already holds, so 4 as for plain entropy. Triton (CUDA): the forward's radix-select passes over
+    recomputed tiles (``_launch.radix_gemm_passes``) plus the backward's 3."""
+    if device.type == "cuda":
+        try:
+            from fused_entropy import _launch
 
-    def gemms(case, device):
-        if device.type == "cuda":
-            try:
-                from fused_entropy._types import clamp_p_to_k
-                from fused_entropy.backends import triton as tb
-
-                passes = getattr(tb, "gemm_passes", None)
-                if callable(passes):
-                    k = topk if topk is not None else clamp_p_to_k(clamp_p, case.v)
-                    return int(passes(k=k, vocab=case.v))
-            except ImportError:
-                pass
-        return 4
-
-    return gemms
+            return int(_launch.radix_gemm_passes(case.torch_dtype)) + 3
+        except (ImportError, AttributeError):
+            pass
+    return 4
 
 
 def _check_triton_backend(device) -> Optional[str]:
@@ -473,10 +466,10 @@ _add(Provider("liger-ce", "linear_logprobs", "Liger FusedLinearScaledCE(return_e
 
 # clamped entropy: time relative to the plain-entropy 'fused' row
 _add(Provider("fused-topk64", "clamped_entropy", f"fused_entropy, topk={CLAMP_TOPK}", "fused",
-              _fused_linear("auto", entropy=False, topk=CLAMP_TOPK), _fused_clamped_gemms(topk=CLAMP_TOPK),
+              _fused_linear("auto", entropy=False, topk=CLAMP_TOPK), _fused_clamped_gemms,
               check=lambda d: _check_triton_backend(d) if d.type == "cuda" else None))
 _add(Provider("fused-clamp0.3", "clamped_entropy", f"fused_entropy, clamp_p={CLAMP_P}", "fused",
-              _fused_linear("auto", entropy=False, clamp_p=CLAMP_P), _fused_clamped_gemms(clamp_p=CLAMP_P),
+              _fused_linear("auto", entropy=False, clamp_p=CLAMP_P), _fused_clamped_gemms,
               check=lambda d: _check_triton_backend(d) if d.type == "cuda" else None))
 _add(Provider("reference-topk64", "clamped_entropy", f"reference topk={CLAMP_TOPK} (eager)", "reference",
               _reference_linear(topk=CLAMP_TOPK), _const(3), mem_nv=6))

@@ -24,7 +24,10 @@ i.e. the growth beyond the inputs and their gradients (which any implementation 
   built, ``baseline = VmRSS``, the high-water mark is reset by writing ``5`` to
   ``/proc/self/clear_refs`` (Linux), and after the steps ``peak = VmHWM``. Where the mark cannot be
   reset, ``ru_maxrss`` (the lifetime peak) is used instead. The peak is taken over all repeats from
-  one baseline, so memory the allocator keeps after a step is not hidden by a later baseline.
+  one baseline, so memory the allocator keeps after a step is not hidden by a later baseline. This
+  matters: glibc raises its mmap threshold after freeing a large block, so from the second step on,
+  blocks of a few MiB that a step allocates and frees can stay resident on the heap. The steady
+  state of a training loop is the second step, not the first; use ``repeats >= 2``.
   ``torch.compile`` rows warm up at full size (compilation specializes on shapes), so their baseline
   includes what the allocator kept from that first call.
 - CUDA: ``torch.cuda.max_memory_allocated`` after ``reset_peak_memory_stats``, minus
