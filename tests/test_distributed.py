@@ -254,3 +254,115 @@ def test_process_group_without_init_is_a_local_error():
         linear_logprobs(x, w, y, hidden_grad="half")
     with pytest.raises(ValueError, match=r"targets must be in \[0, 17\) \(ignore_index=None"):
         linear_logprobs(x, w, y, ignore_index=None)
+
+
+# --- data parallelism: statistics over the ranks of dp_group --------------------------------------
+
+Q = 0.3
+SEQ = 6
+# 3 ranks, two data-parallel groups: ranks 0 and 1 (different token counts) and rank 2 alone.
+DP_GROUPS = ([0, 1], [2])
+COV_KW = dict(clip_cov_ratio=0.2, clip_cov_lb=-10.0, clip_cov_ub=10.0, kl_cov_ratio=0.2)
+
+
+def _dp_batch(i):
+    g = torch.Generator().manual_seed(40 + i)
+    b = (2, 3, 2)[i]
+    lp = -torch.rand(b, SEQ, generator=g, dtype=torch.float64) * 3
+    old = lp + 0.3 * torch.randn(b, SEQ, generator=g, dtype=torch.float64)
+    adv = torch.randn(b, generator=g, dtype=torch.float64)
+    mask = torch.rand(b, SEQ, generator=g) > (0.2, 0.6, 0.4)[i]
+    ent = torch.rand(b, SEQ, generator=g, dtype=torch.float64) * 2
+    return lp, old, adv, mask, ent
+
+
+def _controller(group=None):
+    from fused_entropy.control import AdaptiveEntropyCoef
+
+    return AdaptiveEntropyCoef(target=0.9, delta=0.01, init=0.1, start_enabled=True, group=group)
+
+
+def _loss_and_grad(lp, adv, mask, **kw):
+    from fused_entropy import grpo_loss
+
+    x = lp.clone().requires_grad_()
+    loss, _ = grpo_loss(x, adv, mask, **kw)
+    loss.backward()
+    return loss.detach(), x.grad
+
+
+def _dp_worker(rank, world):
+    from fused_entropy import grpo_normalizers
+
+    groups = [dist.new_group(r) for r in DP_GROUPS]
+    dp = groups[0] if rank in DP_GROUPS[0] else groups[1]
+    lp, old, adv, mask, ent = _dp_batch(rank)
+    res = {}
+    norms = grpo_normalizers(mask, loss_type="dapo", top_entropy_quantile=Q, entropy=ent, dtype=torch.float64,
+                             dp_group=dp)
+    res["threshold"], res["policy_denom"] = norms.entropy_threshold, norms.policy_denom
+    ctrl = _controller(dp)
+    res["dapo"] = _loss_and_grad(lp, adv, mask, old_logprobs=old, entropy=ent, loss_type="dapo",
+                                 top_entropy_quantile=Q, entropy_controller=ctrl, dp_group=dp)
+    res["mean"], res["coef"] = ctrl.step(), ctrl.coef
+    for lt in ("clip_cov", "kl_cov"):
+        gen = torch.Generator().manual_seed(3)
+        res[lt] = _loss_and_grad(lp, adv, mask, old_logprobs=old, loss_type=lt, generator=gen, dp_group=dp,
+                                 cov_statistics="global", **COV_KW)
+    # local statistics stay local (verl): this rank's micro-batch alone
+    res["kl_cov_local"] = _loss_and_grad(lp, adv, mask, old_logprobs=old, loss_type="kl_cov", dp_group=dp,
+                                           cov_statistics="local", **COV_KW)
+    return res
+
+
+def test_data_parallel_statistics_equal_one_process(tmp_path):
+    from fused_entropy import GRPONormalizers, grpo_normalizers
+
+    results = run_ranks(_dp_worker, 3, tmp_path)
+    for members in DP_GROUPS:
+        batches = [_dp_batch(r) for r in members]
+        lp, old, adv, mask, ent = (torch.cat(parts) for parts in zip(*batches))
+        n_all = int(mask.sum())
+        world = len(members)
+        one = grpo_normalizers(mask, loss_type="dapo", top_entropy_quantile=Q, entropy=ent, dtype=torch.float64)
+        thr = torch.quantile(ent[mask], 1 - Q)
+        torch.testing.assert_close(one.entropy_threshold, thr, rtol=1e-12, atol=0)
+        ctrl = _controller()
+        _loss_and_grad(lp, adv, mask, old_logprobs=old, entropy=ent, loss_type="dapo", top_entropy_quantile=Q,
+                       entropy_controller=ctrl)
+        mean, coef = ctrl.step(), ctrl.coef
+        cov_ref = {}
+        for lt in ("clip_cov", "kl_cov"):
+            cov_ref[lt] = _loss_and_grad(lp, adv, mask, old_logprobs=old, loss_type=lt,
+                                         generator=torch.Generator().manual_seed(3), **COV_KW)
+        row0 = 0
+        for r, (b_lp, b_old, b_adv, b_mask, b_ent) in zip(members, batches):
+            got = results[r]
+            rows = slice(row0, row0 + b_lp.shape[0])
+            row0 += b_lp.shape[0]
+            # the quantile and the DAPO count are those of all the group's tokens
+            assert got["threshold"].item() == pytest.approx(thr.item(), rel=1e-12)
+            assert got["policy_denom"].item() == pytest.approx(n_all / world, rel=1e-12)
+            # the rank's loss is its share of the group's batch (DAPO over n_all / world), threshold global
+            m_eff = (b_ent >= thr) & b_mask
+            norms = GRPONormalizers(torch.tensor(n_all / world, dtype=torch.float64),
+                                    torch.tensor(max(int(b_mask.sum()), 1), dtype=torch.float64),
+                                    torch.tensor(max(int(m_eff.sum()), 1), dtype=torch.float64), thr)
+            want = _loss_and_grad(b_lp, b_adv, b_mask, old_logprobs=b_old, entropy=b_ent, loss_type="dapo",
+                                  top_entropy_quantile=Q, entropy_coef=0.1, normalizers=norms)
+            for g, w_ in zip(got["dapo"], want):
+                torch.testing.assert_close(g, w_, rtol=1e-12, atol=1e-14)
+            # the controller's window mean and coefficient are those of one process over all tokens
+            assert got["mean"] == pytest.approx(mean, rel=1e-12) and got["coef"] == pytest.approx(coef, rel=1e-12)
+            # global Clip-Cov / KL-Cov: same selection, so each rank's gradient is `world` times one process's
+            for lt in ("clip_cov", "kl_cov"):
+                loss, grad = got[lt]
+                torch.testing.assert_close(grad, world * cov_ref[lt][1][rows], rtol=1e-12, atol=1e-14)
+            if world > 1:  # the selections differ from local ones, so the test above could fail
+                local = _loss_and_grad(b_lp, b_adv, b_mask, old_logprobs=b_old, loss_type="kl_cov",
+                                       num_items_in_batch=n_all / world, **COV_KW)
+                torch.testing.assert_close(got["kl_cov_local"][1], local[1], rtol=1e-12, atol=1e-14)
+                assert not torch.allclose(got["kl_cov"][1], got["kl_cov_local"][1])
+        if world > 1:
+            assert sum(results[r]["clip_cov"][0] for r in members) / world == pytest.approx(
+                cov_ref["clip_cov"][0].item(), rel=1e-12)

@@ -47,6 +47,7 @@ LOSS_TYPES = ("grpo", "bnpo", "dr_grpo", "dapo", "cispo", "sapo", "luspo", "vesp
 IMPORTANCE_SAMPLING_LEVELS = ("token", "sequence")
 ENTROPY_SOURCES = ("full", "clamped")
 LUSPO_NORMALIZATIONS = ("liger", "trl")
+COV_STATISTICS = ("local", "global")
 GRPO_BACKENDS = ("auto", "torch", "triton")
 
 # Loss types whose per-token objective is the PPO clipped surrogate.
@@ -172,26 +173,44 @@ def _dist():
     return None
 
 
-def _world_size() -> int:
+def _world_size(group=None) -> int:
     d = _dist()
-    return d.get_world_size() if d is not None else 1
+    return d.get_world_size(group) if d is not None else 1
 
 
-def _gather_values(x: torch.Tensor) -> torch.Tensor:
-    """Concatenate a 1-D tensor of any length over all ranks (rank order)."""
+def _check_dp_group(dp_group) -> None:
+    if dp_group is not None and _dist() is None:
+        raise ValueError("dp_group was given but torch.distributed is not initialized")
+
+
+def _gather_values(x: torch.Tensor, group=None) -> torch.Tensor:
+    """Concatenate a 1-D tensor of any length over the ranks of ``group`` (rank order; None: the world)."""
+    return _gather_with_offset(x, group)[0]
+
+
+def _gather_with_offset(x: torch.Tensor, group=None):
+    """``(concatenation over the ranks of group, where this rank's part starts in it)``."""
     d = _dist()
-    if d is None or d.get_world_size() == 1:
-        return x
+    if d is None or d.get_world_size(group) == 1:
+        return x, 0
     n = torch.tensor([x.numel()], device=x.device, dtype=torch.long)
-    sizes = [torch.zeros_like(n) for _ in range(d.get_world_size())]
-    d.all_gather(sizes, n)
+    sizes = [torch.zeros_like(n) for _ in range(d.get_world_size(group))]
+    d.all_gather(sizes, n, group=group)
     sizes = [int(s.item()) for s in sizes]
     width = max(sizes)
     padded = x.new_zeros(width)
     padded[: x.numel()] = x
     parts = [torch.empty_like(padded) for _ in sizes]
-    d.all_gather(parts, padded)
-    return torch.cat([p[:s] for p, s in zip(parts, sizes)])
+    d.all_gather(parts, padded, group=group)
+    offset = sum(sizes[: d.get_rank(group)])
+    return torch.cat([p[:s] for p, s in zip(parts, sizes)]), offset
+
+
+def _all_reduce_sum(t: torch.Tensor, group=None) -> torch.Tensor:
+    d = _dist()
+    if d is not None:
+        d.all_reduce(t, group=group)
+    return t
 
 
 # ---------------------------------------------------------------------------------------------
@@ -222,15 +241,18 @@ def quantile_threshold(values: torch.Tensor, q: float) -> torch.Tensor:
     return torch.lerp(v_lo, v_hi, torch.tensor(pos - lo, dtype=v.dtype, device=v.device))
 
 
-def entropy_threshold(entropy: torch.Tensor, mask: torch.Tensor, top_entropy_quantile: float) -> torch.Tensor:
-    """The ``(1 - q)`` quantile of the entropies of the valid tokens, gathered over ranks.
+def entropy_threshold(entropy: torch.Tensor, mask: torch.Tensor, top_entropy_quantile: float,
+                      dp_group=None) -> torch.Tensor:
+    """The ``(1 - q)`` quantile of the entropies of the valid tokens, gathered over the ranks of
+    ``dp_group`` (None: every rank, when ``torch.distributed`` is initialized).
 
     Returns a 0-d tensor; ``+inf`` when no rank has a valid token (then the 80/20 mask is empty).
     """
     _check_fraction("top_entropy_quantile", top_entropy_quantile)
+    _check_dp_group(dp_group)
     valid = entropy.detach()[mask.bool()]
     valid = valid.to(_compute_dtype(entropy.dtype))
-    gathered = _gather_values(valid)
+    gathered = _gather_values(valid, dp_group)
     if gathered.numel() == 0:
         return torch.full((), math.inf, dtype=valid.dtype, device=entropy.device)
     return quantile_threshold(gathered, 1.0 - top_entropy_quantile)
@@ -251,6 +273,7 @@ def grpo_normalizers(
     top_entropy_quantile: float = 1.0,
     entropy: Optional[torch.Tensor] = None,
     dtype: torch.dtype = torch.float32,
+    dp_group=None,
 ) -> GRPONormalizers:
     """Denominators of the whole batch, for calling :func:`grpo_loss` on chunks of whole sequences.
 
@@ -260,6 +283,8 @@ def grpo_normalizers(
         top_entropy_quantile: when < 1, ``entropy`` (``[B, T]``, the entropy the 80/20 mask is built from,
             i.e. the bonus entropy) of the whole batch is needed for the threshold and ``sum M_eff``.
         dtype: fp32 or fp64 (the compute dtype of the loss).
+        dp_group: the data-parallel ``torch.distributed`` group the DAPO token count is all-reduced
+            and the 80/20 entropies are gathered over (None: every rank, when initialized).
 
     Returns:
         :class:`GRPONormalizers`. ``grpo_loss(chunk..., normalizers=n)`` over the chunks of the batch
@@ -276,12 +301,13 @@ def grpo_normalizers(
         if entropy is None:
             raise ValueError("top_entropy_quantile < 1 needs the entropy of the whole batch (entropy=...)")
         _check_bt("entropy", entropy, tuple(mask.shape))
+    _check_dp_group(dp_group)
     return _normalizers(mask.bool(), loss_type, max_completion_length, num_items_in_batch, luspo_normalization,
-                        top_entropy_quantile, entropy, _compute_dtype(dtype))
+                        top_entropy_quantile, entropy, _compute_dtype(dtype), dp_group)
 
 
 def _normalizers(valid, loss_type, max_completion_length, num_items_in_batch, luspo_normalization,
-                 top_entropy_quantile, entropy, cdt) -> GRPONormalizers:
+                 top_entropy_quantile, entropy, cdt, group=None) -> GRPONormalizers:
     dev = valid.device
     bsz, seqlen = valid.shape
     n_valid = valid.sum().to(cdt)
@@ -293,14 +319,11 @@ def _normalizers(valid, loss_type, max_completion_length, num_items_in_batch, lu
     elif loss_type == "dr_grpo":
         policy = one * max(bsz * max_completion_length, 1)
     elif loss_type in TOKEN_NORMALIZED:
-        world = _world_size()
+        world = _world_size(group)
         if num_items_in_batch is not None:
             items = torch.as_tensor(num_items_in_batch, device=dev).reshape(()).to(cdt)
         else:
-            items = n_valid.clone()
-            d = _dist()
-            if d is not None:
-                d.all_reduce(items)
+            items = _all_reduce_sum(n_valid.clone(), group)
         policy = (items / world).clamp(min=1.0)
     elif luspo_normalization == "liger":
         policy = one * max(bsz * seqlen, 1)
@@ -310,7 +333,7 @@ def _normalizers(valid, loss_type, max_completion_length, num_items_in_batch, lu
     threshold = None
     bonus = metric
     if top_entropy_quantile < 1.0:
-        threshold = entropy_threshold(entropy, valid, top_entropy_quantile).to(cdt)
+        threshold = entropy_threshold(entropy, valid, top_entropy_quantile, group).to(cdt)
         bonus = high_entropy_mask(entropy, valid, threshold).sum().to(cdt).clamp(min=1.0)
     return GRPONormalizers(policy, metric, bonus, threshold)
 
@@ -384,37 +407,82 @@ def _vespo_phi(log_r, valid_f, adv, isr, cfg: _Cfg) -> torch.Tensor:
         return torch.nan_to_num(phi, nan=0.0, posinf=0.0, neginf=0.0)
 
 
-def _cov(lp, adv, valid):
-    """Detached ``(A - mean A) * (logp - mean logp)`` over the valid tokens of the micro-batch."""
+class _CovScope(NamedTuple):
+    """Clip-Cov/KL-Cov statistics over this micro-batch (``is_global`` False, verl's choice) or over
+    the valid tokens of every rank of ``group`` (None: the world)."""
+
+    is_global: bool = False
+    group: Any = None
+
+
+_LOCAL = _CovScope()
+
+
+def _cov(lp, adv, valid, scope: _CovScope = _LOCAL):
+    """Detached ``(A - mean A) * (logp - mean logp)`` over the valid tokens of the micro-batch (or of
+    every rank of the group: one all_reduce of the three sums)."""
     with torch.no_grad():
         a = adv.expand_as(lp)
         vf = valid.to(lp.dtype)
-        n = vf.sum().clamp(min=1.0)
-        mean_a = (a * vf).sum() / n
-        mean_lp = (lp * vf).sum() / n
-        return (a - mean_a) * (lp - mean_lp)
+        sums = torch.stack([vf.sum(), (a * vf).sum(), (lp * vf).sum()])
+        if scope.is_global:
+            sums = _all_reduce_sum(sums, scope.group)
+        n = sums[0].clamp(min=1.0)
+        mean_a = sums[1] / n
+        mean_lp = sums[2] / n
+        return (a - mean_a) * (lp - mean_lp), int(sums[0].item())
 
 
-def _clip_cov_selection(lp, adv, valid, clipped_by_ppo, cfg: _Cfg, generator) -> torch.Tensor:
+def _clip_cov_selection(lp, adv, valid, clipped_by_ppo, cfg: _Cfg, generator, scope: _CovScope = _LOCAL) -> torch.Tensor:
     """Bool ``[B, T]``: ``max(floor(ratio * N), 1)`` tokens drawn uniformly from the valid tokens with
-    ``lb < Cov < ub`` that the PPO clip left alone (verl ``compute_policy_loss_clip_cov``)."""
-    cov = _cov(lp, adv, valid)
+    ``lb < Cov < ub`` that the PPO clip left alone (verl ``compute_policy_loss_clip_cov``).
+
+    Global scope: ``N`` and the means are over every rank, and the draw is over the candidates of
+    every rank in rank order, made by the group's first rank with its ``generator`` and broadcast
+    (one all_gather of the candidate counts, one broadcast of the drawn indices).
+    """
+    cov, n_valid = _cov(lp, adv, valid, scope)
     cand = valid & ~clipped_by_ppo & (cov > cfg.clip_cov_lb) & (cov < cfg.clip_cov_ub)
-    n_valid = int(valid.sum().item())
     want = max(int(cfg.clip_cov_ratio * n_valid), 1)
     idx = torch.nonzero(cand.reshape(-1)).squeeze(-1)
     sel = torch.zeros(lp.numel(), dtype=torch.bool, device=lp.device)
+    gen_device = generator.device if generator is not None else "cpu"
+    d = _dist()
+    if scope.is_global and d is not None and d.get_world_size(scope.group) > 1:
+        counts = [torch.zeros(1, dtype=torch.long, device=lp.device) for _ in range(d.get_world_size(scope.group))]
+        d.all_gather(counts, torch.tensor([idx.numel()], dtype=torch.long, device=lp.device), group=scope.group)
+        counts = [int(c.item()) for c in counts]
+        total, offset = sum(counts), sum(counts[: d.get_rank(scope.group)])
+        if total == 0:
+            return sel.reshape(lp.shape)
+        chosen = torch.empty(min(want, total), dtype=torch.long, device=lp.device)
+        if d.get_rank(scope.group) == 0:
+            chosen.copy_(torch.randperm(total, generator=generator, device=gen_device)[: chosen.numel()])
+        src = 0 if scope.group is None else d.get_global_rank(scope.group, 0)
+        d.broadcast(chosen, src=src, group=scope.group)
+        mine = chosen[(chosen >= offset) & (chosen < offset + idx.numel())] - offset
+        sel[idx[mine]] = True
+        return sel.reshape(lp.shape)
     if idx.numel() > 0:
-        perm = torch.randperm(idx.numel(), generator=generator, device=generator.device if generator is not None else "cpu")
+        perm = torch.randperm(idx.numel(), generator=generator, device=gen_device)
         sel[idx[perm[: min(want, idx.numel())].to(idx.device)]] = True
     return sel.reshape(lp.shape)
 
 
-def _kl_cov_selection(lp, adv, valid, cfg: _Cfg) -> torch.Tensor:
-    """Bool ``[B, T]``: the ``max(floor(ratio * N), 1)`` valid tokens of largest Cov (verl ``kl_cov``)."""
-    cov = _cov(lp, adv, valid).reshape(-1)
+def _kl_cov_selection(lp, adv, valid, cfg: _Cfg, scope: _CovScope = _LOCAL) -> torch.Tensor:
+    """Bool ``[B, T]``: the ``max(floor(ratio * N), 1)`` valid tokens of largest Cov (verl ``kl_cov``);
+    global scope: of every rank's valid tokens (their Cov values are gathered: two all_gathers)."""
+    cov, n_valid = _cov(lp, adv, valid, scope)
+    cov = cov.reshape(-1)
     idx = torch.nonzero(valid.reshape(-1)).squeeze(-1)
     sel = torch.zeros(lp.numel(), dtype=torch.bool, device=lp.device)
+    if scope.is_global:
+        values, offset = _gather_with_offset(cov[idx], scope.group)
+        if values.numel() > 0:
+            top = torch.topk(values, max(1, int(n_valid * cfg.kl_cov_ratio)), largest=True).indices
+            mine = top[(top >= offset) & (top < offset + idx.numel())] - offset
+            sel[idx[mine]] = True
+        return sel.reshape(lp.shape)
     if idx.numel() > 0:
         want = max(1, int(idx.numel() * cfg.kl_cov_ratio))
         top = torch.topk(cov[idx], want, largest=True).indices
@@ -422,7 +490,8 @@ def _kl_cov_selection(lp, adv, valid, cfg: _Cfg) -> torch.Tensor:
     return sel.reshape(lp.shape)
 
 
-def _objective_torch(lp, old, ref, adv, valid, emask, isr, cfg: _Cfg, norms: GRPONormalizers, generator):
+def _objective_torch(lp, old, ref, adv, valid, emask, isr, cfg: _Cfg, norms: GRPONormalizers, generator,
+                     cov_scope: _CovScope = _LOCAL):
     """Policy + KL part of the loss and the per-row metric sums, by autograd-friendly torch ops.
 
     Returns ``(loss, sums)`` with ``sums`` a dict of 0-d tensors: kl, low, high, region (masked sums,
@@ -448,7 +517,7 @@ def _objective_torch(lp, old, ref, adv, valid, emask, isr, cfg: _Cfg, norms: GRP
         ell = -torch.min(c1 * adv, coef_2 * adv)
         if lt == "clip_cov":
             clipped_by_ppo = ((-adv * coef_2) > (-adv * coef_1)) & valid
-            sel = _clip_cov_selection(lp, adv, valid, clipped_by_ppo, cfg, generator)
+            sel = _clip_cov_selection(lp, adv, valid, clipped_by_ppo, cfg, generator, cov_scope)
             ell = torch.where(sel, torch.zeros_like(ell), ell)
             sums["selected"] = sel.sum().to(lp.dtype)
     elif lt == "cispo":
@@ -460,7 +529,7 @@ def _objective_torch(lp, old, ref, adv, valid, emask, isr, cfg: _Cfg, norms: GRP
     elif lt == "vespo":
         ell = -_vespo_phi(log_r, valid_f, adv, isr, cfg) * adv * lp
     else:  # kl_cov
-        sel = _kl_cov_selection(lp, adv, valid, cfg)
+        sel = _kl_cov_selection(lp, adv, valid, cfg, cov_scope)
         ell = -adv * coef_1 + torch.where(sel, cfg.ppo_kl_coef * log_r.abs(), torch.zeros_like(log_r))
         sums["selected"] = sel.sum().to(lp.dtype)
     ell = ell.expand_as(lp)
@@ -585,6 +654,8 @@ def grpo_loss(
     generator: Optional[torch.Generator] = None,
     normalizers: Optional[GRPONormalizers] = None,
     backend: str = "auto",
+    dp_group=None,
+    cov_statistics: str = "local",
 ) -> Tuple[torch.Tensor, Dict[str, torch.Tensor]]:
     """GRPO-family loss with an entropy bonus, on per-token tensors (MATH.md sections 4-6).
 
@@ -626,6 +697,17 @@ def grpo_loss(
             of whole sequences of a larger batch; the loss and metrics are then that chunk's share
             (sums over chunks give the batch values). None: the inputs are the whole batch.
         backend: ``"auto"`` (Triton kernel on CUDA, torch elsewhere), ``"torch"`` or ``"triton"``.
+        dp_group: the data-parallel ``torch.distributed`` group (ranks holding different tokens) over
+            which the batch-wide statistics are taken: the DAPO token count (one all_reduce), the
+            80/20 entropy threshold (two all_gathers) and, with ``cov_statistics="global"``, the
+            Clip-Cov/KL-Cov statistics. None: every rank (the default group) when
+            ``torch.distributed`` is initialized; nothing is reduced otherwise.
+        cov_statistics: ``"local"`` (verl: Cov means, the token count ``N`` and the selection over
+            this micro-batch) or ``"global"`` (over the valid tokens of every rank of ``dp_group``:
+            one all_reduce of three sums, plus an all_gather of the candidate counts and a broadcast
+            of the draw made by the group's first rank with its ``generator`` (Clip-Cov), or two
+            all_gathers of the Cov values (KL-Cov)). A batch split over ranks then selects what one
+            process selects on the whole batch.
 
     Returns:
         ``(loss, metrics)``: a 0-d loss (fp32; fp64 for fp64 log-probs) and a dict of detached 0-d
@@ -676,6 +758,8 @@ def _grpo_loss_entry(
     generator,
     normalizers,
     backend,
+    dp_group=None,
+    cov_statistics="local",
 ):
     """Validate the arguments of :func:`grpo_loss` and compute it; ``observe``: call the controller."""
     # ---- validation -----------------------------------------------------------------------
@@ -751,6 +835,8 @@ def _grpo_loss_entry(
         if (normalizers.entropy_threshold is None) != (top_entropy_quantile == 1.0):
             raise ValueError("normalizers were built with a different top_entropy_quantile")
     be = _resolve_backend(backend, logprobs.device)
+    _check_choice("cov_statistics", cov_statistics, COV_STATISTICS)
+    _check_dp_group(dp_group)
 
     cfg = _Cfg(loss_type, importance_sampling_level == "sequence", float(epsilon_low), float(epsilon_high),
                None if delta is None else float(delta), float(beta), use_bias_correction_kl,
@@ -761,12 +847,12 @@ def _grpo_loss_entry(
     return _grpo_loss_impl(logprobs, advantages, mask, old_logprobs, ref_logprobs, entropy, clamped_entropy,
                            bonus_entropy, is_ratio, cfg, coef, entropy_controller, top_entropy_quantile,
                            max_completion_length, num_items_in_batch, generator, normalizers, be,
-                           observe=observe)
+                           observe=observe, dp_group=dp_group, cov_global=cov_statistics == "global")
 
 
 def _grpo_loss_impl(logprobs, advantages, mask, old, ref, entropy, clamped, bonus_entropy, isr, cfg: _Cfg,
                     coef, controller, q, max_completion_length, num_items_in_batch, generator, norms, backend,
-                    observe: bool):
+                    observe: bool, dp_group=None, cov_global: bool = False):
     cdt = _compute_dtype(logprobs.dtype)
     valid = mask.bool() if mask.dtype != torch.bool else mask
     # Masked positions are replaced by neutral values so that -inf/NaN there never reaches the loss.
@@ -793,7 +879,7 @@ def _grpo_loss_impl(logprobs, advantages, mask, old, ref, entropy, clamped, bonu
 
     if norms is None:
         norms = _normalizers(valid, cfg.loss_type, max_completion_length, num_items_in_batch,
-                             "liger" if cfg.luspo_liger else "trl", q, bonus_entropy, cdt)
+                             "liger" if cfg.luspo_liger else "trl", q, bonus_entropy, cdt, dp_group)
     else:
         norms = GRPONormalizers(*(None if t is None else t.to(device=lp.device, dtype=cdt) for t in norms))
     emask = None
@@ -803,7 +889,8 @@ def _grpo_loss_impl(logprobs, advantages, mask, old, ref, entropy, clamped, bonu
     if backend == "triton" and cfg.loss_type not in COV_TYPES:
         policy, sums = _objective_triton(lp, old_, ref_, adv, valid, emask, isr_, cfg, norms)
     else:
-        policy, sums = _objective_torch(lp, old_, ref_, adv, valid, emask, isr_, cfg, norms, generator)
+        policy, sums = _objective_torch(lp, old_, ref_, adv, valid, emask, isr_, cfg, norms, generator,
+                                        _CovScope(cov_global, dp_group))
 
     metrics: Dict[str, torch.Tensor] = {"policy_loss": policy.detach()}
     loss = policy
