@@ -91,11 +91,61 @@ def _tp_worker(rank, world, dtypes, cases, backend):
             x, w, b, y, a = _head(dtype, case)
             res[(dtype, case)] = _forward_backward(x, _shard(w, world, rank), _shard(b, world, rank), y, a, case,
                                                    process_group=dist.group.WORLD, backend=backend)
+    dp = [dist.new_group([r]) for r in range(world)][rank]  # tensor parallelism only: no data parallelism
+    for dtype in dtypes:
+        for case in MODULE_CASES:
+            inputs = _module_inputs(dtype, case)
+            res[("module", dtype, case)] = _module_loss(inputs, case, world=world, rank=rank,
+                                                        process_group=dist.group.WORLD, dp_group=dp)
     # hidden_grad="partial": each rank's share, summed by the caller
     x, w, b, y, a = _head(torch.float64, "topk3")
     res["partial"] = _forward_backward(x, _shard(w, world, rank), _shard(b, world, rank), y, a, "topk3",
                                        process_group=dist.group.WORLD, hidden_grad="partial")[1]
     return res
+
+
+# LinearGRPOLoss with the head split over the ranks (two passes through linear_logprobs)
+MODULE_CASES = {
+    "dapo_bonus_8020": dict(loss_type="dapo", entropy_coef=0.05, top_entropy_quantile=0.5, beta=0.04),
+    "grpo_clamped_bonus": dict(loss_type="grpo", entropy_coef=0.03, entropy_source="clamped", clamp_p=0.3,
+                               beta=0.0, temperature=0.8),
+    "kl_cov_topk_ref_input": dict(loss_type="kl_cov", kl_cov_ratio=0.2, topk=4, beta=0.1),
+}
+
+
+def _module_inputs(dtype, case):
+    g = torch.Generator().manual_seed(11)
+    bsz, seq = 2, 5
+    x = torch.randn(bsz, seq, H, generator=g, dtype=torch.float64).to(dtype)
+    w = (torch.randn(VOCAB, H, generator=g, dtype=torch.float64) * 0.7).to(dtype)
+    b = torch.randn(VOCAB, generator=g, dtype=torch.float64).to(dtype)
+    ids = torch.randint(0, VOCAB, (bsz, seq), generator=g)
+    mask = torch.ones(bsz, seq, dtype=torch.long)
+    mask[1, 3:] = 0
+    adv = torch.randn(bsz, generator=g, dtype=torch.float64).to(dtype)
+    old = (-torch.rand(bsz, seq, generator=g, dtype=torch.float64) * 3).to(dtype)
+    ref = (-torch.rand(bsz, seq, generator=g, dtype=torch.float64) * 3).to(dtype)
+    ref_x = torch.randn(bsz, seq, H, generator=g, dtype=torch.float64).to(dtype)
+    ref_w = torch.randn(VOCAB, H, generator=g, dtype=torch.float64).to(dtype)
+    return x, w, b, ids, mask, adv, old, ref, ref_x, ref_w
+
+
+def _module_loss(inputs, case, world=None, rank=None, **kw):
+    from fused_entropy import LinearGRPOLoss
+
+    x, w, b, ids, mask, adv, old, ref, ref_x, ref_w = inputs
+    if world is not None:
+        w, b, ref_w = (_shard(t, world, rank) for t in (w, b, ref_w))
+    loss_fn = LinearGRPOLoss(**MODULE_CASES[case], **kw)
+    x, w, b = (t.clone().requires_grad_() for t in (x, w, b))
+    if case == "kl_cov_topk_ref_input":  # the reference log-probs from the (sharded) reference head
+        loss, metrics = loss_fn(x, w, ids, mask, adv, bias=b, old_per_token_logps=old, ref_input=ref_x,
+                                ref_weight=ref_w)
+    else:
+        loss, metrics = loss_fn(x, w, ids, mask, adv, bias=b, old_per_token_logps=old, ref_per_token_logps=ref)
+    loss.backward()
+    assert world is None or loss_fn.last_path == "two"
+    return loss.detach(), x.grad, w.grad, b.grad, loss_fn.last_metrics
 
 
 def _tol(dtype):
@@ -127,6 +177,21 @@ def test_vocab_parallel_equals_single_process(world, tmp_path):
     dtypes = (torch.float64, torch.float32)
     results = run_ranks(_tp_worker, world, tmp_path, dtypes, tuple(CASES), "torch")
     _check_against_single_process(results, world, dtypes, tuple(CASES))
+    for dtype in dtypes:
+        for case in MODULE_CASES:
+            loss, gx, gw, gb, metrics = _module_loss(_module_inputs(dtype, case), case)
+            for rank, res in enumerate(results):
+                got = res[("module", dtype, case)]
+                where = f"LinearGRPOLoss {case} {dtype} rank {rank}/{world}"
+                torch.testing.assert_close(got[0], loss, **_tol(dtype), msg=lambda m: f"{where} loss: {m}")
+                torch.testing.assert_close(got[1], gx, **_tol(dtype), msg=lambda m: f"{where} d _input: {m}")
+                torch.testing.assert_close(got[2], _shard(gw, world, rank), **_tol(dtype),
+                                           msg=lambda m: f"{where} d lin_weight: {m}")
+                torch.testing.assert_close(got[3], _shard(gb, world, rank), **_tol(dtype),
+                                           msg=lambda m: f"{where} d bias: {m}")
+                for name in ("entropy", "clamped_entropy", "kl", "cov/selected_mean"):
+                    if name in metrics:
+                        torch.testing.assert_close(got[4][name], metrics[name], **_tol(dtype))
     # the tie case really has a tie at tau spread over shards, and -inf really is tau in neg_inf
     x, w, b, y, a = _head(torch.float64, "ties")
     z = x[1, 0] @ w.T + b
@@ -291,6 +356,34 @@ def _loss_and_grad(lp, adv, mask, **kw):
     return loss.detach(), x.grad
 
 
+DP_MODULE_CASES = {
+    "module_8020": dict(loss_type="dapo", top_entropy_quantile=Q, beta=0.0),
+    "module_dapo_single_pass": dict(loss_type="dapo", beta=0.0, single_pass=True),
+}
+
+
+def _dp_head(i):
+    g = torch.Generator().manual_seed(60 + i)
+    b = (2, 3, 2)[i]
+    x = torch.randn(b, SEQ, H, generator=g, dtype=torch.float64)
+    w = torch.randn(VOCAB, H, generator=torch.Generator().manual_seed(5), dtype=torch.float64)  # replicated
+    ids = torch.randint(0, VOCAB, (b, SEQ), generator=g)
+    mask = torch.rand(b, SEQ, generator=g) > (0.2, 0.6, 0.4)[i]
+    adv = torch.randn(b, generator=g, dtype=torch.float64)
+    old = -torch.rand(b, SEQ, generator=g, dtype=torch.float64) * 3
+    return x, w, ids, mask, adv, old
+
+
+def _dp_module_loss(head, **kw):
+    from fused_entropy import LinearGRPOLoss
+
+    x, w, ids, mask, adv, old = head
+    x, w = x.clone().requires_grad_(), w.clone().requires_grad_()
+    loss, _ = LinearGRPOLoss(**kw)(x, w, ids, mask, adv, old_per_token_logps=old)
+    loss.backward()
+    return loss.detach(), x.grad, w.grad
+
+
 def _dp_worker(rank, world):
     from fused_entropy import grpo_normalizers
 
@@ -309,6 +402,9 @@ def _dp_worker(rank, world):
         gen = torch.Generator().manual_seed(3)
         res[lt] = _loss_and_grad(lp, adv, mask, old_logprobs=old, loss_type=lt, generator=gen, dp_group=dp,
                                  cov_statistics="global", **COV_KW)
+    # LinearGRPOLoss: the 80/20 threshold (two passes) and the DAPO count (single pass) over dp_group
+    for name, kw in DP_MODULE_CASES.items():
+        res[name] = _dp_module_loss(_dp_head(rank), dp_group=dp, **kw)
     # local statistics stay local (verl): this rank's micro-batch alone
     res["kl_cov_local"] = _loss_and_grad(lp, adv, mask, old_logprobs=old, loss_type="kl_cov", dp_group=dp,
                                            cov_statistics="local", **COV_KW)
@@ -363,6 +459,16 @@ def test_data_parallel_statistics_equal_one_process(tmp_path):
                                        num_items_in_batch=n_all / world, **COV_KW)
                 torch.testing.assert_close(got["kl_cov_local"][1], local[1], rtol=1e-12, atol=1e-14)
                 assert not torch.allclose(got["kl_cov"][1], got["kl_cov_local"][1])
+        # LinearGRPOLoss on each rank's tokens: the ranks' mean loss and weight gradient (what data
+        # parallelism averages) are one process's over all the group's tokens
+        heads = [_dp_head(r) for r in members]
+        cat_head = tuple(torch.cat(parts) if i != 1 else parts[0] for i, parts in enumerate(zip(*heads)))
+        for name, kw in DP_MODULE_CASES.items():
+            loss, gx, gw = _dp_module_loss(cat_head, **kw)
+            got = [results[r][name] for r in members]
+            assert sum(g[0] for g in got).item() / world == pytest.approx(loss.item(), rel=1e-12)
+            torch.testing.assert_close(sum(g[2] for g in got) / world, gw, rtol=1e-10, atol=1e-13)
+            torch.testing.assert_close(torch.cat([g[1] for g in got]) / world, gx, rtol=1e-10, atol=1e-13)
         if world > 1:
             assert sum(results[r]["clip_cov"][0] for r in members) / world == pytest.approx(
                 cov_ref["clip_cov"][0].item(), rel=1e-12)

@@ -99,6 +99,20 @@ class LinearGRPOLoss(nn.Module):
             whose normalizers are known from the masks (no 80/20 mask, no Clip-Cov/KL-Cov) and a
             backend with ``linear_forward_backward``. Sequence-level objectives (GSPO, vespo) are
             chunked by whole sequences, up to ``WHOLE_SEQUENCE_MAX_ELEMENTS`` logits per chunk.
+        process_group: a ``torch.distributed`` group over which the LM head is split by vocabulary
+            (tensor parallelism): every rank passes its contiguous shard of ``lin_weight`` (and
+            ``bias``, ``ref_weight``, ``ref_bias``) and the same ``_input``, global token ids, masks
+            and advantages. Log-probs and (clamped) entropies are the exact global ones
+            (``linear_logprobs(process_group=...)``, whose docstring states the collectives), the
+            loss takes the two-pass path, ``_input`` gets the full gradient on every rank and each
+            weight shard its own. ``topk``/``clamp_p`` refer to the global vocabulary. With
+            ``loss_type="luspo"`` (every position computed) each id >= 0 must be a vocabulary id,
+            masked positions included.
+        dp_group: the data-parallel group (ranks holding different tokens) over which the DAPO token
+            count, the 80/20 threshold and global Cov statistics are taken (None: every rank). With
+            ``process_group`` pass it explicitly: the world would give the 80/20 threshold each token
+            once per tensor-parallel rank.
+        cov_statistics: ``"local"`` or ``"global"`` Clip-Cov/KL-Cov statistics (see ``grpo_loss``).
         rows_per_chunk: rows per chunk of the single pass (default: about ``SINGLE_PASS_ELEMENTS``
             logits per chunk, i.e. two 8 MiB fp32 blocks).
 
@@ -154,6 +168,9 @@ class LinearGRPOLoss(nn.Module):
         backend: str = "auto",
         single_pass: Optional[bool] = None,
         rows_per_chunk: Optional[int] = None,
+        process_group=None,
+        dp_group=None,
+        cov_statistics: str = "local",
     ):
         super().__init__()
         # Everything knowable without tensors is checked here, with the argument's name.
@@ -209,6 +226,10 @@ class LinearGRPOLoss(nn.Module):
         why = self._two_pass_reason(loss_type, top_entropy_quantile)
         if single_pass and why is not None:
             raise ValueError(f"single_pass=True is not possible: {why}")
+        G._check_choice("cov_statistics", cov_statistics, G.COV_STATISTICS)
+        if single_pass and process_group is not None:
+            raise ValueError("single_pass=True is not possible with process_group: the vocabulary-parallel head "
+                             "needs every rank's statistics before any gradient")
 
         self.beta = beta
         self.compiled = compiled
@@ -245,6 +266,9 @@ class LinearGRPOLoss(nn.Module):
         self.backend = backend
         self.single_pass = single_pass
         self.rows_per_chunk = rows_per_chunk
+        self.process_group = process_group
+        self.dp_group = dp_group
+        self.cov_statistics = cov_statistics
         self.last_metrics: Dict[str, torch.Tensor] = {}
         self.last_path: Optional[str] = None
 
@@ -286,6 +310,8 @@ class LinearGRPOLoss(nn.Module):
             kl_cov_ratio=self.kl_cov_ratio,
             ppo_kl_coef=self.ppo_kl_coef,
             generator=self.generator,
+            dp_group=self.dp_group,
+            cov_statistics=self.cov_statistics,
         )
 
     def _coef(self) -> float:
@@ -316,6 +342,11 @@ class LinearGRPOLoss(nn.Module):
         vllm_is_ratio=None,
         num_items_in_batch=None,
     ) -> Tuple[torch.Tensor, Tuple[torch.Tensor, ...]]:
+        if self.process_group is not None:
+            return self._forward_vocab_parallel(
+                _input, lin_weight, selected_token_ids, attention_mask, advantages, bias, ref_per_token_logps,
+                old_per_token_logps, ref_input, ref_weight, ref_bias, vllm_is_ratio, num_items_in_batch,
+            )
         bsz, seqlen, vocab = self._check_inputs(
             _input, lin_weight, selected_token_ids, attention_mask, advantages, bias, ref_per_token_logps,
             old_per_token_logps, vllm_is_ratio,
@@ -450,6 +481,7 @@ class LinearGRPOLoss(nn.Module):
             stats = linear_logprobs(
                 ref_input, ref_weight, targets, bias=ref_bias, temperature=tf.temperature, softcap=tf.softcap,
                 logit_scale=tf.logit_scale, ignore_index=_IGNORE, entropy=False, backend=self.backend,
+                process_group=self.process_group,
             )
         return stats.logprobs
 
@@ -457,6 +489,45 @@ class LinearGRPOLoss(nn.Module):
         kw = self._loss_options()
         kw.update(old_logprobs=old, ref_logprobs=ref, is_ratio=is_ratio, num_items_in_batch=num_items_in_batch)
         return kw
+
+    def _forward_vocab_parallel(self, x, w, selected_token_ids, mask, advantages, bias, ref_lp, old_lp, ref_input,
+                                ref_weight, ref_bias, is_ratio, num_items_in_batch):
+        """``forward`` with the head split over ``process_group``: two passes through
+        ``linear_logprobs(process_group=...)``. A check that fails here fails on every rank (this
+        rank joins the agreement collective the others are entering, then raises)."""
+        from . import _distributed as D
+
+        group = self.process_group
+        D.check_group(group)
+        try:
+            bsz, seqlen, _ = self._check_inputs(x, w, selected_token_ids, mask, advantages, bias, ref_lp, old_lp,
+                                                is_ratio)
+            valid = mask.bool()
+            ids = selected_token_ids.long()
+            inside = ids[valid]
+            if inside.numel() and bool((inside < 0).any()):
+                raise ValueError(f"selected_token_ids inside attention_mask must be global vocabulary ids; "
+                                 f"found {int(inside[inside < 0][0])}")
+            # the range [0, V) of the global vocabulary is checked by linear_logprobs on all ranks together
+            keep = valid | (ids >= 0) if self.loss_type == "luspo" else valid
+            targets = torch.where(keep, ids, torch.full_like(ids, _IGNORE))
+            tf = LogitTransform(float(self.temperature), None if self.softcap is None else float(self.softcap),
+                                float(self.logit_scale))
+        except (TypeError, ValueError) as e:
+            D.agree(group, e)
+            raise
+        ref = self._reference_logprobs(ref_lp, ref_input, ref_weight, ref_bias, targets, bsz, seqlen, tf, None)
+        observe = self.training and torch.is_grad_enabled() and self.entropy_controller is not None
+        needs_grad = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (x, w, bias))
+        loss, metrics = self._two_pass(
+            x, w, bias, targets, advantages=advantages, mask=mask, old=old_lp, ref=ref, is_ratio=is_ratio,
+            num_items_in_batch=num_items_in_batch, coef=self._coef(), observe=observe, k=None, tf=tf, be=None,
+        )
+        self.last_path = "two" if needs_grad else "forward"
+        self.last_metrics = metrics
+        out = [metrics["kl"]] if self.beta != 0.0 else []
+        out.append(metrics["clip_ratio/region_mean"])
+        return loss, tuple(out)
 
     # -----------------------------------------------------------------------------------------
     # two passes: linear_logprobs (autograd) -> grpo_loss -> backward recomputes the logits
@@ -467,6 +538,7 @@ class LinearGRPOLoss(nn.Module):
         stats = linear_logprobs(
             x, w, targets, bias=bias, temperature=tf.temperature, softcap=tf.softcap, logit_scale=tf.logit_scale,
             ignore_index=_IGNORE, entropy=True, topk=self.topk, clamp_p=self.clamp_p, backend=self.backend,
+            process_group=self.process_group,
         )
         logp = stats.logprobs
         if self.beta != 0.0 and ref is None:
@@ -504,7 +576,7 @@ class LinearGRPOLoss(nn.Module):
         step = max(1, min(step, n_rows)) if n_rows > 0 else 1
         norms = G.grpo_normalizers(
             mask, loss_type=self.loss_type, max_completion_length=self.max_completion_length,
-            num_items_in_batch=num_items_in_batch, luspo_normalization="liger", dtype=cdt,
+            num_items_in_batch=num_items_in_batch, luspo_normalization="liger", dtype=cdt, dp_group=self.dp_group,
         )
         has_k = k is not None
         bonus_src = self.entropy_source
