@@ -92,11 +92,18 @@ def check_group(process_group, arg: str = "process_group"):
 
 
 def _comm_device(group, device: torch.device) -> torch.device:
-    """NCCL moves CUDA tensors only; every other backend here is fine with CPU tensors."""
-    dist = _dist()
-    if device.type == "cuda" or dist.get_backend(group) == "nccl":
-        return device if device.type == "cuda" else torch.device("cuda", torch.cuda.current_device())
-    return torch.device("cpu")
+    """Where a collective's tensors go: the data's own device, except that CPU data moves to the current
+    accelerator when the group has no CPU backend (NCCL and the like; gloo and MPI take CPU tensors)."""
+    if device.type != "cpu":
+        return device
+    backend = str(_dist().get_backend(group)).lower()
+    if "gloo" in backend or "mpi" in backend:
+        return device
+    acc = getattr(torch, "accelerator", None)
+    if acc is not None and acc.current_accelerator() is not None:
+        kind = acc.current_accelerator().type
+        return torch.device(kind, acc.current_device_index())
+    return torch.device("cuda", torch.cuda.current_device())
 
 
 def _float_bits(x: Optional[float]) -> int:
@@ -150,7 +157,7 @@ def _describe(name: str, col: Sequence[int]) -> str:
 def agree(group, local_error: Optional[BaseException], *, weight=None, hidden=None, targets=None, bias=None,
           tf: Optional[LogitTransform] = None, ignore_index: Optional[int] = None, entropy: bool = True,
           topk=None, clamp_p=None, vocab_size=None, backend_name: str = "torch", hidden_grad: str = "full",
-          grad_x: bool = False, device=None) -> ShardLayout:
+          grad_x: bool = False) -> ShardLayout:
     """All ranks exchange their shard size and a fingerprint of their inputs in ONE all_gather, then
     either all raise the same error or all return the same :class:`ShardLayout`.
 
@@ -180,7 +187,8 @@ def agree(group, local_error: Optional[BaseException], *, weight=None, hidden=No
         )
     else:
         row["status"] = 1
-    dev = _comm_device(group, device if device is not None else torch.device("cpu"))
+    # CPU data for every rank alike (a rank that failed its checks may not know a device)
+    dev = _comm_device(group, torch.device("cpu"))
     mine = torch.tensor([row[f] for f in _FIELDS], dtype=torch.int64, device=dev)
     parts = [torch.empty_like(mine) for _ in range(world)]
     dist.all_gather(parts, mine, group=group)

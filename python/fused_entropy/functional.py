@@ -184,7 +184,7 @@ def _linear_logprobs_vocab_parallel(hidden, weight, targets, bias, temperature, 
     from . import _distributed as D
 
     D.check_group(group)
-    err, tf, be, be_name, device = None, None, None, "torch", None
+    err, tf, be, be_name = None, None, None, "torch"
     try:
         _, h, tf = _check_linear(hidden, weight, targets, bias, temperature, softcap, logit_scale, ignore_index)
         device = hidden.device
@@ -206,7 +206,7 @@ def _linear_logprobs_vocab_parallel(hidden, weight, targets, bias, temperature, 
     grad_x = torch.is_grad_enabled() and isinstance(hidden, torch.Tensor) and hidden.requires_grad
     layout = D.agree(group, err, weight=weight, hidden=hidden, targets=targets, bias=bias, tf=tf,
                      ignore_index=ignore_index, entropy=entropy, topk=topk, clamp_p=clamp_p, vocab_size=vocab_size,
-                     backend_name=be_name, hidden_grad=hidden_grad, grad_x=grad_x, device=device)
+                     backend_name=be_name, hidden_grad=hidden_grad, grad_x=grad_x)
     lead = targets.shape
     x = hidden.reshape(-1, h).contiguous()
     y = targets.reshape(-1).long().contiguous()
