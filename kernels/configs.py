@@ -1,22 +1,27 @@
 """Block sizes, warps and stages of every kernel: frozen defaults, test overrides, autotuning, AOT list.
 
-Frozen defaults were chosen for H100 (sm_90) on paper and checked by compiling for sm_90/sm_80
-(``triton.compile`` + ``cuobjdump -res-usage``: no spills; bf16 GEMM tiles lower to wgmma):
+Frozen defaults were chosen for H100 (sm_90) on paper and checked by compiling every build in
+``aot_specs()`` for sm_90 and sm_80 (``triton.compile`` + ``cuobjdump -res-usage``): no spills
+(no local memory), and the 16-bit GEMM tiles lower to wgmma (HGMMA) on sm_90.
 
-- GEMM kernels (linear_stats, linear_grad, topk linear_radix): 128 x 128 output tiles feed
-  tensor cores (wgmma m64n128k16 per warpgroup, 2 warpgroups); the fp32 accumulator is 64
-  registers per thread at 8 warps. BLOCK_H = 64 for 16-bit inputs: a stage holds two 16 KiB
-  operand tiles, 4 stages = 128 KiB of shared memory, under the 227 KiB of sm_90 and the
-  163 KiB of sm_80. fp32 inputs use BLOCK_H = 32 (same bytes per stage). fp64 runs on DMMA
-  with 64 x 64 tiles. Forward and backward share BLOCK_N/V/H so the backward's recomputed
-  logits are bitwise the forward's (the top-k tie test needs that); only warps/stages differ.
-- Logits kernels stream memory: 16 x 512 tiles, 8 warps, 32 elements per thread.
+- GEMM kernels (linear_stats, linear_radix, linear_grad), 16-bit inputs: 128 x 64 output tiles,
+  8 warps (two warpgroups of wgmma m64n64k16 on sm_90, mma.sync m16n8k16 on sm_80),
+  BLOCK_H = 32, 5 stages forward / 4 backward (12 KiB of operands per stage, <= 80 KiB of shared
+  memory). Larger tiles were tried: 128 x 128 spills in the backward (z, dz and the softmax terms
+  live at once when every gradient is on), and BLOCK_H = 64 spills 16 bytes in the sm_80 backward.
+  fp32 inputs ("ieee" products run on FMA units, operands in registers): 64 x 64 x 16, 4 warps.
+  fp64 (DMMA): 32 x 32 x 16, 4 warps.
+  Forward, radix passes and backward share BLOCK_N/V/H and num_warps so the backward's
+  recomputed logits are bitwise the forward's (the top-k tie test z == tau needs that).
+- Logits kernels stream memory: 16 x 256 tiles (8 x 256 for fp64), 8 warps.
 
-``FUSED_ENTROPY_AUTOTUNE=1`` lets the launcher tune num_warps/num_stages (never block sizes, for
-the reason above) once per key (kernel, dtype, H, V, N rounded up to a power of two).
+``FUSED_ENTROPY_AUTOTUNE=1`` lets the launcher tune the pipeline depth of the GEMM kernels and the
+warps of the streaming kernels (never block sizes or GEMM warps, for the reason above), once per
+key (kernel, dtype, H, V, N rounded up to a power of two, which outputs are formed).
 
-This module imports triton only, never torch. ``aot_specs()`` lists every shipped
-(kernel, signature, constexprs, num_warps, num_stages) for an ahead-of-time compile gate.
+This module imports triton only, never torch. ``aot_specs()`` lists every shipped build as an
+``AotSpec`` (name, fn, signature, constexprs, attrs, num_warps, num_stages) for an ahead-of-time
+compile gate.
 """
 import contextlib
 import os
@@ -38,13 +43,19 @@ class Config:
 DTYPES = ("bf16", "fp16", "fp32", "fp64")
 
 _GEMM = {
-    "bf16": Config(128, 128, 64, num_warps=8, num_stages=4),
-    "fp16": Config(128, 128, 64, num_warps=8, num_stages=4),
-    "fp32": Config(128, 128, 32, num_warps=8, num_stages=3),
-    "fp64": Config(64, 64, 16, num_warps=4, num_stages=2),
+    "bf16": Config(128, 64, 32, num_warps=8, num_stages=5),
+    "fp16": Config(128, 64, 32, num_warps=8, num_stages=5),
+    "fp32": Config(64, 64, 16, num_warps=4, num_stages=4),
+    "fp64": Config(32, 32, 16, num_warps=4, num_stages=2),
 }
-_GEMM_GRAD = {k: replace(c, num_stages=min(c.num_stages, 3)) for k, c in _GEMM.items()}
-_STREAM = {d: Config(16, 512, num_warps=8, num_stages=1) for d in DTYPES}
+# the backward holds more live tiles; fewer stages leave it more shared memory and registers
+_GEMM_GRAD = {
+    "bf16": replace(_GEMM["bf16"], num_stages=4),
+    "fp16": replace(_GEMM["fp16"], num_stages=4),
+    "fp32": replace(_GEMM["fp32"], num_stages=3),
+    "fp64": _GEMM["fp64"],
+}
+_STREAM = {d: Config(8 if d == "fp64" else 16, 256, num_warps=8, num_stages=1) for d in DTYPES}
 
 DEFAULTS = {
     "linear_stats": _GEMM,
@@ -104,15 +115,13 @@ def autotune_enabled() -> bool:
 
 
 def autotune_candidates(kernel: str, dtype: str):
-    """(num_warps, num_stages) pairs tried when autotuning; block sizes stay frozen."""
+    """(num_warps, num_stages) pairs tried when autotuning. GEMM kernels vary only the pipeline
+    depth: block sizes and warps fix the arithmetic of a logit tile, which forward and backward
+    must share. Streaming kernels compute z elementwise and may vary their warps."""
     base = get(kernel, dtype)
     if base.block_h:
-        pairs = [(4, 3), (8, 3), (8, 4), (8, 5)] if dtype != "fp64" else [(4, 2), (4, 3), (8, 2)]
-    else:
-        pairs = [(4, 1), (8, 1), (16, 1)]
-    if (base.num_warps, base.num_stages) not in pairs:
-        pairs.insert(0, (base.num_warps, base.num_stages))
-    return pairs
+        return [(base.num_warps, s) for s in sorted({2, 3, 4, 5, base.num_stages})]
+    return sorted({(4, 1), (8, 1), (16, 1), (base.num_warps, base.num_stages)})
 
 
 def bucket(n: int) -> int:
