@@ -53,6 +53,10 @@ def _head(dtype, case):
         # whole shards of -inf bias (rank 1's single row in the 3-rank layout, rows 3-5 in the 2-rank
         # one); topk=16 reaches into the -inf logits (tau = -inf, tied)
         b[[3, 4, 5]] = -torch.inf
+    if case == "all_neg_inf":  # every logit -inf: log-prob -inf, entropies 0, gradients 0 (never NaN)
+        b[:] = -torch.inf
+    if case == "empty":
+        x, y, a = x[:0], y[:0], a[:, :0]
     return x.to(dtype), w.to(dtype), b.to(dtype), y, a
 
 
@@ -64,10 +68,13 @@ CASES = {
     "clamp_p": dict(clamp_p=0.3),
     "neg_inf": dict(topk=16),
     "clamp_p_transform": dict(clamp_p=0.25, temperature=1.4, softcap=2.5),
+    "all_neg_inf": dict(topk=2),
+    "empty": dict(topk=2),
 }
 # which outputs the loss uses, per case (the others get no gradient, i.e. None upstream)
 USES = {"logp_entropy": (1, 1, 0), "transform": (1, 0, 0), "topk3": (1, 1, 1), "ties": (0, 0, 1),
-        "clamp_p": (1, 1, 1), "neg_inf": (1, 1, 1), "clamp_p_transform": (0, 1, 1)}
+        "clamp_p": (1, 1, 1), "neg_inf": (1, 1, 1), "clamp_p_transform": (0, 1, 1), "all_neg_inf": (1, 1, 1),
+        "empty": (1, 1, 1)}
 
 
 def _forward_backward(x, w, b, y, a, case, **extra):
