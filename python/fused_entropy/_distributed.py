@@ -19,7 +19,8 @@ Those ``[N]`` statistics are gathered and merged identically on every rank (MATH
 Clamped entropy (MATH.md section 3) needs the k-th largest logit ``tau`` of the whole row. It is
 found exactly by a radix select on order-preserving integer keys of the logits: per digit, every
 rank counts the digits of its logits that share the prefix chosen so far into a per-row histogram
-(``[N, 2048]`` int32), the histograms are all-reduced, and every rank picks the same bin. The
+(``[N, 2^bits]`` int32: 11-bit digits, 10 for the last), the histograms are all-reduced, and every
+rank picks the same bin. The
 last digit's bins are single floats, so ``tau``, ``#{z > tau}`` and ``#{z == tau}`` are exact and
 global, the tie weight is ``tie_frac = (k - #{z > tau}) / #{z == tau}`` over the whole vocabulary,
 and the clamped sums (shifted by the global lse ``c``)::
@@ -32,7 +33,9 @@ give ``lse_S = c + log s_S`` and ``H~ = log s_S - t_S / s_S`` (``t_S`` likewise 
 Backward: the backend's gradient formulas only need the row's global statistics (``lse``, ``H``,
 ``tau``, ``tie_frac``, ``lse_S``, ``H~``), so each rank calls the backend's backward on its shard
 with the global statistics substituted: that gives the exact gradient of its weight (and bias)
-shard and its share of the hidden gradient, which is all-reduced (fp32) into the full one.
+shard and its share of the hidden gradient, which is all-reduced into the full one in the compute
+dtype (fp32; fp64 for fp64 inputs; for 16-bit inputs each rank's share is rounded to the input dtype
+by the backend first, then summed in fp32).
 
 Collectives per call (``process_group`` of any ``torch.distributed`` backend):
 
@@ -43,8 +46,9 @@ Collectives per call (``process_group`` of any ``torch.distributed`` backend):
   (``R`` = 3 digits for fp32 logits, i.e. fp16/bf16/fp32 inputs; 6 for fp64);
 - backward: 1 ``all_reduce`` of the ``[N, H]`` hidden gradient (none with ``hidden_grad="partial"``).
 
-Local work with clamped entropy (torch backend): the forward plus ``R`` passes that recompute the
-shard's logits (one matrix product each). No ``[N, V]`` buffer on any rank.
+Local work with clamped entropy (torch backend; the Triton backend cannot take clamped entropy with
+a process group yet): the forward plus ``R`` passes that recompute the shard's logits (one matrix
+product each, through ``backend.linear_logit_blocks``). No ``[N, V]`` buffer on any rank.
 """
 from __future__ import annotations
 
