@@ -201,9 +201,9 @@ def test_grad_only_on_entropy_skips_logprob_work(monkeypatch):
     seen = {}
     real = torch_chunked.linear_backward
 
-    def spy(*args):
+    def spy(*args, **kwargs):
         seen["g_lp"], seen["g_ent"] = args[7], args[8]
-        return real(*args)
+        return real(*args, **kwargs)
 
     monkeypatch.setattr(torch_chunked, "linear_backward", spy)
     x, w, b, y = make(8, 8, 20)
@@ -211,3 +211,28 @@ def test_grad_only_on_entropy_skips_logprob_work(monkeypatch):
     out = fe.linear_logprobs(xa, w, y, bias=b, backend="torch")
     out.entropy.sum().backward()
     assert seen["g_lp"] is None and seen["g_ent"] is not None
+
+
+@pytest.mark.parametrize("frozen", ["weight", "hidden"])
+def test_frozen_input_gets_no_gradient_work(frozen, monkeypatch):
+    """needs_input_grad reaches the backend: a frozen weight costs no dW product, and vice versa."""
+    seen = {}
+    real = torch_chunked.linear_backward
+
+    def spy(*args, **kwargs):
+        out = real(*args, **kwargs)
+        seen["needs"], seen["out"] = kwargs["needs"], out
+        return out
+
+    monkeypatch.setattr(torch_chunked, "linear_backward", spy)
+    x, w, b, y = make(8, 8, 20)
+    xa, wa = leaves(x, w)
+    (wa if frozen == "weight" else xa).requires_grad_(False)
+    out = fe.linear_logprobs(xa, wa, y, backend="torch")
+    out.logprobs.sum().backward()
+    live, gold = (xa, x) if frozen == "weight" else (wa, w)
+    gold = gold.clone().requires_grad_(True)
+    R.linear_logprobs(*((gold, w) if frozen == "weight" else (x, gold)), y).logprobs.sum().backward()
+    assert seen["needs"] == (frozen != "hidden", frozen != "weight", False)
+    assert (seen["out"][1] is None) == (frozen == "weight") and (seen["out"][0] is None) == (frozen == "hidden")
+    torch.testing.assert_close(live.grad, gold.grad, rtol=1e-9, atol=1e-10)

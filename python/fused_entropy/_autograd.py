@@ -59,11 +59,13 @@ class LinearLogprobsFunction(torch.autograd.Function):
         stats = _stats_from(saved, entropy, k is not None)
         valid = targets != ignore_index
         g_lp, g_ent, g_cl = (_masked_grad(g, valid) for g in (g_lp, g_ent if entropy else None, g_cl if k is not None else None))
-        gx, gw, gb = backend.linear_backward(x, weight, bias, targets, tf, ignore_index, stats, g_lp, g_ent, g_cl, k)
+        needs = tuple(ctx.needs_input_grad[:3])  # a frozen weight (reference model) costs no dW product
+        gx, gw, gb = backend.linear_backward(x, weight, bias, targets, tf, ignore_index, stats, g_lp, g_ent, g_cl, k,
+                                             needs=needs)
         return (
-            gx if ctx.needs_input_grad[0] else None,
-            gw if ctx.needs_input_grad[1] else None,
-            gb if bias is not None and ctx.needs_input_grad[2] else None,
+            gx,
+            gw,
+            gb if bias is not None else None,
             None, None, None, None, None, None,
         )
 

@@ -7,7 +7,8 @@ or None, ``targets [N]`` int64 (``ignore_index`` marks ignored rows), ``tf`` a `
 
     linear_forward(x, weight, bias, targets, tf, ignore_index, entropy: bool, k) -> RowStats
     linear_backward(x, weight, bias, targets, tf, ignore_index, stats, grad_logprobs,
-                    grad_entropy, grad_clamped, k) -> (grad_x, grad_weight, grad_bias)
+                    grad_entropy, grad_clamped, k, *, needs=(True, True, True))
+                    -> (grad_x, grad_weight, grad_bias)   (None where ``needs`` is False)
     logits_forward(logits, targets, tf, ignore_index, entropy, k) -> RowStats
     logits_backward(logits, targets, tf, ignore_index, stats, grad_logprobs, grad_entropy,
                     grad_clamped, k) -> grad_logits

@@ -291,11 +291,13 @@ def _recompute(z, ws, y, valid, stats_rows, k, tf):
     return f, factor
 
 
-def linear_backward(x, weight, bias, targets, tf, ignore_index, stats: RowStats, g_lp, g_ent, g_cl, k):
+def linear_backward(x, weight, bias, targets, tf, ignore_index, stats: RowStats, g_lp, g_ent, g_cl, k,
+                    *, needs=(True, True, True)):
     plan = _Plan(x, weight)
-    grad_x = torch.empty(x.shape, device=x.device, dtype=plan.cdt)
-    grad_w = torch.zeros(plan.w.shape, device=x.device, dtype=plan.cdt)
-    grad_b = torch.zeros(plan.vocab, device=x.device, dtype=plan.cdt) if bias is not None else None
+    need_x, need_w, need_b = needs[0], needs[1], needs[2] and bias is not None
+    grad_x = torch.empty(x.shape, device=x.device, dtype=plan.cdt) if need_x else None
+    grad_w = torch.zeros(plan.w.shape, device=x.device, dtype=plan.cdt) if need_w else None
+    grad_b = torch.zeros(plan.vocab, device=x.device, dtype=plan.cdt) if need_b else None
     for sl in plan.chunks():
         x_c = x[sl].to(plan.cdt)
         y = targets[sl]
@@ -305,13 +307,15 @@ def linear_backward(x, weight, bias, targets, tf, ignore_index, stats: RowStats,
         f, factor = _recompute(z, plan.ws, y, valid, rows, k if g_cl is not None else None, tf)
         dz = _grad_from_fwd(f, y, valid, _rows(stats.entropy, sl), _rows(stats.clamped_entropy, sl),
                             _rows(g_lp, sl), _rows(g_ent, sl), _rows(g_cl, sl), plan.ws, factor, tf)
-        torch.mm(dz, plan.w, out=grad_x[sl])
-        grad_w.addmm_(dz.T, x_c)
-        if grad_b is not None:
+        if need_x:
+            torch.mm(dz, plan.w, out=grad_x[sl])
+        if need_w:
+            grad_w.addmm_(dz.T, x_c)
+        if need_b:
             grad_b.add_(dz.sum(0))
     return (
-        grad_x.to(x.dtype),
-        grad_w.to(weight.dtype),
+        None if grad_x is None else grad_x.to(x.dtype),
+        None if grad_w is None else grad_w.to(weight.dtype),
         None if grad_b is None else grad_b.to(bias.dtype),
     )
 

@@ -28,8 +28,10 @@ def linear_forward(x, weight, bias, targets, tf, ignore_index, entropy, k) -> Ro
     return _launch.linear_stats(x, weight, bias, targets, tf, ignore_index, entropy, k)
 
 
-def linear_backward(x, weight, bias, targets, tf, ignore_index, stats: RowStats, g_lp, g_ent, g_cl, k):
-    return _launch.linear_grad(x, weight, bias, targets, tf, ignore_index, stats, g_lp, g_ent, g_cl)
+def linear_backward(x, weight, bias, targets, tf, ignore_index, stats: RowStats, g_lp, g_ent, g_cl, k,
+                    *, needs=(True, True, True)):
+    return _launch.linear_grad(x, weight, bias, targets, tf, ignore_index, stats, g_lp, g_ent, g_cl,
+                               need_x=needs[0], need_weight=needs[1], need_bias=needs[2] and bias is not None)
 
 
 def logits_forward(logits, targets, tf, ignore_index, entropy, k) -> RowStats:
