@@ -40,11 +40,12 @@ def recorded():
         import json
         from fused_entropy.tools import aot
         kernels = aot.discover_kernels()
-        rec = aot.record_builds()
+        errors = []
+        rec = aot.record_builds(errors)
         conf = lambda b: repr(aot._configuration(b))
         out = {
             "kernels": sorted(kernels),
-            "errors": aot.coverage_errors(kernels, rec),
+            "errors": errors + aot.coverage_errors(kernels, rec),
             "recorded": sorted({(b.kernel, conf(b)) for b in rec}),
             "gate": sorted({(s.build.kernel, conf(s.build)) for s in aot.select_builds(rec, "gate")}),
             "quick": sorted(s.build.kernel for s in aot.select_builds(rec, "quick")),
@@ -183,7 +184,8 @@ def test_parsers():
     assert counts["HGMMA"] == 1 and counts["STL"] == 1 and counts["LDL"] == 1
     ttir = ("%15 = tt.dot %13, %14, %arg20, inputPrecision = ieee : tensor<128x64xbf16> * tensor<64x64xbf16> "
             "-> tensor<128x64xf32> loc(#loc)\n"
-            "%16 = tt.dot %a, %b, %c, inputPrecision = tf32 : tensor<64x16xf32> * tensor<16x64xf32> -> tensor<64x64xf32>\n"
+            "%16 = tt.dot %a, %b, %c, inputPrecision = tf32 : tensor<64x16xf32> * tensor<16x64xf32> "
+            "-> tensor<64x64xf32>\n"
             "%dx = tt.dot %dz_op, %w_89, %cst_3 : tensor<128x64xbf16> * tensor<64x32xbf16> -> tensor<128x32xf32>\n")
     assert aot.dot_operands(ttir) == [("bf16", "bf16", "ieee"), ("f32", "f32", "tf32"), ("bf16", "bf16", "ieee")]
 
