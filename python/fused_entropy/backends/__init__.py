@@ -14,7 +14,10 @@ or None, ``targets [N]`` int64 (``ignore_index`` marks ignored rows), ``tf`` a `
                     grad_clamped, k) -> grad_logits
 
 ``grad_*`` are ``[N]`` tensors or None (None: that output gets no gradient and costs no work).
-Gradients on ignored rows are already zero. ``grad_bias`` is None when ``bias`` is None.
+Gradients on ignored rows are already zero. A target outside ``[0, V)`` that is not
+``ignore_index`` lies in another vocabulary shard (``process_group``): the row is computed in full,
+its target logit counts as 0 (``logprobs = -lse``) and its gradient has no one-hot term; the
+functional layer rejects such targets when there is no process group. ``grad_bias`` is None when ``bias`` is None.
 Gradients come back in the dtype of the tensor they belong to.
 """
 from __future__ import annotations
