@@ -348,6 +348,10 @@ def _head_scenarios(rec: _Recorder, shape: str, label: str, dtype):
             gs = [g if t in grads else None for t in ("lp", "ent", "cl")]
             kw = {"needs": needs} if takes_needs else {}
             backend.linear_backward(x, w, b if bias else None, y, tf, -100, stats, *gs, k, **kw)
+        if k is not None and entropy and hasattr(backend, "linear_topk_select"):
+            # vocabulary-parallel clamped entropy (_distributed): every digit gets a pass, sums across ranks
+            rec.scenario = f"{shape} {label} linear_topk_select bias={bias} softcap={softcap} k={k}"
+            backend.linear_topk_select(x, w, b if bias else None, tf, k, g, lambda t: t)
         if bias:
             continue  # the logits entry point has no bias
         rec.scenario = f"{shape} {label} logits softcap={softcap} k={k} entropy={entropy}"
@@ -452,6 +456,19 @@ def _weight(b: Build):
     return (on, given)
 
 
+def _features(b: Build) -> frozenset:
+    """The flags that are on and the pointer arguments that are given."""
+    return frozenset([k for k, v in b.flags.items() if v] + [k for k, ty in b.signature if ty.startswith("*")])
+
+
+def _maximal(cands: List["Selected"]) -> List["Selected"]:
+    """The candidates whose feature sets no other candidate's contains (one per distinct set)."""
+    feats = {}
+    for c in sorted(cands, key=lambda c: (c.shape != "aligned", c.config())):
+        feats.setdefault(_features(c.build), c)
+    return [c for f, c in feats.items() if not any(f < o for o in feats)]
+
+
 def _values(b: Build):
     """What the gate must see compiled at least once per kernel and dtype: every value of every
     non-flag constexpr (radix digit, loss family, dot precision), both values of a mode flag, and
@@ -466,7 +483,9 @@ def select_builds(recorded: Dict[Build, List[str]], level: str) -> List[Selected
 
     ``full``: every recorded build. ``quick``: per kernel, the lightest build of its first
     configuration. ``gate``: per kernel configuration (dtype, block sizes, warps, stages) the
-    heaviest build (most optional terms on) on the aligned shape; per kernel and dtype the heaviest on
+    builds on the aligned shape whose set of flags on and pointers given no other build's set
+    contains (the heaviest, or several where the launchers use exclusive options, e.g. the
+    single-process and the vocabulary-parallel outputs of a select); per kernel and dtype the heaviest on
     the ragged shape; per kernel the lightest; then, until every value in ``_values`` that the launchers
     produce appears in some chosen build, the heaviest build with a missing value.
     """
@@ -495,7 +514,8 @@ def select_builds(recorded: Dict[Build, List[str]], level: str) -> List[Selected
         return chosen
     for conf in sorted({_configuration(s.build) for s in items}, key=repr):
         mine = [s for s in items if _configuration(s.build) == conf]
-        pick([s for s in mine if s.shape == "aligned"] or mine, heavy)
+        for s in _maximal([s for s in mine if s.shape == "aligned"] or mine):
+            pick([s], heavy)
     for kernel, dtype in sorted({(s.build.kernel, s.build.dtype) for s in items}):
         pick([s for s in items if (s.build.kernel, s.build.dtype) == (kernel, dtype) and s.shape == "ragged"], heavy)
     for k in kernels:
