@@ -12,6 +12,7 @@ from torch.utils._pytree import tree_leaves
 
 from fused_entropy import LinearGRPOLoss, grpo_loss
 from fused_entropy import reference as R
+from fused_entropy.backends import interpreting
 
 B, T, H, VOCAB = 3, 7, 12, 41
 LENGTHS = (7, 4, 2)
@@ -389,6 +390,40 @@ def test_no_full_logits_tensor_is_created(cfg):
     assert mode.ops > 0 and m.last_path == ("two" if cfg["single_pass"] is False else "single")
     assert mode.largest < n * vocab // 2, f"{mode.largest_op} produced {mode.largest} elements (N*V = {n * vocab})"
     assert torch.isfinite(x.grad).all() and float(w.grad.abs().sum()) > 0
+
+
+# ---------------------------------------------------------------------------------------------
+# (f) the Triton backend under TRITON_INTERPRET=1
+# ---------------------------------------------------------------------------------------------
+
+
+def _triton_backend_available():
+    try:
+        from fused_entropy.backends import triton as _  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+@pytest.mark.skipif(not interpreting(), reason="the Triton backend on CPU needs TRITON_INTERPRET=1")
+@pytest.mark.parametrize("cfg", [dict(loss_type="dapo", entropy_coef=0.1),
+                                 dict(loss_type="grpo", importance_sampling_level="sequence", beta=0.04,
+                                      entropy_coef=0.05, entropy_source="clamped", topk=4, temperature=0.7),
+                                 dict(loss_type="bnpo", entropy_coef=0.05, entropy_source="clamped", clamp_p=0.3,
+                                      softcap=3.0)],
+                         ids=["dapo-bonus", "gspo-clamped-beta", "bnpo-clamp_p-softcap"])
+def test_triton_backend_equals_torch_backend(cfg):
+    if not _triton_backend_available():
+        pytest.fail("fused_entropy.backends.triton is not importable")
+    d = _data(torch.float32, seed=12, bsz=2, seqlen=5, hidden=16, vocab=40, lengths=(5, 3))
+    from fused_entropy.backends import triton as triton_backend
+
+    m_t = LinearGRPOLoss(backend="triton", **cfg)
+    r_t = _module_run(m_t, d)
+    # the Triton backend takes the single pass once it offers linear_forward_backward
+    assert m_t.last_path == ("single" if hasattr(triton_backend, "linear_forward_backward") else "two")
+    r_c = _module_run(LinearGRPOLoss(backend="torch", **cfg), d)
+    _same_run(r_t, r_c, 1e-5, "triton vs torch")
 
 
 # ---------------------------------------------------------------------------------------------
