@@ -46,9 +46,13 @@ Collectives per call (``process_group`` of any ``torch.distributed`` backend):
   (``R`` = 3 digits for fp32 logits, i.e. fp16/bf16/fp32 inputs; 6 for fp64);
 - backward: 1 ``all_reduce`` of the ``[N, H]`` hidden gradient (none with ``hidden_grad="partial"``).
 
-Local work with clamped entropy (torch backend; the Triton backend cannot take clamped entropy with
-a process group yet): the forward plus ``R`` passes that recompute the shard's logits (one matrix
-product each, through ``backend.linear_logit_blocks``). No ``[N, V]`` buffer on any rank.
+Local work with clamped entropy: the forward plus ``R`` passes that recompute the shard's logits
+(one matrix product each). The torch backend goes through ``backend.linear_logit_blocks`` and
+:func:`radix_topk_stats`; the Triton backend provides ``linear_topk_select``, which follows the same
+protocol with its radix kernels (``kernels/topk.py``: a first-digit pass of its own because the
+forward runs without top-k, each rank's padded columns taken out before the histograms are summed,
+the last pass's sums shifted by the global lse) and makes the same collectives. No ``[N, V]``
+buffer on any rank.
 """
 from __future__ import annotations
 
@@ -418,8 +422,12 @@ class VocabParallelLinearLogprobsFunction(torch.autograd.Function):
             stats = RowStats(lse, logp, ent)
             if k is not None:
                 shift = _safe(lse)
-                tau, frac, s_s, t_s = radix_topk_stats(
-                    lambda: backend.linear_logit_blocks(x, weight, bias, tf), n, k, shift, cdt, group)
+                select = getattr(backend, "linear_topk_select", None)
+                if select is not None:  # Triton: the same protocol over its fused radix passes
+                    tau, frac, s_s, t_s = select(x, weight, bias, tf, k, shift, lambda t: _all_reduce(t, group))
+                else:
+                    tau, frac, s_s, t_s = radix_topk_stats(
+                        lambda: backend.linear_logit_blocks(x, weight, bias, tf), n, k, shift, cdt, group)
                 s_safe = torch.where(live, s_s, torch.ones_like(s_s))
                 lse_c = torch.where(live, shift + torch.log(s_safe), torch.full_like(lse, -math.inf))
                 ent_c = torch.where(valid & live, torch.log(s_safe) - t_s / s_safe, zero)
