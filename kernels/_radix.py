@@ -44,7 +44,8 @@ def radix_count(z, mask, hist_block, prefix, SHIFT: tl.constexpr, BITS: tl.const
     (rows are NBINS apart; int32 offsets from it keep the address registers small). ``mask`` is
     ignored on the first pass, which counts every entry of the tile unmasked to stay within the
     GEMM epilogue's register budget: the histogram has a row for every row of the last row block,
-    and padded columns (z = -inf) are subtracted from the -inf bin by ``radix_select_kernel``.
+    and padded columns (z = -inf) are subtracted from the -inf bin by ``radix_select_kernel`` (by the
+    launcher, before the ranks' histograms are summed, when the vocabulary is split across ranks).
     Several programs (vocabulary splits) add to the same row's bins; integer adds commute, so the
     counts are exact and deterministic. Returns the keys.
     """

@@ -25,6 +25,12 @@ plus 2 radix passes; 6 for fp64), i.e. +2 GEMM passes over plain entropy; the ba
 (4 GEMM-equivalents in all with the recompute), the tie weights come from (tau, tie_frac). Memory:
 the histogram, 8 KiB per row, plus O(N) row state. No ``[N, V]`` buffer. The logits entry point
 reads the logits 3 times instead of once.
+
+Vocabulary parallelism (``_distributed.py``, ``_launch.linear_topk_select``): the same kernels on
+each rank's shard, with the first digit counted by ``linear_radix_kernel`` itself (``FIRST``: the
+forward there runs without top-k), each histogram summed over the ranks before every select, the
+sums shifted by the global lse instead of the local max (``m``), and the last select writing the
+sums s_S, t_S (``SUMS``) for the caller to finish once they are summed over the ranks too.
 """
 import triton
 import triton.language as tl
@@ -36,10 +42,12 @@ from .logits_stats import logits_tile
 
 @triton.jit
 def radix_tile(z, mask, hist_block, prefix, m0, s_a, t_a,
-               SHIFT: tl.constexpr, BITS: tl.constexpr, NBINS: tl.constexpr, LAST: tl.constexpr):
-    """One tile of a radix pass after the first; on the last pass also the sums over logits whose
-    key is above the prefix range (they are in S for sure)."""
-    key = radix_count(z, mask, hist_block, prefix, SHIFT, BITS, NBINS, False)
+               SHIFT: tl.constexpr, BITS: tl.constexpr, NBINS: tl.constexpr, FIRST: tl.constexpr,
+               LAST: tl.constexpr):
+    """One tile of a radix pass (FIRST: the first digit of every logit, padded columns included,
+    as ``radix_count`` counts it); on the last pass also the sums over logits whose key is above
+    the prefix range (they are in S for sure), shifted by ``m0``."""
+    key = radix_count(z, mask, hist_block, prefix, SHIFT, BITS, NBINS, FIRST)
     if LAST:
         above = mask & ((key >> BITS) > prefix[:, None])
         d = z - m0[:, None]
@@ -63,6 +71,7 @@ def _load_prefix(prefix_ptr, offs_n, mask_n):
     {
         "HAS_BIAS": lambda a: a["b_ptr"] is not None,
         "HAS_SOFTCAP": lambda a: a["softcap"] > 0,
+        "FIRST": lambda a: a["prefix_ptr"] is None,
         "LAST": lambda a: a["above_ptr"] is not None,
     }
 )
@@ -70,21 +79,26 @@ def _load_prefix(prefix_ptr, offs_n, mask_n):
 def linear_radix_kernel(
     x_ptr, w_ptr, b_ptr, prefix_ptr, m_ptr, hist_ptr, above_ptr,
     N, V, H, stride_x, stride_w, logit_scale, softcap, inv_temperature, tiles_per_split,
-    HAS_BIAS: tl.constexpr, HAS_SOFTCAP: tl.constexpr, LAST: tl.constexpr,
+    HAS_BIAS: tl.constexpr, HAS_SOFTCAP: tl.constexpr, FIRST: tl.constexpr, LAST: tl.constexpr,
     SHIFT: tl.constexpr, BITS: tl.constexpr, NBINS: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_H: tl.constexpr,
     UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr,
 ):
     """One radix pass over recomputed GEMM tiles: grid (cdiv(N, BLOCK_N), SPLIT) like the forward.
 
-    prefix [N] (int32/int64 holding the key bits chosen so far), m [N] row max, hist [*, NBINS]
-    int32 (zeroed), above [2, SPLIT, N] (s_above, t_above) on the last pass.
+    prefix [N] (int32/int64 holding the key bits chosen so far; None: the first digit, for a
+    forward that ran without top-k, i.e. the vocabulary-parallel one), m [N] the shift of the sums
+    (the row max in one process, the global lse across a vocabulary split), hist [*, NBINS] int32
+    (zeroed), above [2, SPLIT, N] (s_above, t_above) on the last pass.
     """
     pid_n = tl.program_id(0)
     pid_s = tl.program_id(1)
     offs_n = pid_n.to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N)
     mask_n = offs_n < N
-    prefix = _load_prefix(prefix_ptr, offs_n, mask_n)
+    if FIRST:
+        prefix = 0
+    else:
+        prefix = _load_prefix(prefix_ptr, offs_n, mask_n)
     m = tl.load(m_ptr + offs_n, mask=mask_n, other=0.0)
     m0 = tl.where(m == float("-inf"), 0.0, m)
     s_a = tl.zeros_like(m0)
@@ -101,7 +115,7 @@ def linear_radix_kernel(
             BLOCK_N, BLOCK_V, BLOCK_H, UPCAST, DOT_PRECISION,
         )
         s_a, t_a = radix_tile(z, mask_n[:, None] & mask_v[None, :], hist_block, prefix, m0, s_a, t_a,
-                              SHIFT, BITS, NBINS, LAST)
+                              SHIFT, BITS, NBINS, FIRST, LAST)
     if LAST:
         out = above_ptr + pid_s.to(tl.int64) * N + offs_n
         tl.store(out, s_a, mask=mask_n)
@@ -140,20 +154,21 @@ def logits_radix_kernel(
         mask_v = offs_v < V
         z = logits_tile(l_ptr, offs_n, offs_v, mask_n, mask_v, stride_l, logit_scale, softcap, inv_temperature, HAS_SOFTCAP)
         s_a, t_a = radix_tile(z, mask_n[:, None] & mask_v[None, :], hist_block, prefix, m0, s_a, t_a,
-                              SHIFT, BITS, NBINS, LAST)
+                              SHIFT, BITS, NBINS, False, LAST)
     if LAST:
         out = above_ptr + pid_s.to(tl.int64) * N + offs_n
         tl.store(out, s_a, mask=mask_n)
         tl.store(out + tl.num_programs(1).to(tl.int64) * N, t_a, mask=mask_n)
 
 
-@triton.heuristics({"LAST": lambda a: a["above_ptr"] is not None})
+@triton.heuristics({"LAST": lambda a: a["above_ptr"] is not None, "SUMS": lambda a: a["s_ptr"] is not None})
 @triton.jit
 def radix_select_kernel(
     hist_ptr, prefix_ptr, krem_ptr, m_ptr, above_ptr, y_ptr,
-    tau_ptr, frac_ptr, lse_c_ptr, ent_c_ptr,
+    tau_ptr, frac_ptr, lse_c_ptr, ent_c_ptr, s_ptr, t_ptr,
     N, k, ignore_index, n_split, pad_digit, n_pad,
-    FIRST: tl.constexpr, LAST: tl.constexpr, BITS: tl.constexpr, NBINS: tl.constexpr, BLOCK_R: tl.constexpr,
+    FIRST: tl.constexpr, LAST: tl.constexpr, SUMS: tl.constexpr,
+    BITS: tl.constexpr, NBINS: tl.constexpr, BLOCK_R: tl.constexpr,
 ):
     """After a radix pass: per row, the bin of the k-th largest key among those sharing the prefix.
 
@@ -161,7 +176,9 @@ def radix_select_kernel(
     bin d satisfies sum_{j>d} c_j < k' <= sum_{j>=d} c_j; then prefix <- prefix * 2^BITS + d and
     k' <- k' - sum_{j>d} c_j. The histogram rows are zeroed for the next pass. On the first pass
     the ``n_pad`` padded columns counted in bin ``pad_digit`` (their key is -inf's) are removed.
-    The last pass writes tau, tie_frac, lse_clamped and the clamped entropy (0 on ignored rows).
+    The last pass writes tau, tie_frac and either lse_clamped and the clamped entropy (0 on
+    ignored rows) or, with ``SUMS`` (the vocabulary-parallel select, whose caller finishes the
+    rows), the shifted sums s_S, t_S. Sums and results are relative to ``m`` (see the kernels above).
     """
     offs_r = tl.program_id(0).to(tl.int64) * BLOCK_R + tl.arange(0, BLOCK_R)
     mask_r = offs_r < N
@@ -199,7 +216,8 @@ def radix_select_kernel(
         s_c = tl.zeros_like(m0)
         t_c = tl.zeros_like(m0)
         p = above_ptr + offs_r
-        plane = n_split.to(tl.int64) * N
+        # tl.cast, not .to: the JIT passes n_split = 1 (one split, or the ranks' summed sums) as a Python int
+        plane = tl.cast(n_split, tl.int64) * N
         for _ in range(0, n_split):
             s_c += tl.load(p, mask=mask_r, other=0.0)
             t_c += tl.load(p + plane, mask=mask_r, other=0.0)
@@ -218,14 +236,18 @@ def radix_select_kernel(
         e_t = tl.exp(dt)
         s_c += n_tie * e_t
         t_c += tl.where(e_t > 0.0, n_tie * dt * e_t, 0.0)
-        log_s = tl.log(s_c)
-        lse_c = m0 + log_s
-        ent_c = tl.where(s_c > 0.0, log_s - t_c / s_c, 0.0)
-        y = tl.load(y_ptr + offs_r, mask=mask_r, other=ignore_index)
         tl.store(tau_ptr + offs_r, tau, mask=mask_r)
         tl.store(frac_ptr + offs_r, n_tie / n_eq_d.to(m0.dtype), mask=mask_r)
-        tl.store(lse_c_ptr + offs_r, lse_c, mask=mask_r)
-        tl.store(ent_c_ptr + offs_r, tl.where(y != ignore_index, ent_c, 0.0), mask=mask_r)
+        if SUMS:
+            tl.store(s_ptr + offs_r, s_c, mask=mask_r)
+            tl.store(t_ptr + offs_r, t_c, mask=mask_r)
+        else:
+            log_s = tl.log(s_c)
+            lse_c = m0 + log_s
+            ent_c = tl.where(s_c > 0.0, log_s - t_c / s_c, 0.0)
+            y = tl.load(y_ptr + offs_r, mask=mask_r, other=ignore_index)
+            tl.store(lse_c_ptr + offs_r, lse_c, mask=mask_r)
+            tl.store(ent_c_ptr + offs_r, tl.where(y != ignore_index, ent_c, 0.0), mask=mask_r)
 
 
 def aot_specs(dt: str, get):
@@ -238,20 +260,27 @@ def aot_specs(dt: str, get):
     pre = "*i64" if dt == "fp64" else "*i32"
     digits = RADIX_DIGITS[64 if dt == "fp64" else 32]
     out = []
-    for last in (False, True):
-        bits = digits[-1] if last else digits[1]
-        shift = 0 if last else sum(digits[2:])
+    key_bits = 64 if dt == "fp64" else 32
+    # (first, last): the vocabulary-parallel first-digit pass, a middle pass, the last pass
+    for first, last in ((True, False), (False, False), (False, True)):
+        bits = digits[0] if first else digits[-1] if last else digits[1]
+        shift = key_bits - digits[0] if first else 0 if last else sum(digits[2:])
         opt = acc if last else "constexpr"
         c = get("linear_radix", dt)
-        sig = {"x_ptr": ptr, "w_ptr": ptr, "b_ptr": ptr, "prefix_ptr": pre, "m_ptr": acc, "hist_ptr": "*i32",
-               "above_ptr": opt, "N": "i32", "V": "i32", "H": "i32", "stride_x": "i32", "stride_w": "i32",
-               "logit_scale": "fp32", "softcap": "fp32", "inv_temperature": "fp32", "tiles_per_split": "i32"}
-        const = {"HAS_BIAS": True, "HAS_SOFTCAP": True, "LAST": last, "SHIFT": shift, "BITS": bits,
+        sig = {"x_ptr": ptr, "w_ptr": ptr, "b_ptr": ptr, "prefix_ptr": "constexpr" if first else pre, "m_ptr": acc,
+               "hist_ptr": "*i32", "above_ptr": opt, "N": "i32", "V": "i32", "H": "i32", "stride_x": "i32",
+               "stride_w": "i32", "logit_scale": "fp32", "softcap": "fp32", "inv_temperature": "fp32",
+               "tiles_per_split": "i32"}
+        const = {"HAS_BIAS": True, "HAS_SOFTCAP": True, "FIRST": first, "LAST": last, "SHIFT": shift, "BITS": bits,
                  "NBINS": RADIX_NBINS, "BLOCK_N": c.block_n, "BLOCK_V": c.block_v, "BLOCK_H": c.block_h,
                  "UPCAST": False, "DOT_PRECISION": "ieee"}
+        if first:
+            const["prefix_ptr"] = None
         if not last:
             const["above_ptr"] = None
         out.append(("linear_radix", linear_radix_kernel.fn, sig, const, c.num_warps, c.num_stages))
+        if first:
+            continue  # the logits entry point has no vocabulary-parallel select
         c = get("logits_radix", dt)
         sig = {"l_ptr": ptr, "prefix_ptr": pre, "m_ptr": acc, "hist_ptr": "*i32", "above_ptr": opt,
                "N": "i32", "V": "i32", "stride_l": "i32", "logit_scale": "fp32", "softcap": "fp32",
@@ -262,14 +291,18 @@ def aot_specs(dt: str, get):
             const["above_ptr"] = None
         out.append(("logits_radix", logits_radix_kernel.fn, sig, const, c.num_warps, c.num_stages))
     c = get("radix_select", dt)
-    for first, last in ((True, False), (False, False), (False, True)):
+    # (first, last, sums): the last select finishes the rows, or writes the sums (vocabulary parallel)
+    for first, last, sums in ((True, False, False), (False, False, False), (False, True, False), (False, True, True)):
         opt = acc if last else "constexpr"
+        fin = acc if last and not sums else "constexpr"
+        raw = acc if sums else "constexpr"
         sig = {"hist_ptr": "*i32", "prefix_ptr": pre, "krem_ptr": "*i32", "m_ptr": acc, "above_ptr": opt,
-               "y_ptr": "*i64", "tau_ptr": opt, "frac_ptr": opt, "lse_c_ptr": opt, "ent_c_ptr": opt,
+               "y_ptr": "constexpr" if sums else "*i64", "tau_ptr": opt, "frac_ptr": opt, "lse_c_ptr": fin,
+               "ent_c_ptr": fin, "s_ptr": raw, "t_ptr": raw,
                "N": "i32", "k": "i32", "ignore_index": "i32", "n_split": "i32", "pad_digit": "i32", "n_pad": "i32"}
-        const = {"FIRST": first, "LAST": last, "BITS": digits[0] if first else digits[-1] if last else digits[1],
+        const = {"FIRST": first, "LAST": last, "SUMS": sums,
+                 "BITS": digits[0] if first else digits[-1] if last else digits[1],
                  "NBINS": RADIX_NBINS, "BLOCK_R": c.block_n}
-        if not last:
-            const.update({k: None for k, v in sig.items() if v == "constexpr"})
+        const.update({k: None for k, v in sig.items() if v == "constexpr"})
         out.append(("radix_select", radix_select_kernel.fn, sig, const, c.num_warps, c.num_stages))
     return out

@@ -91,13 +91,18 @@ def _forward_backward(x, w, b, y, a, case, **extra):
     return outs, x.grad, w.grad, b.grad
 
 
-def _tp_worker(rank, world, dtypes, cases, backend):
+def _tp_cases(rank, world, dtypes, cases, backend):
     res = {}
     for dtype in dtypes:
         for case in cases:
             x, w, b, y, a = _head(dtype, case)
             res[(dtype, case)] = _forward_backward(x, _shard(w, world, rank), _shard(b, world, rank), y, a, case,
                                                    process_group=dist.group.WORLD, backend=backend)
+    return res
+
+
+def _tp_worker(rank, world, dtypes, cases, backend):
+    res = _tp_cases(rank, world, dtypes, cases, backend)
     dp = [dist.new_group([r]) for r in range(world)][rank]  # tensor parallelism only: no data parallelism
     for dtype in dtypes:
         for case in MODULE_CASES:
@@ -211,12 +216,58 @@ def test_vocab_parallel_equals_single_process(world, tmp_path):
     assert not torch.allclose(parts[0], full)
 
 
+def _count_all_reduce(fn):
+    """Run ``fn()``; return the number of ``all_reduce`` calls it made and their [dtype, shape]."""
+    calls, real = [], dist.all_reduce
+
+    def counting(t, *args, **kwargs):
+        calls.append((t.dtype, tuple(t.shape)))
+        return real(t, *args, **kwargs)
+
+    dist.all_reduce = counting
+    try:
+        fn()
+    finally:
+        dist.all_reduce = real
+    return calls
+
+
+def _tp_triton_worker(rank, world, cases):
+    from fused_entropy.kernels import configs as C
+
+    # tiny tiles: several row blocks and vocabulary tiles, split differently on the two shards
+    # (6 columns: 2 tiles, 2 padded columns; 11 columns: 3 tiles, 1 padded), the last row block ragged
+    tiles = C.Config(8, 4, 8)
+    with C.override(linear_stats=tiles, linear_radix=tiles, linear_grad=tiles, split=2):
+        res = _tp_cases(rank, world, (torch.float32,), cases, "triton")
+        res.update(_tp_cases(rank, world, (torch.float64,), ("ties",), "triton"))
+        x, w, b, y, a = _head(torch.float32, "ties")
+        res["collectives"] = _count_all_reduce(lambda: linear_logprobs(
+            x, _shard(w, world, rank), y, bias=_shard(b, world, rank), ignore_index=IGNORE, topk=5,
+            process_group=dist.group.WORLD, backend="triton"))
+    return res
+
+
+TRITON_CASES = ("logp_entropy", "transform", "topk3", "ties", "clamp_p", "neg_inf", "clamp_p_transform",
+                "all_neg_inf", "empty")
+
+
 @pytest.mark.skipif(not interpreting(), reason="the Triton kernels run on CPU only under TRITON_INTERPRET=1 (as CI runs)")
 def test_vocab_parallel_triton_backend_interpreted(tmp_path):
-    """The Triton backend's forward/backward take the global statistics as they are (no clamped entropy)."""
-    cases = ("logp_entropy", "transform")
-    results = run_ranks(_tp_worker, 2, tmp_path, (torch.float32,), cases, "triton")
-    _check_against_single_process(results, 2, (torch.float32,), cases)
+    """The Triton backend on 2 ranks with uneven shards equals one process: log-probs, entropy and
+    clamped entropy (its own radix select on all-reduced histograms: small k, clamp_p, a tie at tau
+    spread over both shards, -inf logits at tau, rows of only -inf, N = 0) and every gradient."""
+    results = run_ranks(_tp_triton_worker, 2, tmp_path, TRITON_CASES, timeout_s=120)
+    _check_against_single_process(results, 2, (torch.float32,), TRITON_CASES)
+    _check_against_single_process(results, 2, (torch.float64,), ("ties",))
+    # the forward with clamped entropy: one all_reduce per radix digit of the [N, 2048] int32 histogram,
+    # one of the [2, 1, N] shifted sums, no other
+    n = N_LEAD[0] * N_LEAD[1]
+    from fused_entropy.kernels.configs import RADIX_DIGITS, RADIX_NBINS
+
+    want = [(torch.int32, (n, RADIX_NBINS))] * len(RADIX_DIGITS[32]) + [(torch.float32, (2, 1, n))]
+    for rank, res in enumerate(results):
+        assert res["collectives"] == want, f"rank {rank}: {res['collectives']}"
 
 
 # --- bad input: the same error path on every rank, never a hang ---------------------------------
@@ -251,7 +302,6 @@ def _bad_calls(rank, world):
         ("dtype_one_rank", call(bias=bs.double()) if rank == 0 else call()),
         ("topk_too_big", call(topk=VOCAB + 1)),
         ("options_differ", call(topk=2) if rank == 1 else call()),
-        ("triton_topk", call(backend="triton", topk=2)),
         # verl adapter: no ignore index (-100 is an error); one rank's bad label count fails everywhere
         ("verl_label", lambda: linear_cross_entropy(x.reshape(-1, H), ws, y.reshape(-1), 1.0, "none", group)),
         ("verl_shape", lambda: linear_cross_entropy(x.reshape(-1, H), ws, y.reshape(-1)[: 11 if rank == 1 else 12],
@@ -284,7 +334,6 @@ BAD_MESSAGES = {
     "targets_differ": r"targets differ across ranks",
     "topk_too_big": r"topk must be in \[1, V=17\]",
     "options_differ": r"topk/clamp_p must be the same on every rank",
-    "triton_topk": r"backend='triton'|Triton backend cannot yet",
     "verl_label": r"targets must be global ids in \[0, 17\) \(the shards.*found -100",
 }
 

@@ -254,3 +254,46 @@ def test_linear_tie_group_straddles_the_boundary():
     assert stats.tie_frac[0].item() == pytest.approx(3 / 8)
     assert stats.tau[0].item() == pytest.approx(z0[39].item(), rel=1e-5)
     linear_case(x, w, b, y, topk=k)
+
+
+# ---------------------------------------------------------------------------------------------
+# the vocabulary-parallel select (one rank here; tests/test_distributed.py runs it on 2 ranks)
+# ---------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, F64], ids=["fp32", "fp64"])
+def test_linear_topk_select_one_rank_equals_fused_forward(dtype):
+    """With a one-rank all_reduce, the select's (tau, tie_frac) are bitwise the fused forward's and
+    its sums, shifted by lse, give the same clamped lse and entropy; it counts the first digit
+    itself (the padded columns of the last tile taken out) and sums once per digit plus once."""
+    from fused_entropy import _launch
+    from fused_entropy.backends import triton as triton_backend
+
+    x, w, b, y = make_linear(7, 24, 45)
+    x[3] = 0.0  # logits = bias: a 4-way and a 6-way tie (columns 9..12 and 39..44)
+    b[20:30] = float("-inf")
+    x, w, b, y = (t.to(DEVICE) for t in (x.to(dtype), w.to(dtype), b.to(dtype), y))
+    tf = LogitTransform(temperature=0.9)
+    calls = []
+
+    def all_reduce(t):
+        calls.append((t.dtype, tuple(t.shape)))
+        return t
+
+    z3 = b[:45].double() / 0.9  # row 3's logits
+    k_tie = int((z3 > z3[39]).sum()) + 2  # 2 of the tied columns 39..44 are in S
+    straddles = False
+    for k in (1, k_tie, 35, 45):
+        calls.clear()
+        with small(split=2):
+            want = triton_backend.linear_forward(x, w, b, y, tf, -100, True, k)
+            shift = torch.where(torch.isfinite(want.lse), want.lse, torch.zeros_like(want.lse))
+            tau, frac, s_s, t_s = triton_backend.linear_topk_select(x, w, b, tf, k, shift, all_reduce)
+        assert torch.equal(tau, want.tau) and torch.equal(frac, want.tie_frac), k
+        tol = dict(rtol=1e-12, atol=1e-12) if dtype == F64 else dict(rtol=2e-6, atol=2e-6)
+        torch.testing.assert_close(shift + torch.log(s_s), want.lse_clamped, **tol)
+        torch.testing.assert_close(torch.log(s_s) - t_s / s_s, want.clamped_entropy, **tol)
+        digits = C.RADIX_DIGITS[64 if dtype == F64 else 32]
+        assert calls == [(torch.int32, (7, C.RADIX_NBINS))] * len(digits) + [(dtype, (2, 1, 7))]
+        straddles |= k == k_tie and frac[3].item() == pytest.approx(2 / 6)
+    assert straddles

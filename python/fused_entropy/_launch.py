@@ -137,41 +137,88 @@ def radix_gemm_passes(dtype: torch.dtype) -> int:
     return len(configs.RADIX_DIGITS[64 if dtype == torch.float64 else 32])
 
 
-def _clamped(radix_pass, targets, ignore_index: int, k: int, m, hist, split: int, n_pad: int):
-    """Top-k threshold by radix select (kernels/topk.py) after the fused first pass.
+def _clamped(radix_pass, hist, m, k: int, split: int, n_pad: int, targets=None, ignore_index: int = 0,
+             all_reduce=None):
+    """Top-k threshold by radix select (kernels/topk.py); ``m`` [N] shifts the sums.
 
-    ``radix_pass(prefix, above, shift, bits)`` launches one counting pass over the logit tiles.
-    Returns (tau, tie_frac, lse_clamped, clamped_entropy), each [N].
+    ``radix_pass(prefix, above, shift, bits)`` launches one counting pass over the logit tiles
+    (``prefix`` None: the first digit). One process (``all_reduce`` None): the first digit was
+    counted by the forward; returns (tau, tie_frac, lse_clamped, clamped_entropy), each [N], with
+    ``m`` the row max. Vocabulary parallel: ``all_reduce(t)`` sums a tensor over the ranks (in place,
+    or returning the sum); the first digit gets a pass of its own, every histogram is summed before
+    its select, and the last pass's sums too; ``m`` is the global lse (0 on rows of only -inf) and
+    the result is (tau, tie_frac, s_S, t_S), the same on every rank.
     """
-    n = targets.shape[0]
+    n = m.shape[0]
     key_bits = 64 if m.dtype == torch.float64 else 32
     digits = configs.RADIX_DIGITS[key_bits]
     prefix = torch.zeros(n, device=m.device, dtype=torch.int64 if key_bits == 64 else torch.int32)
     k_rem = torch.empty(n, device=m.device, dtype=torch.int32)
-    tau, frac, lse_c, ent_c = (torch.empty_like(m) for _ in range(4))
+    tau, frac, out_a, out_b = (torch.empty_like(m) for _ in range(4))
+    sums = all_reduce is not None
     cfg = configs.get("radix_select", "fp64" if key_bits == 64 else "fp32")
     # bin of the first digit where the padded columns' -inf keys were counted
     neg_inf_key = (0x000FFFFFFFFFFFFF if key_bits == 64 else 0x007FFFFF)
     pad_digit = neg_inf_key >> (key_bits - digits[0])
     grid = (triton.cdiv(n, cfg.block_n),)
 
+    def reduce(t):
+        r = all_reduce(t)
+        if r is not None and r is not t:
+            t.copy_(r)
+        return t
+
     def select(first, above, bits):
         last = above is not None
+        fin = last and not sums
         radix_select_kernel[grid](
-            hist, prefix, k_rem, m, above, targets,
-            tau if last else None, frac if last else None, lse_c if last else None, ent_c if last else None,
-            n, k, ignore_index, split, pad_digit, n_pad,
+            hist, prefix, k_rem, m, above, targets if fin else None,
+            tau if last else None, frac if last else None, out_a if fin else None, out_b if fin else None,
+            out_a if last and sums else None, out_b if last and sums else None,
+            n, k, ignore_index, above.shape[1] if last else 1, pad_digit, n_pad,
             FIRST=first, BITS=bits, NBINS=configs.RADIX_NBINS, BLOCK_R=cfg.block_n, num_warps=cfg.num_warps,
         )
 
-    select(True, None, digits[0])
     shift = key_bits - digits[0]
+    if sums:
+        radix_pass(None, None, shift, digits[0])
+        # this rank's padded columns leave the -inf bin before the ranks' counts are added up
+        hist[:n, pad_digit] -= n_pad
+        n_pad = 0
+        reduce(hist[:n])
+    select(True, None, digits[0])
     for i, bits in enumerate(digits[1:], start=1):
         shift -= bits
-        above = torch.empty(2, split, n, device=m.device, dtype=m.dtype) if i == len(digits) - 1 else None
+        last = i == len(digits) - 1
+        above = torch.empty(2, split, n, device=m.device, dtype=m.dtype) if last else None
         radix_pass(prefix, above, shift, bits)
+        if sums:
+            reduce(hist[:n])
+            if last:
+                # the ranks split the vocabulary differently: add this rank's splits, then the ranks
+                above = reduce(above.sum(1, keepdim=True))
         select(False, above, bits)
-    return tau, frac, lse_c, ent_c
+    return tau, frac, out_a, out_b
+
+
+def _linear_radix_pass(x, weight, bias, tf: LogitTransform, m, hist, cfg: configs.Config, n_blocks: int,
+                       split: int, per: int):
+    """The ``radix_pass`` of ``_clamped`` for the linear head: one ``linear_radix_kernel`` launch."""
+    n, h = x.shape
+    vocab = weight.shape[0]
+
+    def radix_pass(prefix, above, shift, bits):
+        linear_radix_kernel[(n_blocks, split)](
+            x, weight, bias, prefix, m, hist, above,
+            n, vocab, h, x.stride(0), weight.stride(0),
+            tf.logit_scale, tf.softcap or 0.0, tf.inv_temperature, per,
+            SHIFT=shift, BITS=bits, NBINS=configs.RADIX_NBINS,
+            BLOCK_N=cfg.block_n, BLOCK_V=cfg.block_v, BLOCK_H=cfg.block_h,
+            UPCAST=_upcast(x.dtype), DOT_PRECISION=_dot_precision(x.dtype),
+            num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+        )
+
+    return radix_pass
 
 
 def linear_stats(x, weight, bias, targets, tf: LogitTransform, ignore_index: int, entropy: bool,
@@ -204,19 +251,32 @@ def linear_stats(x, weight, bias, targets, tf: LogitTransform, ignore_index: int
     if k is None:
         return RowStats(lse, logp, ent)
 
-    def radix_pass(prefix, above, shift, bits):
-        linear_radix_kernel[(n_blocks, split)](
-            x, weight, bias, prefix, m, hist, above,
-            n, vocab, h, x.stride(0), weight.stride(0),
-            tf.logit_scale, tf.softcap or 0.0, tf.inv_temperature, per,
-            SHIFT=shift, BITS=bits, NBINS=configs.RADIX_NBINS,
-            BLOCK_N=cfg.block_n, BLOCK_V=cfg.block_v, BLOCK_H=cfg.block_h,
-            UPCAST=_upcast(x.dtype), DOT_PRECISION=_dot_precision(x.dtype),
-            num_warps=cfg.num_warps, num_stages=cfg.num_stages,
-        )
-
-    clamped = _clamped(radix_pass, targets, ignore_index, k, m, hist, split, _n_pad(vocab, cfg.block_v))
+    radix_pass = _linear_radix_pass(x, weight, bias, tf, m, hist, cfg, n_blocks, split, per)
+    clamped = _clamped(radix_pass, hist, m, k, split, _n_pad(vocab, cfg.block_v), targets, ignore_index)
     return RowStats(lse, logp, ent, *clamped)
+
+
+def linear_topk_select(x, weight, bias, tf: LogitTransform, k: int, shift, all_reduce):
+    """Clamped-set statistics over a vocabulary split across ranks, from this rank's shard.
+
+    x [N, H], weight/bias this rank's shard [V_r, H] / [V_r] | None, ``k`` the global clamped-set
+    size, ``shift`` [N] the global lse (0 on rows of only -inf logits), ``all_reduce(t)`` sums an
+    int32 or float tensor over the ranks (in place, or returning the sum). Returns
+    ``(tau, tie_frac, s_S, t_S)`` [N], the same on every rank, as ``_distributed.radix_topk_stats``
+    defines them: ``s_S = sum_{v in S} e^(z_v - shift)``, ``t_S = sum_{v in S} (z_v - shift) e^(z_v - shift)``.
+    The logit tiles are those of ``linear_stats``/``linear_grad`` (same blocks), so the backward's
+    ``z == tau`` sees the keys selected here. Cost: one GEMM pass per radix digit (3; 6 for fp64)
+    and as many ``all_reduce`` of the ``[N, 2048]`` int32 histogram, plus one of ``[2, 1, N]`` sums.
+    """
+    n, h = x.shape
+    vocab = weight.shape[0]
+    cfg = configs.get("linear_stats", dtype_key(x.dtype))
+    n_blocks = triton.cdiv(n, cfg.block_n)
+    split, per = _split(n_blocks, triton.cdiv(vocab, cfg.block_v), x.device)
+    hist = _new_hist(n_blocks * cfg.block_n, x.device)
+    m = shift.to(acc_dtype(x.dtype)).contiguous()
+    radix_pass = _linear_radix_pass(x, weight, bias, tf, m, hist, cfg, n_blocks, split, per)
+    return _clamped(radix_pass, hist, m, k, split, _n_pad(vocab, cfg.block_v), all_reduce=all_reduce)
 
 
 def logits_stats(logits, targets, tf: LogitTransform, ignore_index: int, entropy: bool,
@@ -253,7 +313,7 @@ def logits_stats(logits, targets, tf: LogitTransform, ignore_index: int, entropy
             BLOCK_N=cfg.block_n, BLOCK_V=cfg.block_v, num_warps=cfg.num_warps, num_stages=cfg.num_stages,
         )
 
-    clamped = _clamped(radix_pass, targets, ignore_index, k, m, hist, split, _n_pad(vocab, cfg.block_v))
+    clamped = _clamped(radix_pass, hist, m, k, split, _n_pad(vocab, cfg.block_v), targets, ignore_index)
     return RowStats(lse, logp, ent, *clamped)
 
 

@@ -134,9 +134,7 @@ def linear_logprobs(
             raises on every rank), 1 ``all_gather`` of ``[2-3, N]`` row statistics, with clamped
             entropy 4 ``all_reduce`` (7 for fp64 inputs) of ``[N, 2048]`` digit histograms and
             ``[2, N]`` sums for the exact global top-k (see ``fused_entropy._distributed``), and in
-            backward 1 ``all_reduce`` of ``[N, H]`` (0 with ``"partial"``). Clamped entropy with
-            ``process_group`` runs on the torch backend (``"auto"`` picks it); the Triton backend
-            cannot take it yet.
+            backward 1 ``all_reduce`` of ``[N, H]`` (0 with ``"partial"``), on either backend.
         vocab_size: the global vocabulary size, checked against ``V`` (the sum of the shard sizes
             with ``process_group``); None: not checked.
         hidden_grad: ``"full"`` or ``"partial"`` (only differs with ``process_group``).
@@ -193,14 +191,8 @@ def _linear_logprobs_vocab_parallel(hidden, weight, targets, bias, temperature, 
         _check_hidden_grad(hidden_grad)
         be_name = backend
         if backend == "auto":
-            # the Triton backend has no vocabulary-parallel top-k select: auto falls back to torch
-            be_name = "triton" if device.type == "cuda" and topk is None and clamp_p is None else "torch"
+            be_name = "triton" if device.type == "cuda" else "torch"
         be = get_backend(be_name, device)
-        if be_name == "triton" and (topk is not None or clamp_p is not None):
-            raise ValueError(
-                "process_group with a clamped entropy (topk/clamp_p) needs backend='torch' or 'auto': the Triton "
-                "backend cannot yet count its logits into the all-reduced digit histograms of the global top-k select"
-            )
     except (TypeError, ValueError) as e:
         err = e
     grad_x = torch.is_grad_enabled() and isinstance(hidden, torch.Tensor) and hidden.requires_grad

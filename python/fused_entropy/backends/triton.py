@@ -5,6 +5,10 @@ pass over (row block x vocabulary tile) with the row statistics in the epilogue,
 radix passes when a clamped entropy is asked for (``kernels/topk.py``). Backward: one pass that
 recomputes each logit tile and accumulates dX, dW, db. No ``[N, V]`` buffer is ever allocated
 (the logits entry point writes only the logits gradient itself). fp16/bf16/fp32/fp64 inputs.
+
+Beyond the interface, ``linear_topk_select`` is the vocabulary-parallel top-k select that
+``_distributed.VocabParallelLinearLogprobsFunction`` uses when a backend provides one (the torch
+backend goes through ``_distributed.radix_topk_stats`` instead).
 """
 from __future__ import annotations
 
@@ -32,6 +36,12 @@ def linear_backward(x, weight, bias, targets, tf, ignore_index, stats: RowStats,
                     *, needs=(True, True, True)):
     return _launch.linear_grad(x, weight, bias, targets, tf, ignore_index, stats, g_lp, g_ent, g_cl,
                                need_x=needs[0], need_weight=needs[1], need_bias=needs[2] and bias is not None)
+
+
+def linear_topk_select(x, weight, bias, tf, k, shift, all_reduce):
+    """(tau, tie_frac, s_S, t_S) [N] of a vocabulary split across ranks, from this rank's shard;
+    the protocol of ``_distributed.radix_topk_stats`` (see ``_launch.linear_topk_select``)."""
+    return _launch.linear_topk_select(x, weight, bias, tf, k, shift, all_reduce)
 
 
 def logits_forward(logits, targets, tf, ignore_index, entropy, k) -> RowStats:
