@@ -458,7 +458,8 @@ class VocabParallelLinearLogprobsFunction(torch.autograd.Function):
         need_x = ctx.needs_input_grad[0]
         gx = gw = gb = None
         if g_lp is not None or g_ent is not None or g_cl is not None:
-            gx, gw, gb = backend.linear_backward(x, weight, bias, local, tf, ignore_index, stats, g_lp, g_ent, g_cl, k)
+            gx, gw, gb = backend.linear_backward(x, weight, bias, local, tf, ignore_index, stats, g_lp, g_ent, g_cl, k,
+                                                 needs=tuple(ctx.needs_input_grad[:3]))
         # The all-reduce runs on every rank whose hidden needs a gradient (agreed on in the forward),
         # even one whose upstream gradients are all None, so no rank waits on another.
         if need_x and full and x.shape[0] > 0:
