@@ -222,6 +222,9 @@ def test_roofline_counts_the_gemm_passes():
     assert seconds_c > seconds
     _, logits_s = aot.workload_bound("logits", n, h, v)
     assert logits_s == pytest.approx(3 * n * v * 2 / 3.35e12, rel=0.01)  # read, read again, write grad
+    fwd = next(r for r in aot.roofline(n, h, v) if r["kernel"] == "linear_stats_kernel")
+    c = configs.get("linear_stats", "bf16")
+    assert fwd["tile_bytes"] == pytest.approx(2 * n * v * h * (c.block_n + c.block_v) * 2 / (2 * c.block_n * c.block_v))
     with pytest.raises(ValueError, match="workload"):
         aot.workload_bound("nope", n, h, v)
-    assert "Not measured" in aot.format_roofline(vocabs=(32768,))
+    assert "on paper, not measured" in aot.format_roofline(vocabs=(32768,))

@@ -731,6 +731,7 @@ def _write_reports(rows: List[dict], out_dir: str) -> Tuple[str, str]:
 def run_gate(archs: Sequence[int], level: str = "gate", jobs: int = 1, out_dir: Optional[str] = None,
              kernels: Optional[Sequence[str]] = None, keep_cubins: bool = False, log=print) -> int:
     """Record, select, compile, inspect, report. Returns the exit code (0 pass, 1 failure)."""
+    warnings.filterwarnings("ignore", message="TRITON_DEFAULT_FP_FUSION")
     t0 = time.perf_counter()
     discovered = discover_kernels()
     errors: List[str] = []
@@ -793,9 +794,14 @@ def roofline(n: int, h: int, v: int, dtype: str = "bf16", gpu=H100_SXM) -> List[
     the forward makes 1; clamped entropy adds one recompute per radix digit after the first
     (``configs.RADIX_DIGITS``); the backward makes 3 (recompute, dX, dW). Bytes are compulsory
     traffic: every input read once, every output written once, as if tiles were re-read from L2 and
-    never from HBM; ``atomic_adds`` counts the fp32 adds the backward makes into dX and dW
-    (``V/BLOCK_V`` per dX element, ``N/BLOCK_N`` per dW element), which reach HBM as a read and a
-    write each whenever the accumulator does not stay in L2 (``atomic_hbm_ms``).
+    never from HBM. Two risks are counted beside the bound, from the shipped block sizes:
+    ``tile_bytes``, the operand bytes the GEMM tiles load (a [BLOCK_N, BLOCK_H] x tile and a
+    [BLOCK_V, BLOCK_H] W tile per step: 2 BN BV / ((BN + BV) e) FLOP per byte, far below H100's
+    295 FLOP/byte ridge), served by L2 at best (``tile_hbm_ms`` if none were); and ``atomic_adds``,
+    the fp32 adds of the backward into dX and dW (``V/BLOCK_V`` per dX element, ``N/BLOCK_N`` per dW
+    element) and of the radix passes into the histogram (at most one per logit and pass), which
+    cost a read and a write in HBM each whenever the accumulator does not stay in L2
+    (``atomic_hbm_ms``).
     """
     from ..kernels import configs
 
@@ -806,25 +812,31 @@ def roofline(n: int, h: int, v: int, dtype: str = "bf16", gpu=H100_SXM) -> List[
     nbins = configs.RADIX_NBINS
     gemm = 2.0 * n * v * h
     g = configs.get("linear_grad", dtype)
+    f = configs.get("linear_stats", dtype)
+    fwd_ai = lambda c: 2.0 * c.block_n * c.block_v / ((c.block_n + c.block_v) * e)  # FLOP per operand byte
     split = 1  # N = 8192 fills the GPU with row blocks; partial states are [4, split, N]
     rows = []
 
-    def add(kernel, what, flops, nbytes, launches=1, atomic_adds=0):
+    def add(kernel, what, flops, nbytes, launches=1, atomic_adds=0, tile_bytes=None):
         rows.append(dict(kernel=kernel, what=what, launches=launches, flops=flops * launches,
-                         bytes=nbytes * launches, atomic_adds=atomic_adds * launches))
+                         bytes=nbytes * launches, atomic_adds=atomic_adds * launches,
+                         tile_bytes=(nbytes if tile_bytes is None else tile_bytes) * launches))
 
     add("linear_stats_kernel", "forward GEMM + online lse/entropy (1 pass)", gemm,
-        n * h * e + v * h * e + 8 * n + 4 * split * n * acc)
+        n * h * e + v * h * e + 8 * n + 4 * split * n * acc, tile_bytes=gemm / fwd_ai(f))
     add("finish_stats_kernel", "merge vocabulary splits", 0, 4 * split * n * acc + 8 * n + 4 * n * acc)
     add("linear_stats_kernel +TOPK", "clamped entropy: first radix digit counted in the forward", 0,
         n * nbins * 4, atomic_adds=n * v)
     add("linear_radix_kernel", "clamped entropy: recompute per radix digit after the first", gemm,
-        n * h * e + v * h * e + 2 * n * acc + n * nbins * 4, launches=len(digits) - 1, atomic_adds=n * v)
+        n * h * e + v * h * e + 2 * n * acc + n * nbins * 4, launches=len(digits) - 1, atomic_adds=n * v,
+        tile_bytes=gemm / fwd_ai(configs.get("linear_radix", dtype)))
     add("radix_select_kernel", "clamped entropy: pick a digit per row (reads + zeroes the histogram)", 0,
         2 * n * nbins * 4 + 6 * n * acc, launches=len(digits))
     add("linear_grad_kernel", "backward: recompute + dX + dW (3 passes)", 3 * gemm,
         n * h * e + v * h * e + 8 * n + 8 * n * acc + (n * h + v * h) * acc,
-        atomic_adds=math.ceil(v / g.block_v) * n * h + math.ceil(n / g.block_n) * v * h)
+        atomic_adds=math.ceil(v / g.block_v) * n * h + math.ceil(n / g.block_n) * v * h,
+        # recompute as the forward; dX = dz W streams W tiles (2 BN FLOP/e bytes), dW = dz^T x streams x tiles
+        tile_bytes=gemm / fwd_ai(g) + gemm * e / (2 * g.block_n) + gemm * e / (2 * g.block_v))
     add("(launcher, torch)", "zero dX, dW; cast them to the input dtype", 0, (n * h + v * h) * (2 * acc + e))
     add("logits_stats_kernel", "logits in memory: forward", 0, n * v * e + 8 * n + 4 * split * n * acc)
     add("logits_stats_kernel +TOPK", "logits in memory: first radix digit counted in the forward", 0,
@@ -841,6 +853,7 @@ def roofline(n: int, h: int, v: int, dtype: str = "bf16", gpu=H100_SXM) -> List[
         r["t_mem_ms"] = r["bytes"] / (gpu["tbs"] * 1e12) * 1e3
         r["bound_ms"] = max(r["t_flop_ms"], r["t_mem_ms"])
         r["atomic_hbm_ms"] = r["atomic_adds"] * 2 * acc / (gpu["tbs"] * 1e12) * 1e3
+        r["tile_hbm_ms"] = r["tile_bytes"] / (gpu["tbs"] * 1e12) * 1e3
     return rows
 
 
@@ -875,24 +888,31 @@ def workload_bound(workload: str, n: int, h: int, v: int, dtype: str = "bf16", g
 
 def format_roofline(n: int = 8192, h: int = 4096, vocabs: Sequence[int] = ROOFLINE_VOCABS, dtype: str = "bf16",
                     gpu=H100_SXM) -> str:
-    out = [f"Roofline on paper: N={n}, H={h}, {dtype}, {gpu['name']} ({gpu['tflops']:g} TFLOP/s dense, "
-           f"{gpu['tbs']:g} TB/s). Not measured: lower bounds until a GPU run confirms them.", ""]
-    head = (f"| V | kernel | launches | GFLOP | HBM MB | compute ms | memory ms | bound ms | "
-            f"atomic adds (M) | atomics via HBM ms |")
+    """Markdown: one summary table (per vocabulary and workload), then every kernel."""
+    out = [f"Roofline on paper, not measured: N={n}, H={h}, {dtype}, {gpu['name']} ({gpu['tflops']:g} TFLOP/s "
+           f"dense, {gpu['tbs']:g} TB/s). Lower bounds until a GPU run confirms them.", "",
+           "| V | workload | GEMM passes | TFLOP | HBM GB | lower bound ms | tile operands GB | "
+           "tiles via HBM ms (risk) | atomics via HBM ms (risk) |",
+           "|---:|---|---:|---:|---:|---:|---:|---:|---:|"]
+    gemm_flops = lambda v: 2.0 * n * v * h
     for v in vocabs:
         rows = roofline(n, h, v, dtype, gpu)
-        out += [head, "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
-        for r in rows:
+        for name, (ks, title) in WORKLOADS.items():
+            flops, sec = lower_bound(rows, ks)
+            mine = [r for r in rows if r["kernel"] in ks]
+            atom = sum(r["atomic_hbm_ms"] for r in mine)
+            nbytes = sum(r["bytes"] for r in mine)
+            tiles = sum(r["tile_bytes"] for r in mine)
+            out.append(f"| {v} | {title} | {flops / gemm_flops(v):g} | {flops / 1e12:.2f} | {nbytes / 1e9:.2f} | "
+                       f"{sec * 1e3:.2f} | {tiles / 1e9:.0f} | {sum(r['tile_hbm_ms'] for r in mine):.0f} | "
+                       f"{atom:.0f} |")
+    out += ["", "| V | kernel | launches | GFLOP | HBM MB | compute ms | memory ms | bound ms | atomic adds (M) | "
+            "atomics via HBM ms |", "|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    for v in vocabs:
+        for r in roofline(n, h, v, dtype, gpu):
             out.append(f"| {v} | {r['kernel']} | {r['launches']} | {r['flops'] / 1e9:,.0f} | "
                        f"{r['bytes'] / 1e6:,.1f} | {r['t_flop_ms']:.3f} | {r['t_mem_ms']:.3f} | "
                        f"{r['bound_ms']:.3f} | {r['atomic_adds'] / 1e6:,.0f} | {r['atomic_hbm_ms']:.1f} |")
-        for ks, title in WORKLOADS.values():
-            flops, sec = lower_bound(rows, ks)
-            atom = sum(r["atomic_hbm_ms"] for r in rows if r["kernel"] in ks)
-            nbytes = sum(r["bytes"] for r in rows if r["kernel"] in ks)
-            out.append(f"| {v} | **{title}** | | {flops / 1e9:,.0f} | {nbytes / 1e6:,.1f} | | | "
-                       f"**{sec * 1e3:.2f}** | | {atom:.1f} |")
-        out.append("")
     return "\n".join(out)
 
 
