@@ -105,7 +105,7 @@ def _in_block(y: torch.Tensor, valid: torch.Tensor, vocab: int) -> torch.Tensor:
 
 
 def _threshold(z: torch.Tensor, k: int):
-    """tau = k-th largest entry of each row, and the weight of each entry equal to tau."""
+    """tau = k-th largest entry of each row (the tie weight comes with the weights, below)."""
     # Row by row: kthvalue copies its input (values + int64 indices); on a whole block those
     # 12-byte-per-logit temporaries made resident memory grow with the number of chunks.
     c = z.shape[0]
@@ -113,15 +113,21 @@ def _threshold(z: torch.Tensor, k: int):
     idx = torch.empty(c, dtype=torch.long, device=z.device)
     for r in range(c):
         torch.kthvalue(z[r], z.shape[-1] - k + 1, out=(tau[r], idx[r]))
-    n_gt = (z > tau[:, None]).sum(-1)
-    n_eq = (z == tau[:, None]).sum(-1)
-    return tau, (k - n_gt).to(z.dtype) / n_eq.to(z.dtype)
+    return tau
 
 
-def _weights_into(z, tau, frac, out):
-    """out <- 1 where z > tau, frac where z == tau, 0 below: membership of the clamped set."""
-    torch.gt(z, tau[:, None], out=out)
-    return torch.where(z == tau[:, None], frac[:, None].expand_as(out), out, out=out)
+def _weights_into(z, tau, out, scratch, *, k=None, frac=None):
+    """out <- 1 where z > tau, frac where z == tau, 0 below: membership of the clamped set.
+
+    With ``k`` the tie weight is computed here, ``frac = (k - #{z > tau}) / #{z == tau}``; counts
+    are float sums of 0/1 blocks (exact below 2^24 columns) so no bool or int64 block is allocated.
+    Returns ``(out, frac)``; ``scratch`` is a free block of the same shape.
+    """
+    gt = torch.gt(z, tau[:, None], out=scratch)
+    eq = torch.eq(z, tau[:, None], out=out)
+    if frac is None:
+        frac = (k - gt.sum(-1)) / eq.sum(-1)
+    return eq.mul_(frac[:, None]).add_(gt), frac
 
 
 class _Fwd:
@@ -142,8 +148,9 @@ class _Fwd:
         self.live = torch.isfinite(m)  # False: every logit of the row is -inf
         self.tau = self.frac = self.w = None
         if k is not None:
-            self.tau, self.frac = _threshold(z, k)
-            self.w = _weights_into(z, self.tau, self.frac, ws.get("w", c))
+            self.tau = _threshold(z, k)
+            # the p block is free until exp(u) is written into it below
+            self.w, self.frac = _weights_into(z, self.tau, ws.get("w", c), ws.get("p", c), k=k)
         self.m = torch.where(self.live, m, torch.zeros_like(m))
         z.sub_(self.m[:, None]).clamp_(min=U_MIN)
         self.u = z
@@ -278,7 +285,7 @@ def _recompute(z, ws, y, valid, stats_rows, k, tf):
     factor = _softcap_factor(z, tf, ws.get("f", c)) if tf.softcap is not None else None
     f = _Fwd.__new__(_Fwd)
     f.live = torch.isfinite(lse)
-    f.w = _weights_into(z, tau, frac, ws.get("w", c)) if k is not None else None
+    f.w = _weights_into(z, tau, ws.get("w", c), ws.get("p", c), frac=frac)[0] if k is not None else None
     f.m = _safe(lse)  # shifting by lse instead of the max: e = p directly, s = 1
     z.sub_(f.m[:, None]).clamp_(min=U_MIN)
     f.u = z
