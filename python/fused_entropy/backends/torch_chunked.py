@@ -185,11 +185,9 @@ def _grad_from_fwd(f: _Fwd, y, valid, ent, ent_c, g_lp, g_ent, g_cl, ws, factor,
     dlogp/dz = onehot(y) - p,  dH/dz = -p (log p + H),  dHc/dz = -w pi (z - lse_S + Hc).
     """
     u, e = f.u, f.e
-    c = u.shape[0]
     live = valid & f.live
     zero = torch.zeros((), dtype=u.dtype, device=u.device)
     g_lp, g_ent, g_cl = (None if g is None else torch.where(live, g.to(u.dtype), zero) for g in (g_lp, g_ent, g_cl))
-    log_s = torch.log(f.s)
     d_cl = None
     if g_cl is not None:
         # pi = w e / s_c; scratch (u + m - lse_S + Hc) goes through the p buffer, then e is rebuilt
@@ -197,15 +195,17 @@ def _grad_from_fwd(f: _Fwd, y, valid, ent, ent_c, g_lp, g_ent, g_cl, ws, factor,
         torch.add(u, (f.m - _safe(f.lse_clamped) + ent_c)[:, None], out=e)
         d_cl.mul_(e)
         torch.exp(u, out=e)
-    e.div_(f.s[:, None])  # p
-    u.sub_(log_s[:, None])  # log p
+    if f.s is not None:  # forward state shifted by the max: normalize (a recompute is shifted by lse)
+        e.div_(f.s[:, None])  # p
+        u.sub_(torch.log(f.s)[:, None])  # log p
+    # dz = p * (-g_ent (log p + H) - g_lp), in as few passes over the block as possible
     if g_ent is not None:
-        u.add_(ent[:, None]).mul_(-g_ent[:, None])
+        const = -(g_ent * ent) if g_lp is None else -(g_ent * ent + g_lp)
+        u.mul_(-g_ent[:, None]).add_(const[:, None]).mul_(e)
+    elif g_lp is not None:
+        torch.mul(e, -g_lp[:, None], out=u)
     else:
         u.zero_()
-    if g_lp is not None:
-        u.sub_(g_lp[:, None])
-    u.mul_(e)
     if g_lp is not None:
         here = _in_block(y, valid, u.shape[1])  # no one-hot term for a target in another shard
         u.scatter_add_(1, torch.where(here, y, torch.zeros_like(y))[:, None], torch.where(here, g_lp, zero)[:, None])
@@ -290,7 +290,7 @@ def _recompute(z, ws, y, valid, stats_rows, k, tf):
     z.sub_(f.m[:, None]).clamp_(min=U_MIN)
     f.u = z
     f.e = torch.exp(z, out=ws.get("p", c))
-    f.s = torch.ones_like(lse)
+    f.s = None  # e is already p
     f.lse_clamped = lse_c
     if k is not None:
         f.w.mul_(f.e)
