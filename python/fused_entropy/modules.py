@@ -24,10 +24,12 @@ from ._types import LogitTransform
 from .backends import BACKENDS, get_backend
 from .functional import linear_logprobs
 
-# Rows per chunk of the single pass. Each chunk holds two fp32 [C, V] blocks (logits/log-probs and
-# probabilities); the last dW product reads and writes all of dW once per chunk, so very small chunks
-# pay for dW traffic and large ones for memory. Measured on the CPU bench case (see the bench).
-SINGLE_PASS_ELEMENTS = 1 << 21
+# Rows per chunk of the single pass: about this many logits per chunk. Each chunk holds two fp32
+# [C, V] blocks (7 MiB each here). Measured on the bench's CPU case (V = 32768, so C = 56): smaller
+# chunks pay for the dW update (all of dW is read and written once per chunk) and lose GEMM
+# efficiency; above 56 rows MKL's sgemm packs the weight into an extra ~8 MiB buffer for the
+# logits product at no gain in speed, which took working memory from 0.066 to 0.105 of [N, V].
+SINGLE_PASS_ELEMENTS = 56 * 32768
 # A chunk of whole sequences (sequence-level objectives) is allowed up to this many logits; longer
 # sequences take the two-pass path, whose working memory does not grow with the sequence length.
 WHOLE_SEQUENCE_MAX_ELEMENTS = 1 << 23
@@ -114,7 +116,7 @@ class LinearGRPOLoss(nn.Module):
             once per tensor-parallel rank.
         cov_statistics: ``"local"`` or ``"global"`` Clip-Cov/KL-Cov statistics (see ``grpo_loss``).
         rows_per_chunk: rows per chunk of the single pass (default: about ``SINGLE_PASS_ELEMENTS``
-            logits per chunk, i.e. two 8 MiB fp32 blocks).
+            logits per chunk, i.e. two 7 MiB fp32 blocks).
 
     ``forward(_input [B, T, H], lin_weight [V, H], selected_token_ids [B, T], attention_mask [B, T],
     advantages [B] or [B, T], bias [V]=None, ref_per_token_logps [B, T]=None, old_per_token_logps
