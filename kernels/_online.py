@@ -157,7 +157,8 @@ def finish_stats_kernel(
     """
     offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
     mask = offs < N
-    plane = n_split.to(tl.int64) * N
+    # tl.cast, not .to(): the JIT turns an integer argument equal to 1 into a Python int constant
+    plane = tl.cast(n_split, tl.int64) * N
     m = tl.load(part_ptr + offs, mask=mask, other=float("-inf"))
     s = tl.load(part_ptr + plane + offs, mask=mask, other=0.0)
     t = tl.load(part_ptr + 2 * plane + offs, mask=mask, other=0.0)
