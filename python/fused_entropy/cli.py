@@ -19,6 +19,8 @@ COMMANDS = {
               "the materialized reference, TRL, Liger) on the machine it finds"),
     "demo": ("fused_entropy.tools.demo", "entropy collapse under GRPO on a toy task, and what the "
              "entropy-control methods do about it"),
+    "aot": ("fused_entropy.tools.aot", "compile every Triton kernel for sm_80/sm_90 without a GPU: "
+            "registers, spills, shared memory, tensor cores; --roofline"),
 }
 
 
