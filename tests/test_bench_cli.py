@@ -84,3 +84,20 @@ def test_table_ratios_and_skip_lines():
     # xfloor, xeager, xTRL, mem/[N,V] (then MiB)
     assert fused[-5:-1] == ["2.00", "0.50", "0.25", "0.050"]
     assert any("skipped: package 'liger_kernel' is not installed" in ln for ln in lines)
+
+
+def test_cuda_table_prints_fraction_of_roofline_bound():
+    """On CUDA each row of this package shows bound/time against tools.aot's roofline (on paper)."""
+    from fused_entropy.tools import bench as B
+    from fused_entropy.tools.aot import workload_bound
+    from fused_entropy.tools.bench_providers import Case
+
+    case = Case(n=8192, h=4096, v=131072, dtype="bfloat16", seq_len=1024)
+    bound = workload_bound("linear", case.n, case.h, case.v, "bf16")[1]
+    res = dict(time_s=4 * bound, time_lo_s=4 * bound, time_hi_s=4 * bound, gemms=4, working_bytes=0)
+    rows = [B.Row("fused", case, dict(res))]
+    lines = B.family_table(rows, "linear_logprobs", case, "cuda")
+    header = next(ln for ln in lines if "%bound" in ln)
+    row = lines[lines.index(header) + 2]  # header, rule, first row
+    end = header.index("%bound") + len("%bound")  # numeric columns are right-aligned
+    assert row[:end].split()[-1] == "25.0", (header, row)

@@ -252,6 +252,26 @@ def _table(headers: List[str], body: List[List[str]], align: str) -> List[str]:
     return [fmt(headers), "  ".join("-" * w for w in widths)] + [fmt(r) for r in body]
 
 
+# bench family -> the roofline workload of fused_entropy.tools.aot that bounds this package's rows
+ROOFLINE_WORKLOAD = {"linear_logprobs": "linear", "clamped_entropy": "linear+clamped", "logits": "logits"}
+
+
+def _roofline_bound(r: "Row", family: str, case: Case) -> Optional[float]:
+    """Lower-bound seconds (on paper, H100 SXM) for a row of this package, None for peers/other rows."""
+    workload = ROOFLINE_WORKLOAD.get(family)
+    if workload is None or PROVIDERS[r.provider].kind == "peer" or r.provider.startswith(("floor", "reference")):
+        return None
+    from .aot import workload_bound
+
+    if family == "logits" and "clamp" in r.provider:
+        workload = "logits+clamped"
+    dt = {"bfloat16": "bf16", "float16": "fp16", "float32": "fp32"}.get(case.dtype, "bf16")
+    try:
+        return workload_bound(workload, case.n, case.h, case.v, dt)[1]
+    except (KeyError, ValueError):
+        return None
+
+
 def family_table(rows: List[Row], family: str, case: Case, device) -> List[str]:
     """The printed block of one family on one case."""
     cuda = getattr(device, "type", device) == "cuda"
@@ -267,8 +287,9 @@ def family_table(rows: List[Row], family: str, case: Case, device) -> List[str]:
                "TFLOP/s" if cuda else "GFLOP/s"]
     align = "lrrrrr"
     if cuda:
-        headers.append(f"%{H100_BF16_PEAK_TFLOPS:.0f}")
-        align += "r"
+        # % of H100 bf16 peak, and bound/time: the fraction of the roofline lower bound reached
+        headers += [f"%{H100_BF16_PEAK_TFLOPS:.0f}", "%bound"]
+        align += "rr"
     # a ratio column only where its row was measured
     ratio_to = [r for r in (floor, base) if r is not None] + peers
     for ref in ratio_to:
@@ -293,6 +314,8 @@ def family_table(rows: List[Row], family: str, case: Case, device) -> List[str]:
                  "-" if rate is None else f"{rate:.1f}"]
         if cuda:
             cells.append("-" if rate is None else f"{100 * rate / H100_BF16_PEAK_TFLOPS:.1f}")
+            bound = _roofline_bound(r, family, case)
+            cells.append("-" if bound is None else f"{100 * bound / t:.1f}")
         cells += [_ratio(r, ref) for ref in ratio_to]
         w = r.working
         cells += ["-" if w is None else f"{w:.3f}", "-" if w is None else f"{w * case.nv_bytes / 2**20:.0f}"]
