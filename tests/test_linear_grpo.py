@@ -507,3 +507,35 @@ def test_low_precision_error_no_worse_than_plain_torch():
         err_plain = float((plain[2][i].double() - gold[2][i]).abs().max())
         assert err_ours <= 1.1 * err_plain + 1e-3 * float(gold[2][i].abs().max()), (name, err_ours, err_plain)
     assert abs(float(ours[0]) - float(gold[0])) <= 1.1 * abs(float(plain[0]) - float(gold[0])) + 1e-4
+
+
+@pytest.mark.parametrize("frozen", ["lin_weight", "_input"])
+def test_single_pass_frozen_input_costs_no_gradient_product(frozen, monkeypatch):
+    """needs= reaches the single pass: a frozen LM head gets no dW product, a frozen input no dX."""
+    from fused_entropy.backends import torch_chunked
+
+    seen = {}
+    real = torch_chunked.linear_forward_backward
+
+    def spy(*args, **kwargs):
+        out = real(*args, **kwargs)
+        seen["needs"], seen["grads"] = kwargs["needs"], out[1:]
+        return out
+
+    monkeypatch.setattr(torch_chunked, "linear_forward_backward", spy)
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(2, 5, 8, generator=g, requires_grad=frozen != "_input")
+    w = torch.randn(30, 8, generator=g, requires_grad=frozen != "lin_weight")
+    ids = torch.randint(0, 30, (2, 5), generator=g)
+    mask = torch.ones(2, 5)
+    adv = torch.randn(2, generator=g)
+    loss_fn = LinearGRPOLoss(beta=0.0, loss_type="dapo", entropy_coef=0.01, backend="torch", single_pass=True)
+    loss, _ = loss_fn(x, w, ids, mask, adv)
+    loss.backward()
+    assert loss_fn.last_path == "single"
+    assert seen["needs"] == (frozen != "_input", frozen != "lin_weight", False)
+    assert (seen["grads"][0] is None) == (frozen == "_input") and (seen["grads"][1] is None) == (frozen == "lin_weight")
+    two = LinearGRPOLoss(beta=0.0, loss_type="dapo", entropy_coef=0.01, backend="torch", single_pass=False)
+    live = x if frozen == "lin_weight" else w
+    want = torch.autograd.grad(two(x, w, ids, mask, adv)[0], live)[0]
+    torch.testing.assert_close(live.grad, want, rtol=1e-5, atol=1e-6)

@@ -52,22 +52,16 @@ class _SinglePassFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, _input, weight, bias, sweep):
-        loss, gx, gw, gb = sweep()
-        ctx.has_bias = gb is not None
-        ctx.save_for_backward(gx, gw, gb if gb is not None else gx.new_empty(0))
+        loss, gx, gw, gb = sweep()  # None for an input that needs no gradient (no product was spent)
+        ctx.save_for_backward(gx, gw, gb)
         return loss
 
     @staticmethod
     def backward(ctx, grad_loss):
-        gx, gw, gb = ctx.saved_tensors
+        grads = ctx.saved_tensors
         if not bool(grad_loss == 1):
-            gx, gw, gb = gx * grad_loss.to(gx.dtype), gw * grad_loss.to(gw.dtype), gb * grad_loss.to(gb.dtype)
-        return (
-            gx if ctx.needs_input_grad[0] else None,
-            gw if ctx.needs_input_grad[1] else None,
-            gb if ctx.has_bias and ctx.needs_input_grad[2] else None,
-            None,
-        )
+            grads = [None if g is None else g * grad_loss.to(g.dtype) for g in grads]
+        return (*(g if need else None for g, need in zip(grads, ctx.needs_input_grad[:3])), None)
 
 
 class LinearGRPOLoss(nn.Module):
@@ -633,11 +627,12 @@ class LinearGRPOLoss(nn.Module):
             y = flat_targets
             if rows_in is not None:
                 x2, y = x2.index_select(0, rows_in), y.index_select(0, rows_in)
+            needs = tuple(t is not None and t.requires_grad for t in (x, w, bias))
             _, gx, gw, gb = be.linear_forward_backward(
                 x2.contiguous(), w.contiguous(), None if bias is None else bias.contiguous(), y.contiguous(), tf,
-                _IGNORE, True, k, grad_fn, rows_per_chunk=step,
+                _IGNORE, True, k, grad_fn, rows_per_chunk=step, needs=needs,
             )
-            if rows_in is not None:
+            if rows_in is not None and gx is not None:
                 # rows outside the mask have exactly zero gradient
                 gx = torch.zeros((n, hidden), dtype=gx.dtype, device=gx.device).index_copy_(0, rows_in, gx)
             # Loss and metrics of the whole batch from the per-token statistics (O(N) work); the
@@ -651,7 +646,7 @@ class LinearGRPOLoss(nn.Module):
                 fkw["entropy_coef"] = coef
             with torch.set_grad_enabled(observe):
                 loss, metrics = G.grpo_loss(lp_full, advantages, mask, entropy=ent_full, clamped_entropy=cl_full, **fkw)
-            return loss.detach(), gx.reshape(x.shape), gw, gb, metrics
+            return loss.detach(), None if gx is None else gx.reshape(x.shape), gw, gb, metrics
 
         box = {}
 

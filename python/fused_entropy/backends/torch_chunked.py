@@ -327,7 +327,8 @@ def linear_backward(x, weight, bias, targets, tf, ignore_index, stats: RowStats,
     )
 
 
-def linear_forward_backward(x, weight, bias, targets, tf, ignore_index, entropy, k, grad_fn, rows_per_chunk=None):
+def linear_forward_backward(x, weight, bias, targets, tf, ignore_index, entropy, k, grad_fn, rows_per_chunk=None,
+                            *, needs=(True, True, True)):
     """Forward statistics and gradients in one sweep over row chunks.
 
     For each chunk of rows ``sl`` the block's statistics are computed, then
@@ -337,12 +338,14 @@ def linear_forward_backward(x, weight, bias, targets, tf, ignore_index, entropy,
     its own chunk plus constants known beforehand (token-level objectives with fixed normalizers).
     Three matrix products in all (logits, dX, dW).
 
-    Returns ``(RowStats, grad_x, grad_weight, grad_bias)``.
+    Returns ``(RowStats, grad_x, grad_weight, grad_bias)``; a gradient whose ``needs`` entry is
+    False is None and costs no matrix product.
     """
     plan = _Plan(x, weight, rows_per_chunk)
-    grad_x = torch.empty(x.shape, device=x.device, dtype=plan.cdt)
-    grad_w = torch.zeros(plan.w.shape, device=x.device, dtype=plan.cdt)
-    grad_b = torch.zeros(plan.vocab, device=x.device, dtype=plan.cdt) if bias is not None else None
+    need_x, need_w, need_b = needs[0], needs[1], needs[2] and bias is not None
+    grad_x = torch.empty(x.shape, device=x.device, dtype=plan.cdt) if need_x else None
+    grad_w = torch.zeros(plan.w.shape, device=x.device, dtype=plan.cdt) if need_w else None
+    grad_b = torch.zeros(plan.vocab, device=x.device, dtype=plan.cdt) if need_b else None
     parts = []
     for sl in plan.chunks():
         c = sl.stop - sl.start
@@ -355,15 +358,17 @@ def linear_forward_backward(x, weight, bias, targets, tf, ignore_index, entropy,
         parts.append(f.stats())
         g_lp, g_ent, g_cl = grad_fn(sl, f.logprobs, f.entropy, f.clamped_entropy)
         dz = _grad_from_fwd(f, y, valid, f.entropy, f.clamped_entropy, g_lp, g_ent, g_cl, plan.ws, factor, tf)
-        torch.mm(dz, plan.w, out=grad_x[sl])
-        grad_w.addmm_(dz.T, x_c)
-        if grad_b is not None:
+        if need_x:
+            torch.mm(dz, plan.w, out=grad_x[sl])
+        if need_w:
+            grad_w.addmm_(dz.T, x_c)
+        if need_b:
             grad_b.add_(dz.sum(0))
     stats = _to_stats(parts, plan.n, x.device, plan.cdt, entropy, k)
     return (
         stats,
-        grad_x.to(x.dtype),
-        grad_w.to(weight.dtype),
+        None if grad_x is None else grad_x.to(x.dtype),
+        None if grad_w is None else grad_w.to(weight.dtype),
         None if grad_b is None else grad_b.to(bias.dtype),
     )
 
