@@ -1,18 +1,11 @@
 """Two gloo processes: every rank holds the coefficient computed from the global token-weighted mean."""
-import json
-import os
-import socket
-import time
-from datetime import timedelta
-
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 
 from fused_entropy.control import AdaptiveEntropyCoef, REPOZeta
 
-TIMEOUT_S = 60
+from _dist_utils import run_ranks
 
 # Per rank and step: (entropy_sum, token_count) of each micro-batch.
 # Step 1: rank 0 has 10 tokens at 0.1, rank 1 has 30 tokens at 0.5 -> global mean 16/40 = 0.4, while
@@ -25,50 +18,26 @@ OBS = {
 }
 
 
-def _worker(rank, world, port, out_dir):
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world,
-                            timeout=timedelta(seconds=TIMEOUT_S))
-    try:
-        adaptive = AdaptiveEntropyCoef(target=0.35, delta=0.01, coef_min=0.0, coef_max=1.0, init=0.1)
-        repo = REPOZeta(init=0.01)
-        record = []
-        for window in OBS[rank]:
-            for s, n in window:
-                # Tensor observations on one rank, floats on the other: both must reduce the same way.
-                if rank == 0:
-                    s, n = torch.tensor(s), torch.tensor(float(n))
-                adaptive.observe(s, n)
-                repo.observe(s, n)
-            means = (adaptive.step(), repo.step())
-            record.append({"means": means, "adaptive": adaptive.state_dict(), "repo": repo.state_dict(),
-                           "coef": adaptive.coef})
-        with open(os.path.join(out_dir, f"rank{rank}.json"), "w") as f:
-            json.dump(record, f)
-    finally:
-        dist.destroy_process_group()
-
-
-def _free_port():
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+def _worker(rank, world):
+    adaptive = AdaptiveEntropyCoef(target=0.35, delta=0.01, coef_min=0.0, coef_max=1.0, init=0.1)
+    repo = REPOZeta(init=0.01)
+    record = []
+    for window in OBS[rank]:
+        for s, n in window:
+            # Tensor observations on one rank, floats on the other: both must reduce the same way.
+            if rank == 0:
+                s, n = torch.tensor(s), torch.tensor(float(n))
+            adaptive.observe(s, n)
+            repo.observe(s, n)
+        means = (adaptive.step(), repo.step())
+        record.append({"means": list(means), "adaptive": adaptive.state_dict(), "repo": repo.state_dict(),
+                       "coef": adaptive.coef})
+    return record
 
 
 @pytest.mark.skipif(not dist.is_available(), reason="torch.distributed not built")
 def test_two_ranks_same_coefficient_from_global_mean(tmp_path):
-    ctx = mp.start_processes(_worker, args=(2, _free_port(), str(tmp_path)), nprocs=2, join=False,
-                             start_method="spawn")
-    deadline = time.monotonic() + TIMEOUT_S
-    try:
-        while not ctx.join(timeout=1.0):
-            if time.monotonic() > deadline:
-                pytest.fail(f"distributed workers did not finish within {TIMEOUT_S} s")
-    finally:
-        for p in ctx.processes:
-            if p.is_alive():
-                p.terminate()
-    r0 = json.loads((tmp_path / "rank0.json").read_text())
-    r1 = json.loads((tmp_path / "rank1.json").read_text())
+    r0, r1 = run_ranks(_worker, 2, tmp_path)
     assert r0 == r1
 
     s1, s2, s3 = r0

@@ -1,19 +1,13 @@
 """grpo_loss across two gloo ranks: DAPO's all-reduced token count and the 80/20 threshold gathered
 over ranks with different numbers of valid tokens."""
-import json
-import os
-import socket
-import time
-from datetime import timedelta
-
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 
 from fused_entropy import grpo_loss, grpo_normalizers
 
-TIMEOUT_S = 60
+from _dist_utils import run_ranks
+
 Q = 0.3
 
 
@@ -28,42 +22,19 @@ def _rank_batch(rank):
     return lp, old, adv, mask, ent
 
 
-def _worker(rank, world, port, out_dir):
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world,
-                            timeout=timedelta(seconds=TIMEOUT_S))
-    try:
-        lp, old, adv, mask, ent = _rank_batch(rank)
-        loss, _ = grpo_loss(lp, adv, mask, old_logprobs=old, loss_type="dapo")
-        norms = grpo_normalizers(mask, loss_type="dapo", top_entropy_quantile=Q, entropy=ent, dtype=torch.float64)
-        loss_q, _ = grpo_loss(lp, adv, mask, old_logprobs=old, entropy=ent, loss_type="dapo",
-                              top_entropy_quantile=Q, entropy_coef=0.1)
-        with open(os.path.join(out_dir, f"rank{rank}.json"), "w") as f:
-            json.dump({"loss": loss.item(), "loss_q": loss_q.item(), "threshold": norms.entropy_threshold.item(),
-                       "policy_denom": norms.policy_denom.item(), "bonus_denom": norms.bonus_denom.item()}, f)
-    finally:
-        dist.destroy_process_group()
-
-
-def _free_port():
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+def _worker(rank, world):
+    lp, old, adv, mask, ent = _rank_batch(rank)
+    loss, _ = grpo_loss(lp, adv, mask, old_logprobs=old, loss_type="dapo")
+    norms = grpo_normalizers(mask, loss_type="dapo", top_entropy_quantile=Q, entropy=ent, dtype=torch.float64)
+    loss_q, _ = grpo_loss(lp, adv, mask, old_logprobs=old, entropy=ent, loss_type="dapo",
+                          top_entropy_quantile=Q, entropy_coef=0.1)
+    return {"loss": loss.item(), "loss_q": loss_q.item(), "threshold": norms.entropy_threshold.item(),
+            "policy_denom": norms.policy_denom.item(), "bonus_denom": norms.bonus_denom.item()}
 
 
 @pytest.mark.skipif(not dist.is_available(), reason="torch.distributed not built")
 def test_two_ranks_share_token_count_and_entropy_threshold(tmp_path):
-    ctx = mp.start_processes(_worker, args=(2, _free_port(), str(tmp_path)), nprocs=2, join=False,
-                             start_method="fork")
-    deadline = time.monotonic() + TIMEOUT_S
-    try:
-        while not ctx.join(timeout=0.5):
-            if time.monotonic() > deadline:
-                pytest.fail(f"distributed workers did not finish within {TIMEOUT_S} s")
-    finally:
-        for p in ctx.processes:
-            if p.is_alive():
-                p.terminate()
-    got = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(2)]
+    got = run_ranks(_worker, 2, tmp_path)
     batches = [_rank_batch(r) for r in range(2)]
     total = sum(int(b[3].sum()) for b in batches)
     all_ent = torch.cat([b[4][b[3]] for b in batches])
