@@ -31,6 +31,7 @@ def ks():
 @pytest.mark.parametrize("tf", [dict(), dict(temperature=0.7, softcap=3.0)], ids=["plain", "temp-softcap"])
 def test_linear_clamped_matches_reference(kset, tf, monkeypatch):
     monkeypatch.setattr(torch_chunked, "CHUNK_ELEMENTS", 300)
+    monkeypatch.setattr(torch_chunked, "MIN_CHUNK_ROWS", 1)
     x, w, b, y = data()
     kw = {**ks()[kset], **tf}
     g = torch.Generator().manual_seed(9)

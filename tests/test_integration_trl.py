@@ -320,6 +320,7 @@ def test_loss_path_allocates_no_logits(tokenizer, tmp_path, monkeypatch):
 
     chunk = 4
     monkeypatch.setattr(torch_chunked, "CHUNK_ELEMENTS", chunk * V)  # tiles of 4 rows x V
+    monkeypatch.setattr(torch_chunked, "MIN_CHUNK_ROWS", 1)
     args = FusedEntropyGRPOConfig(**dict(BASE, output_dir=str(tmp_path), max_steps=2, gradient_accumulation_steps=2,
                                          entropy_coef=0.01, entropy_source="clamped", topk=16, beta=0.0))
     model = make_model()

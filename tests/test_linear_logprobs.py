@@ -51,6 +51,7 @@ WHICH = {"logp": (1, 0), "ent": (0, 1), "both": (1, 1)}
 def test_linear_fp64_matches_reference(shape, case, which, bias, monkeypatch):
     # small chunks so several chunks (and a ragged last one) are exercised
     monkeypatch.setattr(torch_chunked, "CHUNK_ELEMENTS", 700)
+    monkeypatch.setattr(torch_chunked, "MIN_CHUNK_ROWS", 1)
     n, h, v = SHAPES[shape]
     x, w, b, y = make(n, h, v, bias=bias, scale=2.0)
     y[::4] = -100
@@ -152,6 +153,7 @@ def test_logits_with_neg_inf(which):
 @pytest.mark.parametrize("temperature", [1.0, 0.6], ids=["t1", "t06"])
 def test_logits_entry_matches_reference(shape, temperature, monkeypatch):
     monkeypatch.setattr(torch_chunked, "CHUNK_ELEMENTS", 200)
+    monkeypatch.setattr(torch_chunked, "MIN_CHUNK_ROWS", 1)
     n, v = shape
     g = torch.Generator().manual_seed(5)
     logits = torch.randn(n, v, generator=g, dtype=F64) * 4

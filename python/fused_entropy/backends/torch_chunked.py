@@ -4,7 +4,7 @@ Each chunk of ``C`` rows computes one ``[C, V]`` logit block into a workspace th
 once per call and reused by every chunk, so working memory is a few ``[C, V]`` blocks, never
 ``[N, V]``, and the allocator never churns (per-chunk temporaries made glibc keep ~2x ``[N, V]``
 of freed heap resident). ``C`` is chosen so that a block holds about ``CHUNK_ELEMENTS`` values
-(4 MiB in fp32); blocks in use: 2 (log-probs, entropy), 3 with clamped entropy, +1 with softcap.
+(4 MiB in fp32), and at least ``MIN_CHUNK_ROWS`` rows; blocks in use: 2 (log-probs, entropy), 3 with clamped entropy, +1 with softcap.
 
 Matrix products: ``linear_forward`` 1, ``linear_backward`` 3 (recompute, dX, dW), and
 ``linear_forward_backward`` (single pass) 3. Products run in the input dtype when it is fp32/fp64;
@@ -27,11 +27,15 @@ import torch
 from .._types import LogitTransform, RowStats
 
 CHUNK_ELEMENTS = 1 << 20
+# At large V the element budget alone leaves a handful of rows per chunk (4 at V = 256k) and the
+# matrix products run at a fraction of their speed; 32 rows keep them efficient while a block stays
+# a small fraction of [N, V] (32 / N).
+MIN_CHUNK_ROWS = 32
 
 
 def chunk_rows(n_rows: int, vocab: int, budget: Optional[int] = None) -> int:
     budget = CHUNK_ELEMENTS if budget is None else budget
-    return max(1, min(n_rows, budget // max(vocab, 1)))
+    return max(1, min(n_rows, max(MIN_CHUNK_ROWS, budget // max(vocab, 1))))
 
 
 def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
