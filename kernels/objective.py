@@ -170,6 +170,44 @@ def _token_terms(
 
 
 @triton.jit
+def _tile_terms(
+    t, in_row, lp_row, old_row, ref_row, adv_row, mask_row, emask_row, isr_row, stride_adv_t, stride_isr_t,
+    scale, w_seq, log_w_vespo, params_ptr,
+    HAS_OLD: tl.constexpr, HAS_KL: tl.constexpr, BIAS_CORR: tl.constexpr, HAS_DELTA: tl.constexpr,
+    HAS_ISR: tl.constexpr, HAS_EMASK: tl.constexpr, LOSS: tl.constexpr, SEQUENCE: tl.constexpr,
+    MASK_WEIGHTED: tl.constexpr, DTYPE: tl.constexpr,
+):
+    """Load one tile of a row's tokens and return (mask, aggregation weight c, _token_terms(...)).
+
+    Shared by the loss pass and the sequence-level gradient pass, which read the same tokens.
+    """
+    m = (tl.load(mask_row + t, mask=in_row, other=0) != 0).to(DTYPE)
+    lp = tl.load(lp_row + t, mask=in_row, other=0.0)
+    old = lp
+    if HAS_OLD:
+        old = tl.load(old_row + t, mask=in_row, other=0.0)
+    ref = lp
+    if HAS_KL:
+        ref = tl.load(ref_row + t, mask=in_row, other=0.0)
+    a = tl.load(adv_row + t * stride_adv_t, mask=in_row, other=0.0)
+    e = m
+    if HAS_EMASK:
+        e = (tl.load(emask_row + t, mask=in_row, other=0) != 0).to(DTYPE)
+    isr = m
+    if HAS_ISR:
+        isr = tl.load(isr_row + t * stride_isr_t, mask=in_row, other=0.0)
+    ell, d_w, d_lp, kl, low, high = _token_terms(
+        lp, old, ref, a, e, isr, w_seq, log_w_vespo, params_ptr,
+        HAS_OLD, HAS_KL, BIAS_CORR, HAS_DELTA, HAS_ISR, HAS_EMASK, LOSS, SEQUENCE,
+    )
+    if MASK_WEIGHTED:
+        c = scale * m
+    else:
+        c = tl.where(in_row, scale + 0.0 * lp, 0.0)
+    return m, c, ell, d_w, d_lp, kl, low, high
+
+
+@triton.jit
 def grpo_objective_kernel(
     LP, OLD, REF, ADV, MASK, EMASK, ISR, ROW_SCALE, PARAMS,
     GRAD, ROW_LOSS, ROW_KL, ROW_LOW, ROW_HIGH,
@@ -209,29 +247,11 @@ def grpo_objective_kernel(
     for start in range(0, T, BLOCK_T):
         t = start + offs_t
         in_row = t < T
-        m = (tl.load(mask_row + t, mask=in_row, other=0) != 0).to(DTYPE)
-        lp = tl.load(lp_row + t, mask=in_row, other=0.0)
-        old = lp
-        if HAS_OLD:
-            old = tl.load(old_row + t, mask=in_row, other=0.0)
-        ref = lp
-        if HAS_KL:
-            ref = tl.load(ref_row + t, mask=in_row, other=0.0)
-        a = tl.load(adv_row + t * stride_adv_t, mask=in_row, other=0.0)
-        e = m
-        if HAS_EMASK:
-            e = (tl.load(emask_row + t, mask=in_row, other=0) != 0).to(DTYPE)
-        isr = m
-        if HAS_ISR:
-            isr = tl.load(isr_row + t * stride_isr_t, mask=in_row, other=0.0)
-        ell, d_w, d_lp, kl, low, high = _token_terms(
-            lp, old, ref, a, e, isr, w_seq, log_w_vespo, PARAMS,
-            HAS_OLD, HAS_KL, BIAS_CORR, HAS_DELTA, HAS_ISR, HAS_EMASK, LOSS, SEQUENCE,
+        m, c, ell, d_w, d_lp, kl, low, high = _tile_terms(
+            t, in_row, lp_row, old_row, ref_row, adv_row, mask_row, emask_row, isr_row, stride_adv_t, stride_isr_t,
+            scale, w_seq, log_w_vespo, PARAMS,
+            HAS_OLD, HAS_KL, BIAS_CORR, HAS_DELTA, HAS_ISR, HAS_EMASK, LOSS, SEQUENCE, MASK_WEIGHTED, DTYPE,
         )
-        if MASK_WEIGHTED:
-            c = scale * m
-        else:
-            c = tl.where(in_row, scale + 0.0 * lp, 0.0)
         acc_loss += c * ell
         acc_kl += m * kl
         acc_low += m * low.to(DTYPE)
@@ -253,27 +273,9 @@ def grpo_objective_kernel(
         for start in range(0, T, BLOCK_T):
             t = start + offs_t
             in_row = t < T
-            m = (tl.load(mask_row + t, mask=in_row, other=0) != 0).to(DTYPE)
-            lp = tl.load(lp_row + t, mask=in_row, other=0.0)
-            old = lp
-            if HAS_OLD:
-                old = tl.load(old_row + t, mask=in_row, other=0.0)
-            ref = lp
-            if HAS_KL:
-                ref = tl.load(ref_row + t, mask=in_row, other=0.0)
-            a = tl.load(adv_row + t * stride_adv_t, mask=in_row, other=0.0)
-            e = m
-            if HAS_EMASK:
-                e = (tl.load(emask_row + t, mask=in_row, other=0) != 0).to(DTYPE)
-            isr = m
-            if HAS_ISR:
-                isr = tl.load(isr_row + t * stride_isr_t, mask=in_row, other=0.0)
-            ell, d_w, d_lp, kl, low, high = _token_terms(
-                lp, old, ref, a, e, isr, w_seq, log_w_vespo, PARAMS,
-                HAS_OLD, HAS_KL, BIAS_CORR, HAS_DELTA, HAS_ISR, HAS_EMASK, LOSS, SEQUENCE,
+            m, c, ell, d_w, d_lp, kl, low, high = _tile_terms(
+                t, in_row, lp_row, old_row, ref_row, adv_row, mask_row, emask_row, isr_row, stride_adv_t, stride_isr_t,
+                scale, w_seq, log_w_vespo, PARAMS,
+                HAS_OLD, HAS_KL, BIAS_CORR, HAS_DELTA, HAS_ISR, HAS_EMASK, LOSS, SEQUENCE, MASK_WEIGHTED, DTYPE,
             )
-            if MASK_WEIGHTED:
-                c = scale * m
-            else:
-                c = tl.where(in_row, scale + 0.0 * lp, 0.0)
             tl.store(grad_row + t, c * d_lp + m * g_seq, mask=in_row)
