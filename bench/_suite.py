@@ -6,7 +6,7 @@ import importlib.util
 import pytest
 import torch
 
-from fused_entropy.tools.bench_providers import PROVIDERS, Case, family_providers
+from fused_entropy.tools.bench_providers import PROVIDERS, Case
 
 CASES = {
     "cpu": Case(n=512, h=256, v=8192, dtype="float32", seq_len=128),

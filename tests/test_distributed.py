@@ -4,7 +4,6 @@ Every test forks 2 or 3 CPU processes joined by a gloo group (``_dist_utils.run_
 a timeout) and compares what each rank gets with the single-process result over the whole
 vocabulary / all tokens, computed here in the parent.
 """
-import pathlib
 
 import pytest
 import torch

@@ -266,7 +266,6 @@ def test_linear_topk_select_one_rank_equals_fused_forward(dtype):
     """With a one-rank all_reduce, the select's (tau, tie_frac) are bitwise the fused forward's and
     its sums, shifted by lse, give the same clamped lse and entropy; it counts the first digit
     itself (the padded columns of the last tile taken out) and sums once per digit plus once."""
-    from fused_entropy import _launch
     from fused_entropy.backends import triton as triton_backend
 
     x, w, b, y = make_linear(7, 24, 45)

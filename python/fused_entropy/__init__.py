@@ -6,7 +6,7 @@ from .functional import GRPONormalizers, grpo_loss, grpo_loss_and_grads, grpo_no
 from .modules import LinearGRPOLoss
 
 __all__ = [
-    "LinearGRPOLoss",
+    "control", "LinearGRPOLoss",
     "GRPONormalizers", "grpo_loss", "grpo_loss_and_grads", "grpo_normalizers",
     "TokenStats", "linear_logprobs", "logprobs_from_logits"]
 __version__ = "0.1.0"

@@ -12,7 +12,6 @@ Precision choices:
 """
 from __future__ import annotations
 
-import math
 from typing import Optional
 
 import torch

@@ -248,4 +248,4 @@ def logprobs_from_logits(
     return _finish(outs, lead, bool(entropy), k is not None)
 
 # GRPO-family losses on per-token tensors (MATH.md sections 4-6); implementation in _grpo.py.
-from ._grpo import GRPONormalizers, grpo_loss, grpo_loss_and_grads, grpo_normalizers  # noqa: E402
+from ._grpo import GRPONormalizers, grpo_loss, grpo_loss_and_grads, grpo_normalizers  # noqa: E402,F401 (re-exported)

@@ -137,7 +137,7 @@ def _weights_into(z, tau, out, scratch, *, k=None, frac=None):
 class _Fwd:
     """Forward statistics of one block, leaving what a gradient pass can reuse.
 
-    After ``run``: ``u = z - m`` (in the z buffer), ``e = exp(u)`` (buffer p), and with k the
+    After construction: ``u = z - m`` (in the z buffer), ``e = exp(u)`` (buffer p), and with k the
     clamped weights times ``e`` (buffer w). Row vectors: m, s = sum e, lse, and the outputs.
     """
 

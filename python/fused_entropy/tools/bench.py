@@ -23,16 +23,15 @@ from __future__ import annotations
 import argparse
 import csv
 import json
-import math
 import os
 import platform
 import subprocess
 import sys
 import time
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import dataclass, field, replace
 from typing import Dict, List, Optional, Sequence
 
-from .bench_providers import CLAMP_P, CLAMP_TOPK, FAMILIES, FAMILY_TITLES, PROVIDERS, Case, unavailable
+from .bench_providers import FAMILIES, FAMILY_TITLES, PROVIDERS, Case, unavailable
 
 H100_BF16_PEAK_TFLOPS = 989.0  # H100 SXM dense bf16
 
