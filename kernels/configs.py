@@ -15,6 +15,14 @@ Frozen defaults were chosen for H100 (sm_90) on paper and checked by compiling e
   recomputed logits are bitwise the forward's (the top-k tie test z == tau needs that).
 - Logits kernels stream memory: 16 x 256 tiles (8 x 256 for fp64), 8 warps.
 
+Backward design of the linear head (``backward_design()``, read at every call): "chunked" (default:
+``linear_dz_kernel`` per vocabulary chunk + cuBLAS GEMMs, no atomics, deterministic) or "atomic"
+(``linear_grad_kernel``, fp32 atomics). ``FUSED_ENTROPY_BACKWARD=atomic`` or
+``override(backward="atomic")`` select the atomic one; the launcher ignores that request while
+``torch.use_deterministic_algorithms(True)`` is on. The chunked design's dz buffer is bounded by
+``grad_buffer_bytes()``: ``GRAD_BUFFER_BYTES`` (256 MiB), ``FUSED_ENTROPY_GRAD_BUFFER_MB`` or
+``override(grad_buffer_bytes=...)``. See ``linear_grad.py`` for the costs of both.
+
 ``FUSED_ENTROPY_AUTOTUNE=1`` lets the launcher tune the pipeline depth of the GEMM kernels and the
 warps of the streaming kernels (never block sizes or GEMM warps, for the reason above), once per
 key (kernel, dtype, H, V, N rounded up to a power of two, which outputs are formed).
@@ -76,7 +84,14 @@ RADIX_NBINS = 2048
 # the launcher splits the vocabulary until about this many programs per SM are running
 PROGRAMS_PER_SM = 2
 
+# Linear-head backward: "chunked" (default, deterministic) or "atomic" (see linear_grad.py)
+BACKWARDS = ("chunked", "atomic")
+# upper bound of the chunked backward's dz buffer [N, Vc] in bytes (at least one tile is used)
+GRAD_BUFFER_BYTES = 256 * 2**20
+
 _OVERRIDES: dict = {}
+# override() keys that are not kernel configs
+_SETTINGS = ("split", "backward", "grad_buffer_bytes")
 
 
 def get(kernel: str, dtype: str) -> Config:
@@ -91,11 +106,19 @@ def get(kernel: str, dtype: str) -> Config:
 def override(**configs: Config):
     """Temporarily run kernels with other configs (tests use tiny blocks), e.g.
     ``with override(linear_stats=Config(16, 16, 16), linear_grad=Config(16, 16, 16)): ...``.
-    For linear kernels the stats, radix and grad configs must share block sizes.
+    For linear kernels the stats, radix and grad configs must share block sizes (the chunked
+    backward's ``linear_dz_kernel`` runs with the ``linear_grad`` config).
+
+    Settings beside configs: ``split`` (vocabulary splits of the forward), ``backward``
+    ("chunked" or "atomic"), ``grad_buffer_bytes`` (bound of the chunked backward's dz buffer).
     """
-    unknown = set(configs) - set(DEFAULTS) - {"split"}
+    unknown = set(configs) - set(DEFAULTS) - set(_SETTINGS)
     if unknown:
-        raise ValueError(f"unknown kernels {sorted(unknown)}; known: {sorted(DEFAULTS)} and 'split'")
+        raise ValueError(f"unknown kernels {sorted(unknown)}; known: {sorted(DEFAULTS)} and {list(_SETTINGS)}")
+    if "backward" in configs and configs["backward"] not in BACKWARDS:
+        raise ValueError(f"backward must be one of {BACKWARDS}, got {configs['backward']!r}")
+    if "grad_buffer_bytes" in configs and not configs["grad_buffer_bytes"] > 0:
+        raise ValueError(f"grad_buffer_bytes must be positive, got {configs['grad_buffer_bytes']!r}")
     saved = dict(_OVERRIDES)
     _OVERRIDES.update(configs)
     try:
@@ -108,6 +131,34 @@ def override(**configs: Config):
 def forced_split():
     """Number of vocabulary splits forced by ``override(split=...)`` (tests), or None."""
     return _OVERRIDES.get("split")
+
+
+def backward_design() -> str:
+    """The linear head's backward design asked for now: ``override(backward=...)``, else the env
+    ``FUSED_ENTROPY_BACKWARD``, else "chunked". Read at every call, so one process can A/B both.
+    (The launcher still takes "chunked" under torch's deterministic mode.)"""
+    design = _OVERRIDES.get("backward") or os.environ.get("FUSED_ENTROPY_BACKWARD", "").strip().lower() or "chunked"
+    if design not in BACKWARDS:
+        raise ValueError(f"FUSED_ENTROPY_BACKWARD must be one of {BACKWARDS}, got {design!r}")
+    return design
+
+
+def grad_buffer_bytes() -> int:
+    """Bound in bytes of the chunked backward's dz buffer: ``override(grad_buffer_bytes=...)``, else the
+    env ``FUSED_ENTROPY_GRAD_BUFFER_MB`` (MiB, may be fractional), else ``GRAD_BUFFER_BYTES``."""
+    over = _OVERRIDES.get("grad_buffer_bytes")
+    if over is not None:
+        return int(over)
+    env = os.environ.get("FUSED_ENTROPY_GRAD_BUFFER_MB", "").strip()
+    if env:
+        try:
+            mb = float(env)
+        except ValueError:
+            mb = 0.0
+        if not mb > 0:
+            raise ValueError(f"FUSED_ENTROPY_GRAD_BUFFER_MB must be a positive number of MiB, got {env!r}")
+        return int(mb * 2**20)
+    return GRAD_BUFFER_BYTES
 
 
 def autotune_enabled() -> bool:
@@ -161,7 +212,7 @@ class AotSpec(NamedTuple):
 
 # what the JIT specializes at run time for the usual case: 16-byte aligned tensors, and row
 # strides / H that are multiples of 16 (without these hints loads are scalar and nothing pipelines)
-_ALIGNED_INTS = ("H", "stride_x", "stride_w", "stride_l", "stride_dl")
+_ALIGNED_INTS = ("H", "stride_x", "stride_w", "stride_l", "stride_dl", "stride_dz", "v_lo")
 
 
 def _attrs(signature: dict) -> dict:
@@ -225,6 +276,25 @@ def aot_specs():
             if not flags:
                 const.update({k: None for k, v in sig.items() if v == "constexpr"})
             out.append(("linear_grad", linear_grad.linear_grad_kernel.fn, sig, const, c.num_warps, c.num_stages))
+            # --- linear_dz (chunked backward; the linear_grad config) ---------------------
+            sig = {
+                "x_ptr": ptr, "w_ptr": ptr, "b_ptr": ptr if flags else "constexpr", "y_ptr": "*i64",
+                "lse_ptr": pacc, "ent_ptr": opt, "tau_ptr": opt, "frac_ptr": opt, "lse_c_ptr": opt, "ent_c_ptr": opt,
+                "g_lp_ptr": pacc, "g_ent_ptr": opt, "g_cl_ptr": opt,
+                "dz_ptr": ptr, "db_ptr": opt,
+                "N": "i32", "V": "i32", "H": "i32", "v_lo": "i32", "stride_x": "i32", "stride_w": "i32",
+                "stride_dz": "i32", "ignore_index": "i32",
+                "logit_scale": "fp32", "softcap": "fp32", "temperature": "fp32", "inv_temperature": "fp32",
+            }
+            const = {
+                "HAS_BIAS": flags, "HAS_SOFTCAP": flags, "HAS_G_LP": True, "HAS_G_ENT": flags, "HAS_G_CL": flags,
+                "STORE_DZ": True, "COMPUTE_DB": flags,
+                "BLOCK_N": c.block_n, "BLOCK_V": c.block_v, "BLOCK_H": c.block_h,
+                "UPCAST": False, "DOT_PRECISION": _dot_precision(dt),
+            }
+            if not flags:
+                const.update({k: None for k, v in sig.items() if v == "constexpr"})
+            out.append(("linear_dz", linear_grad.linear_dz_kernel.fn, sig, const, c.num_warps, c.num_stages))
             # --- logits_stats ------------------------------------------------------------
             c = get("logits_stats", dt)
             sig = {

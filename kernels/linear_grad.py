@@ -1,28 +1,136 @@
-"""Backward of the fused LM head: recompute logit tiles, form dL/dz, accumulate dX, dW and db.
+"""Backward of the fused LM head: recompute logit tiles, form dL/dz, and turn it into dX, dW and db.
 
-Grid ``(cdiv(N, BLOCK_N), cdiv(V, BLOCK_V))``: one program per (row block, vocabulary tile).
-Each program recomputes its tile of ``z`` with ``linear_logit_tile`` (same blocks as the forward,
-so z is bitwise the forward's), forms ``dL/da`` (``_online.grad_z`` then the transform's chain rule)
-in fp32 registers, and then, per ``BLOCK_H`` slice of the hidden dimension::
+Two designs share the recompute and the dL/dz math (``tile_grad``); ``_launch.linear_grad`` picks one.
+
+**Chunked (the default): ``linear_dz_kernel`` + two cuBLAS GEMMs, no atomics, bitwise deterministic.**
+The vocabulary is cut into chunks ``[v_lo, v_lo + Vc)`` with ``v_lo`` and ``Vc`` multiples of
+``BLOCK_V``. Per chunk, grid ``(cdiv(N, BLOCK_N), cdiv(Vc, BLOCK_V))``: each program recomputes its
+tile of ``z`` with ``linear_logit_tile`` at the forward's tile origin and blocks (so z is bitwise the
+forward's and the top-k tie test ``z == tau`` holds), forms ``dL/da`` in fp32 registers and stores it
+in the input dtype into ``dz[N, Vc]``, plus the tile's column sums into ``db_part[n_row_blocks, Vc]``
+(fp32, fp64 for fp64). The launcher then runs ``dW[chunk] = dz^T @ x`` and ``dX += dz @ W[chunk]``
+(cuBLAS, fp32 accumulation) and ``db[chunk] = db_part.sum(0)``. Every output element is written by
+one fixed sequence of operations, so two runs give the same bits.
+
+Cost: three GEMM passes, 6*N*V*H flops (recompute here, dW and dX in cuBLAS), plus the dz buffer in
+HBM: written once and read twice, ``3 * N * V * e`` bytes in all (e = 2 for bf16; at N = 8192,
+V = 128k that is 6.4 GB, about 2 ms at 3.35 TB/s beside 27 ms of GEMMs at H = 4096 on H100). Its
+size is bounded by ``configs.grad_buffer_bytes()`` (256 MiB unless overridden): ``Vc`` is the largest
+multiple of ``BLOCK_V`` with ``N * Vc * e`` under the bound, at least one tile.
+
+**Atomic (opt-in, ``FUSED_ENTROPY_BACKWARD=atomic``): ``linear_grad_kernel``.** Grid
+``(cdiv(N, BLOCK_N), cdiv(V, BLOCK_V))``: one program per (row block, vocabulary tile) recomputes
+its tile and then, per ``BLOCK_H`` slice of the hidden dimension::
 
     dX[rows, h] += dz @ W[tile, h]          dW[tile, h] += dz^T @ x[rows, h]        db[tile] += sum_rows dz
 
-Why atomics: a row block's dX needs every vocabulary tile and a tile's dW every row block, and
-neither fits in registers across the other loop (dX of 128 rows at H = 4096 is 2 MiB). Adding
-fp32 partial products into fp32 buffers with ``atomic_add`` keeps one recompute per tile and no
-``[N, V]`` buffer; the price is a summation order that varies run to run (fp32 rounding only).
-dz enters the tensor cores in the input dtype (bf16/fp16), like any bf16 matmul backward; the
-accumulation stays fp32.
+A row block's dX needs every vocabulary tile and a tile's dW every row block, and neither fits in
+registers across the other loop (dX of 128 rows at H = 4096 is 2 MiB), so partial products are
+added into fp32 buffers with ``atomic_add``: one recompute per tile and no buffer, but a summation
+order that varies run to run (fp32 rounding) and ``V/BLOCK_V`` fp32 atomic adds per element of dX
+and ``N/BLOCK_N`` per element of dW (with the 128 x 64 bf16 tiles at N = 8192, V = 128k,
+H = 4096: 1.0e11 atomic adds, the term that dominates on a GPU). That is why it is not the default.
 
-Cost: three GEMM passes (recompute, dX, dW), 6*N*V*H flops; plus ``V/BLOCK_V`` fp32 atomic adds
-per element of dX and ``N/BLOCK_N`` per element of dW (with the 128 x 64 bf16 tiles: V/64 and
-N/128; at N = 8192, V = 128k, H = 4096 that is 1.0e11 atomic adds, the term to watch on a GPU).
+In both designs dz enters the GEMMs in the input dtype (bf16/fp16), like any bf16 matmul backward;
+accumulation stays fp32.
 """
 import triton
 import triton.language as tl
 
 from ._online import grad_z, transform_grad
 from .linear_stats import linear_logit_tile
+
+
+@triton.jit
+def tile_grad(
+    z, offs_n, offs_v, mask_n, mask_v, y_ptr,
+    lse_ptr, ent_ptr, tau_ptr, frac_ptr, lse_c_ptr, ent_c_ptr,
+    g_lp_ptr, g_ent_ptr, g_cl_ptr, ignore_index,
+    logit_scale, softcap, temperature, inv_temperature,
+    HAS_SOFTCAP: tl.constexpr, HAS_G_LP: tl.constexpr, HAS_G_ENT: tl.constexpr, HAS_G_CL: tl.constexpr,
+):
+    """dL/da of one [BLOCK_N, BLOCK_V] tile of recomputed logits ``z`` (a: before the transform):
+    loads the rows' statistics and upstream gradients, ``grad_z`` then ``transform_grad``.
+    0 on ignored rows, rows past N and padded columns; ``offs_v`` are global vocabulary columns."""
+    y = tl.load(y_ptr + offs_n, mask=mask_n, other=ignore_index)
+    lse = tl.load(lse_ptr + offs_n, mask=mask_n, other=0.0)
+    row_ok = mask_n & (y != ignore_index) & (lse > float("-inf"))
+    # placeholders for the terms that are switched off (never read then)
+    ent, g_lp, g_ent, tau, frac, lse_c, ent_c, g_cl = lse, lse, lse, lse, lse, lse, lse, lse
+    if HAS_G_LP:
+        g_lp = tl.load(g_lp_ptr + offs_n, mask=mask_n, other=0.0)
+    if HAS_G_ENT:
+        ent = tl.load(ent_ptr + offs_n, mask=mask_n, other=0.0)
+        g_ent = tl.load(g_ent_ptr + offs_n, mask=mask_n, other=0.0)
+    if HAS_G_CL:
+        tau = tl.load(tau_ptr + offs_n, mask=mask_n, other=0.0)
+        frac = tl.load(frac_ptr + offs_n, mask=mask_n, other=0.0)
+        lse_c = tl.load(lse_c_ptr + offs_n, mask=mask_n, other=0.0)
+        ent_c = tl.load(ent_c_ptr + offs_n, mask=mask_n, other=0.0)
+        g_cl = tl.load(g_cl_ptr + offs_n, mask=mask_n, other=0.0)
+    dz = grad_z(z, offs_v, y, row_ok, lse, ent, g_lp, g_ent, tau, frac, lse_c, ent_c, g_cl,
+                HAS_G_LP, HAS_G_ENT, HAS_G_CL)
+    dz = transform_grad(dz, z, logit_scale, softcap, temperature, inv_temperature, HAS_SOFTCAP)
+    # padded columns hold z = -inf, where the softcap factor is -inf: drop them explicitly
+    return tl.where(mask_v[None, :], dz, 0.0)
+
+
+@triton.heuristics(
+    {
+        "HAS_BIAS": lambda a: a["b_ptr"] is not None,
+        "HAS_SOFTCAP": lambda a: a["softcap"] > 0,
+        "HAS_G_LP": lambda a: a["g_lp_ptr"] is not None,
+        "HAS_G_ENT": lambda a: a["g_ent_ptr"] is not None,
+        "HAS_G_CL": lambda a: a["g_cl_ptr"] is not None,
+        "STORE_DZ": lambda a: a["dz_ptr"] is not None,
+        "COMPUTE_DB": lambda a: a["db_ptr"] is not None,
+    }
+)
+@triton.jit
+def linear_dz_kernel(
+    x_ptr, w_ptr, b_ptr, y_ptr,
+    lse_ptr, ent_ptr, tau_ptr, frac_ptr, lse_c_ptr, ent_c_ptr,
+    g_lp_ptr, g_ent_ptr, g_cl_ptr,
+    dz_ptr, db_ptr,
+    N, V, H, v_lo, stride_x, stride_w, stride_dz, ignore_index,
+    logit_scale, softcap, temperature, inv_temperature,
+    HAS_BIAS: tl.constexpr, HAS_SOFTCAP: tl.constexpr,
+    HAS_G_LP: tl.constexpr, HAS_G_ENT: tl.constexpr, HAS_G_CL: tl.constexpr,
+    STORE_DZ: tl.constexpr, COMPUTE_DB: tl.constexpr,
+    BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_H: tl.constexpr,
+    UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr,
+):
+    """One vocabulary chunk starting at ``v_lo`` (a multiple of BLOCK_V): row statistics and upstream
+    gradients [N] -> dz [N, Vc] in the input dtype and db_part [cdiv(N, BLOCK_N), Vc] (fp32, fp64
+    for fp64), both with row stride ``stride_dz``; column ``c`` of either is vocabulary entry
+    ``v_lo + c``. Nothing is accumulated: every element is stored once.
+    """
+    pid_n = tl.program_id(0)
+    pid_v = tl.program_id(1)
+    offs_n = pid_n.to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N)
+    # chunk-local columns; the global ones keep the forward's tile origins
+    local_v = pid_v.to(tl.int64) * BLOCK_V + tl.arange(0, BLOCK_V)
+    offs_v = local_v + v_lo
+    mask_n = offs_n < N
+    mask_v = offs_v < V
+    z = linear_logit_tile(
+        x_ptr, w_ptr, b_ptr, offs_n, offs_v, mask_n, mask_v, H, stride_x, stride_w,
+        logit_scale, softcap, inv_temperature, HAS_BIAS, HAS_SOFTCAP,
+        BLOCK_N, BLOCK_V, BLOCK_H, UPCAST, DOT_PRECISION,
+    )
+    dz = tile_grad(
+        z, offs_n, offs_v, mask_n, mask_v, y_ptr,
+        lse_ptr, ent_ptr, tau_ptr, frac_ptr, lse_c_ptr, ent_c_ptr,
+        g_lp_ptr, g_ent_ptr, g_cl_ptr, ignore_index,
+        logit_scale, softcap, temperature, inv_temperature,
+        HAS_SOFTCAP, HAS_G_LP, HAS_G_ENT, HAS_G_CL,
+    )
+    if COMPUTE_DB:
+        # column sums of the fp32 dz (before rounding to the input dtype), one row per row block
+        tl.store(db_ptr + pid_n.to(tl.int64) * stride_dz + local_v, tl.sum(dz, axis=0), mask=mask_v)
+    if STORE_DZ:
+        tl.store(dz_ptr + offs_n[:, None] * stride_dz + local_v[None, :], dz.to(dz_ptr.dtype.element_ty),
+                 mask=mask_n[:, None] & mask_v[None, :])
 
 
 @triton.heuristics(
@@ -67,27 +175,13 @@ def linear_grad_kernel(
         logit_scale, softcap, inv_temperature, HAS_BIAS, HAS_SOFTCAP,
         BLOCK_N, BLOCK_V, BLOCK_H, UPCAST, DOT_PRECISION,
     )
-    y = tl.load(y_ptr + offs_n, mask=mask_n, other=ignore_index)
-    lse = tl.load(lse_ptr + offs_n, mask=mask_n, other=0.0)
-    row_ok = mask_n & (y != ignore_index) & (lse > float("-inf"))
-    # placeholders for the terms that are switched off (never read then)
-    ent, g_lp, g_ent, tau, frac, lse_c, ent_c, g_cl = lse, lse, lse, lse, lse, lse, lse, lse
-    if HAS_G_LP:
-        g_lp = tl.load(g_lp_ptr + offs_n, mask=mask_n, other=0.0)
-    if HAS_G_ENT:
-        ent = tl.load(ent_ptr + offs_n, mask=mask_n, other=0.0)
-        g_ent = tl.load(g_ent_ptr + offs_n, mask=mask_n, other=0.0)
-    if HAS_G_CL:
-        tau = tl.load(tau_ptr + offs_n, mask=mask_n, other=0.0)
-        frac = tl.load(frac_ptr + offs_n, mask=mask_n, other=0.0)
-        lse_c = tl.load(lse_c_ptr + offs_n, mask=mask_n, other=0.0)
-        ent_c = tl.load(ent_c_ptr + offs_n, mask=mask_n, other=0.0)
-        g_cl = tl.load(g_cl_ptr + offs_n, mask=mask_n, other=0.0)
-    dz = grad_z(z, offs_v, y, row_ok, lse, ent, g_lp, g_ent, tau, frac, lse_c, ent_c, g_cl,
-                HAS_G_LP, HAS_G_ENT, HAS_G_CL)
-    dz = transform_grad(dz, z, logit_scale, softcap, temperature, inv_temperature, HAS_SOFTCAP)
-    # padded columns hold z = -inf, where the softcap factor is -inf: drop them explicitly
-    dz = tl.where(mask_v[None, :], dz, 0.0)
+    dz = tile_grad(
+        z, offs_n, offs_v, mask_n, mask_v, y_ptr,
+        lse_ptr, ent_ptr, tau_ptr, frac_ptr, lse_c_ptr, ent_c_ptr,
+        g_lp_ptr, g_ent_ptr, g_cl_ptr, ignore_index,
+        logit_scale, softcap, temperature, inv_temperature,
+        HAS_SOFTCAP, HAS_G_LP, HAS_G_ENT, HAS_G_CL,
+    )
     if COMPUTE_DB:
         tl.atomic_add(db_ptr + offs_v, tl.sum(dz, axis=0), mask=mask_v, sem="relaxed")
     # tensor-core operand: the input dtype (rounded like the interpreter's fp32 stand-in)

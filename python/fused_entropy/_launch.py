@@ -21,7 +21,7 @@ from ._types import LogitTransform, RowStats
 from .backends import interpreting
 from .kernels import configs
 from .kernels._online import finish_stats_kernel
-from .kernels.linear_grad import linear_grad_kernel
+from .kernels.linear_grad import linear_dz_kernel, linear_grad_kernel
 from .kernels.linear_stats import linear_stats_kernel
 from .kernels.logits_stats import logits_grad_kernel, logits_stats_kernel
 from .kernels.topk import linear_radix_kernel, logits_radix_kernel, radix_select_kernel
@@ -329,7 +329,154 @@ def linear_grad(x, weight, bias, targets, tf: LogitTransform, ignore_index: int,
                 g_lp, g_ent, g_cl, *, need_x: bool = True, need_weight: bool = True, need_bias: bool = True):
     """Gradients (x [N, H], weight [V, H], bias [V] | None) in the inputs' dtypes; None where not needed.
 
-    g_* are [N] upstream gradients or None (that term is not formed at all).
+    g_* are [N] upstream gradients or None (that term is not formed at all). The design is chosen at
+    every call (``configs.backward_design()``): ``linear_grad_chunked`` (default, deterministic), or
+    ``linear_grad_atomic`` when "atomic" was asked for and torch's deterministic mode is off.
+    """
+    if configs.backward_design() == "atomic" and not torch.are_deterministic_algorithms_enabled():
+        grad = linear_grad_atomic
+    else:
+        grad = linear_grad_chunked
+    return grad(x, weight, bias, targets, tf, ignore_index, stats, g_lp, g_ent, g_cl,
+                need_x=need_x, need_weight=need_weight, need_bias=need_bias)
+
+
+def _no_grads(x, weight, bias, need_x, need_weight, need_bias):
+    """The gradients when nothing flows back (N = 0, or no upstream gradient): zeros."""
+    return (
+        torch.zeros_like(x, memory_format=torch.contiguous_format) if need_x else None,
+        torch.zeros_like(weight, memory_format=torch.contiguous_format) if need_weight else None,
+        torch.zeros_like(bias) if (need_bias and bias is not None) else None,
+    )
+
+
+def grad_chunk(n: int, vocab: int, itemsize: int, block_v: int) -> int:
+    """Vocabulary columns per chunk of the chunked backward: the largest multiple of ``block_v``
+    whose dz buffer ``[n, Vc]`` of ``itemsize``-byte elements fits ``configs.grad_buffer_bytes()``,
+    at least one tile; ``vocab`` itself when that covers the whole vocabulary (one chunk)."""
+    tiles = max(1, configs.grad_buffer_bytes() // (max(n, 1) * itemsize * block_v))
+    return vocab if tiles * block_v >= vocab else tiles * block_v
+
+
+_HALF = (torch.bfloat16, torch.float16)
+
+
+def _mm_into(out, a, b):
+    """out = a @ b with fp32 accumulation, rounded once to out's dtype. cuBLAS accumulates 16-bit
+    products in fp32; off CUDA (interpreter tests, meta tensors) 16-bit operands are upcast."""
+    if a.dtype in _HALF and a.device.type != "cuda":
+        out.copy_(torch.mm(a.float(), b.float()))
+    else:
+        torch.mm(a, b, out=out)
+
+
+_ADDMM_OUT_DTYPE: dict = {}
+
+
+def _addmm_out_dtype(device: torch.device) -> bool:
+    """Whether ``torch.addmm(acc, a, b, out_dtype=float32, out=acc)`` works for 16-bit a, b on this
+    device (aten::addmm.dtype_out: recent torch, CUDA only). Probed once per device, result checked."""
+    ok = _ADDMM_OUT_DTYPE.get(device)
+    if ok is None:
+        try:
+            a = torch.ones(16, 16, device=device, dtype=torch.bfloat16)
+            acc = torch.ones(16, 16, device=device, dtype=torch.float32)
+            torch.addmm(acc, a, a, out_dtype=torch.float32, out=acc)
+            ok = bool((acc == 17).all())
+        except (RuntimeError, TypeError, NotImplementedError):
+            ok = False
+        _ADDMM_OUT_DTYPE[device] = ok
+    return ok
+
+
+def _addmm_acc(acc, a, b):
+    """acc += a @ b, acc fp32 (fp64 for fp64 operands). 16-bit operands on CUDA: cuBLAS with an fp32
+    output when torch has that overload, else a 16-bit product added in fp32 (one extra rounding
+    per chunk); elsewhere upcast."""
+    if a.dtype == acc.dtype:
+        acc.addmm_(a, b)
+    elif a.device.type == "cuda":
+        if _addmm_out_dtype(a.device):
+            torch.addmm(acc, a, b, out_dtype=acc.dtype, out=acc)
+        else:
+            acc += torch.mm(a, b)
+    else:
+        acc.addmm_(a.to(acc.dtype), b.to(acc.dtype))
+
+
+def linear_grad_chunked(x, weight, bias, targets, tf: LogitTransform, ignore_index: int, stats: RowStats,
+                        g_lp, g_ent, g_cl, *, need_x: bool = True, need_weight: bool = True,
+                        need_bias: bool = True):
+    """The deterministic backward (no atomics): per vocabulary chunk ``[v_lo, v_lo + Vc)``,
+    ``linear_dz_kernel`` writes ``dz [N, Vc]`` (input dtype) and per-row-block column sums, then
+
+        dW[chunk] = dz^T @ x        dX += dz @ W[chunk]  (fp32 accumulator)        db[chunk] = sum of the sums
+
+    ``Vc`` from ``grad_chunk`` (the buffer bound ``configs.grad_buffer_bytes()``). With one chunk dX
+    is written by its GEMM directly. A gradient that is not needed skips its GEMM; with neither dX
+    nor dW needed, dz is not stored. Same arguments and results as ``linear_grad``.
+    """
+    n, h = x.shape
+    vocab = weight.shape[0]
+    need_bias = need_bias and bias is not None
+    g_lp, g_ent, g_cl = (_row(g, acc_dtype(x.dtype)) for g in (g_lp, g_ent, g_cl))
+    if n == 0 or (g_lp is None and g_ent is None and g_cl is None):
+        return _no_grads(x, weight, bias, need_x, need_weight, need_bias)
+    dt = dtype_key(x.dtype)
+    acc = acc_dtype(x.dtype)
+    cfg = configs.get("linear_grad", dt)
+    cl = g_cl is not None
+    n_blocks = triton.cdiv(n, cfg.block_n)
+    vc = grad_chunk(n, vocab, x.element_size(), cfg.block_v)
+    single = vc == vocab
+    dz = torch.empty(n, vc, device=x.device, dtype=x.dtype) if (need_x or need_weight) else None
+    db_part = torch.empty(n_blocks, vc, device=x.device, dtype=acc) if need_bias else None
+    dx = torch.empty(n, h, device=x.device, dtype=x.dtype) if need_x else None
+    dx_acc = torch.zeros(n, h, device=x.device, dtype=acc) if (need_x and not single) else None
+    dw = torch.empty(vocab, h, device=x.device, dtype=weight.dtype) if need_weight else None
+    db = torch.empty(vocab, device=x.device, dtype=bias.dtype) if need_bias else None
+    for v_lo in range(0, vocab, vc):
+        v_hi = min(vocab, v_lo + vc)
+        grid = (n_blocks, triton.cdiv(v_hi - v_lo, cfg.block_v))
+
+        def launch(num_warps, num_stages):
+            linear_dz_kernel[grid](
+                x, weight, bias, targets,
+                stats.lse, stats.entropy if g_ent is not None else None,
+                stats.tau if cl else None, stats.tie_frac if cl else None,
+                stats.lse_clamped if cl else None, stats.clamped_entropy if cl else None,
+                g_lp, g_ent, g_cl, dz, db_part,
+                n, vocab, h, v_lo, x.stride(0), weight.stride(0), vc, ignore_index,
+                tf.logit_scale, tf.softcap or 0.0, tf.temperature, tf.inv_temperature,
+                BLOCK_N=cfg.block_n, BLOCK_V=cfg.block_v, BLOCK_H=cfg.block_h,
+                UPCAST=_upcast(x.dtype), DOT_PRECISION=_dot_precision(x.dtype),
+                num_warps=num_warps, num_stages=num_stages,
+            )
+
+        _run("linear_grad", dt, ("dz", h, vc, configs.bucket(n), g_lp is not None, g_ent is not None, cl,
+                                 dz is not None, db_part is not None), cfg, launch)
+        if dz is not None:
+            dz_c = dz[:, : v_hi - v_lo]
+            if need_weight:
+                _mm_into(dw[v_lo:v_hi], dz_c.t(), x)
+            if need_x:
+                if single:
+                    _mm_into(dx, dz_c, weight)
+                else:
+                    _addmm_acc(dx_acc, dz_c, weight[v_lo:v_hi])
+        if need_bias:
+            db[v_lo:v_hi] = db_part[:, : v_hi - v_lo].sum(0)
+    if dx_acc is not None:
+        dx.copy_(dx_acc)
+    return dx, dw, db
+
+
+def linear_grad_atomic(x, weight, bias, targets, tf: LogitTransform, ignore_index: int, stats: RowStats,
+                       g_lp, g_ent, g_cl, *, need_x: bool = True, need_weight: bool = True,
+                       need_bias: bool = True):
+    """The atomic backward (opt-in): one ``linear_grad_kernel`` launch adding dX, dW, db into fp32
+    buffers with atomics, then a cast. Run-to-run differences of fp32 rounding; see linear_grad.py.
+    Same arguments and results as ``linear_grad``.
     """
     n, h = x.shape
     vocab = weight.shape[0]
