@@ -9,11 +9,10 @@ import torch
 
 from fused_entropy import grpo_loss, reference
 from fused_entropy import _launch_objective
-from fused_entropy.backends import interpreting
 
-DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
-pytestmark = pytest.mark.skipif(DEVICE == "cpu" and not interpreting(),
-                                reason="the Triton kernel needs CUDA or TRITON_INTERPRET=1")
+from conftest import DEVICE, TRITON_SKIP
+
+pytestmark = TRITON_SKIP
 
 KERNEL_TYPES = ["grpo", "bnpo", "dr_grpo", "dapo", "cispo", "sapo", "luspo", "luspo-trl", "vespo"]
 

@@ -8,12 +8,11 @@ import torch
 
 import fused_entropy as fe
 from fused_entropy import reference as R
-from fused_entropy.backends import interpreting
 from fused_entropy.kernels import configs as C
 
-DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
-pytestmark = pytest.mark.skipif(DEVICE == "cpu" and not interpreting(),
-                                reason="the Triton kernels need CUDA or TRITON_INTERPRET=1")
+from conftest import DEVICE, TRITON_SKIP
+
+pytestmark = TRITON_SKIP
 F64 = torch.float64
 WHICH = {"logp": (1, 0), "ent": (0, 1), "both": (1, 1)}
 

@@ -2,6 +2,8 @@
 
     fused-entropy bench [...]    speed and working memory next to the peers (fused_entropy.tools.bench)
     fused-entropy demo [...]     entropy collapse under GRPO and the entropy controls (fused_entropy.tools.demo)
+    fused-entropy aot [...]      ahead-of-time compile gate for sm_80/sm_90 (fused_entropy.tools.aot)
+    fused-entropy gpucheck [...] everything a short GPU lease should settle (fused_entropy.tools.gpucheck)
 
 Each subcommand is a module with ``main(argv) -> int`` and its own argument parser; this file only
 dispatches, importing the module (and torch) when the subcommand runs. To add one, add a line to
@@ -21,6 +23,8 @@ COMMANDS = {
              "entropy-control methods do about it"),
     "aot": ("fused_entropy.tools.aot", "compile every Triton kernel for sm_80/sm_90 without a GPU: "
             "registers, spills, shared memory, tensor cores; --roofline"),
+    "gpucheck": ("fused_entropy.tools.gpucheck", "one capped command for a lent GPU: environment and ceilings, "
+                 "correctness of the shipped tiles, speed next to the peers, the test suite on CUDA"),
 }
 
 

@@ -1,0 +1,44 @@
+"""Shared test switches and fixtures.
+
+``FUSED_ENTROPY_TEST_DEVICE`` chooses where the device-following tests build their tensors:
+
+- ``cpu``: the Triton kernels run through the interpreter (``TRITON_INTERPRET=1``, how CI runs);
+- ``cuda``: compiled kernels on the GPU (``fused-entropy gpucheck`` runs the suite this way);
+- unset: ``cuda`` when torch sees a GPU, else ``cpu``.
+
+Asking for ``cuda`` on a machine without one stops the run with a clear message instead of
+silently testing the CPU. Test modules read ``DEVICE`` (``from conftest import DEVICE``) or take the
+``device`` fixture; ``triton_ok``/``TRITON_SKIP`` skip Triton tests where the kernels cannot run.
+"""
+import os
+
+import pytest
+import torch
+
+from fused_entropy.backends import interpreting
+
+
+def _test_device() -> str:
+    want = os.environ.get("FUSED_ENTROPY_TEST_DEVICE", "").strip().lower()
+    if want in ("", "auto"):
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if want not in ("cpu", "cuda"):
+        raise pytest.UsageError(f"FUSED_ENTROPY_TEST_DEVICE must be 'cpu', 'cuda' or unset, got {want!r}")
+    if want == "cuda" and not torch.cuda.is_available():
+        raise pytest.UsageError("FUSED_ENTROPY_TEST_DEVICE=cuda, but torch sees no CUDA device")
+    return want
+
+
+DEVICE = _test_device()
+# Triton kernels run on CUDA, or on CPU tensors through the interpreter
+TRITON_OK = DEVICE == "cuda" or interpreting()
+TRITON_SKIP = pytest.mark.skipif(not TRITON_OK, reason="the Triton kernels need CUDA or TRITON_INTERPRET=1")
+
+
+@pytest.fixture
+def device() -> torch.device:
+    return torch.device(DEVICE)
+
+
+def pytest_report_header(config):
+    return f"fused-entropy test device: {DEVICE} (TRITON_INTERPRET={os.environ.get('TRITON_INTERPRET', '0')})"

@@ -1,0 +1,78 @@
+"""``fused-entropy gpucheck``: argument errors, the results file and the summary.
+
+The full quick run (every section, on CPU through the interpreter) is part of ``.ci/run``; here
+the driver's contract is checked on a cheap section.
+"""
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from fused_entropy.tools import gpucheck
+
+
+def run_cli(*args):
+    return subprocess.run([sys.executable, "-m", "fused_entropy.cli", "gpucheck", *args],
+                          capture_output=True, text=True, timeout=300)
+
+
+@pytest.mark.parametrize("budget", ["-1", "0", "nan"])
+def test_bad_budget_is_a_clear_error(tmp_path, budget):
+    r = run_cli("--out", str(tmp_path), "--budget-s", budget)
+    assert r.returncode == 2
+    assert "--budget-s must be a positive number of seconds" in r.stderr
+
+
+def test_unwritable_out_is_a_clear_error(tmp_path):
+    blocker = tmp_path / "file"
+    blocker.write_text("not a folder")
+    r = run_cli("--out", str(blocker / "sub"), "--quick")
+    assert r.returncode == 2
+    assert "is not a writable folder" in r.stderr and str(blocker / "sub") in r.stderr
+
+
+@pytest.mark.parametrize("args, text", [(["--sections", "env,bogus"], "--sections takes"),
+                                        (["--shapes", "1,2"], "--shapes takes N,H,V")])
+def test_bad_sections_and_shapes(tmp_path, args, text):
+    r = run_cli("--out", str(tmp_path), *args)
+    assert r.returncode == 2 and text in r.stderr
+
+
+def test_env_section_writes_results_and_summary(tmp_path):
+    r = run_cli("--out", str(tmp_path), "--quick", "--sections", "env", "--device", "cpu")
+    assert r.returncode == 0, r.stdout + r.stderr
+    recs = [json.loads(line) for line in (tmp_path / "results.jsonl").read_text().splitlines()]
+    kinds = {(x["section"], x["kind"]) for x in recs}
+    assert {("env", "info"), ("env", "ceiling"), ("gpucheck", "step")} <= kinds
+    ceilings = {x["name"]: x for x in recs if x["kind"] == "ceiling"}
+    assert ceilings["matmul"]["tflops"] > 0 and ceilings["copy"]["gbs"] > 0
+    summary = (tmp_path / "summary.md").read_text()
+    assert summary in r.stdout and "| env | ok |" in summary
+
+
+def test_step_that_times_out_is_recorded_and_fails_the_run(tmp_path, monkeypatch):
+    monkeypatch.setitem(gpucheck.STEPS, "env", ("env", 0.5, 0.5))  # below any real start-up time
+    args = gpucheck.build_parser().parse_args(["--out", str(tmp_path), "--quick", "--sections", "env"])
+    rec = gpucheck.Recorder(str(tmp_path), "gpucheck")
+    assert gpucheck._run_step(args, "env", 0.5, rec) == "timed out"
+    summary = gpucheck.summarize(gpucheck.read_results(str(tmp_path)))
+    assert "| env | timed out |" in summary
+
+
+def test_summary_of_perf_and_check_records():
+    recs = [
+        {"section": "perf", "kind": "perf", "shape": [8, 4, 16], "row": "floor", "label": "floor", "status": "ok",
+         "fwd_ms": 1.0, "fwdbwd_ms": 4.0, "gemms_fwdbwd": 4, "tflops_fwdbwd": 1.0},
+        {"section": "perf", "kind": "perf", "shape": [8, 4, 16], "row": "fused", "label": "fused", "status": "ok",
+         "fwd_ms": 2.0, "fwdbwd_ms": 6.0, "gemms_fwdbwd": 4, "tflops_fwdbwd": 0.5},
+        {"section": "perf", "kind": "perf", "shape": [8, 4, 16], "row": "trl", "label": "TRL", "status": "unavailable",
+         "why": "No module named 'trl'"},
+        {"section": "correctness", "kind": "check", "name": "x", "dtype": "bfloat16", "err": 1e-3, "torch_err": 2e-3,
+         "bound": 6e-3, "ok": True},
+    ]
+    text = gpucheck.summarize(recs)
+    assert "| 8,4,16 | fused | 2.00 | 6.00 | 4 | 0.5 | - | 1.50 |" in text
+    assert "unavailable: No module named 'trl'" in text
+    assert "| x | bfloat16 | 1.00e-03 |" in text
