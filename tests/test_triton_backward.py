@@ -25,13 +25,16 @@ pytestmark = pytest.mark.skipif(DEVICE == "cpu" and not interpreting(),
                                 reason="the Triton kernels need CUDA or TRITON_INTERPRET=1")
 F64 = torch.float64
 TINY = C.Config(16, 16, 16)
+# fp64: the shipped 32 x 32 x 16 blocks (compiled fp64 dots reject 16 x 16 tiles; the interpreter does not care)
+TINY_F64 = C.Config(32, 32, 16)
 
 
 def tiny(chunk_cols=None, n=None, itemsize=4, **kw):
     """Tiny blocks; with ``chunk_cols``, a dz-buffer bound giving chunks of that many columns."""
     if chunk_cols is not None:
         kw["grad_buffer_bytes"] = n * itemsize * chunk_cols
-    return C.override(linear_stats=TINY, linear_grad=TINY, linear_radix=TINY, split=2, **kw)
+    cfg = TINY_F64 if itemsize == 8 else TINY
+    return C.override(linear_stats=cfg, linear_grad=cfg, linear_radix=cfg, split=2, **kw)
 
 
 def make(n, h, v, *, seed=0, bias=True, dup=False):
