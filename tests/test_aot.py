@@ -228,3 +228,15 @@ def test_roofline_counts_the_gemm_passes():
     with pytest.raises(ValueError, match="workload"):
         aot.workload_bound("nope", n, h, v)
     assert "on paper, not measured" in aot.format_roofline(vocabs=(32768,))
+
+
+def test_roofline_backward_designs():
+    """The default workload's backward is the chunked one (no atomics); the atomic one is listed
+    beside it with the same GEMM passes."""
+    n, h, v = 8192, 4096, 131072
+    assert aot.workload_bound("linear-atomic", n, h, v)[0] == aot.workload_bound("linear", n, h, v)[0]
+    assert "linear_grad_kernel" not in aot.WORKLOADS["linear"][0]
+    rows = {r["kernel"]: r for r in aot.roofline(n, h, v)}
+    assert rows["linear_dz_kernel"]["atomic_adds"] == 0 and rows["(cuBLAS) dW, dX"]["atomic_adds"] == 0
+    assert rows["linear_grad_kernel"]["atomic_adds"] > 0
+    assert rows["linear_dz_kernel"]["flops"] + rows["(cuBLAS) dW, dX"]["flops"] == 6 * n * v * h

@@ -795,7 +795,9 @@ def roofline(n: int, h: int, v: int, dtype: str = "bf16", gpu=H100_SXM) -> List[
 
     GEMM FLOPs are 2 N V H per pass over the logits. Passes (from the kernels' docstrings and configs):
     the forward makes 1; clamped entropy adds one recompute per radix digit after the first
-    (``configs.RADIX_DIGITS``); the backward makes 3 (recompute, dX, dW). Bytes are compulsory
+    (``configs.RADIX_DIGITS``); the backward makes 3 (recompute, dX, dW) in either design: chunked
+    (default: ``linear_dz_kernel`` writes dz, cuBLAS reads it twice; ``GRAD_BUFFER_BYTES`` sets the
+    chunks, each adding a read and write of the fp32 dX accumulator) or atomic (``linear_grad_kernel``). Bytes are compulsory
     traffic: every input read once, every output written once, as if tiles were re-read from L2 and
     never from HBM. Two risks are counted beside the bound, from the shipped block sizes:
     ``tile_bytes``, the operand bytes the GEMM tiles load (a [BLOCK_N, BLOCK_H] x tile and a
@@ -841,6 +843,13 @@ def roofline(n: int, h: int, v: int, dtype: str = "bf16", gpu=H100_SXM) -> List[
         # recompute as the forward; dX = dz W streams W tiles (2 BN FLOP/e bytes), dW = dz^T x streams x tiles
         tile_bytes=gemm / fwd_ai(g) + gemm * e / (2 * g.block_n) + gemm * e / (2 * g.block_v))
     add("(launcher, torch)", "zero dX, dW; cast them to the input dtype", 0, (n * h + v * h) * (2 * acc + e))
+    # the chunked backward (default): dz [N, V] in chunks of at most GRAD_BUFFER_BYTES, no atomics
+    chunks = max(1, math.ceil(n * v * e / configs.GRAD_BUFFER_BYTES))
+    add("linear_dz_kernel", f"backward, chunked: recompute + store dz ({chunks} chunks, 1 pass)", gemm,
+        n * h * e + v * h * e + 8 * n + 8 * n * acc + n * v * e + math.ceil(n / g.block_n) * v * acc,
+        tile_bytes=gemm / fwd_ai(g) + n * v * e)
+    add("(cuBLAS) dW, dX", "backward, chunked: dW = dz^T x, dX += dz W per chunk (2 passes)", 2 * gemm,
+        2 * n * v * e + n * h * e + 2 * v * h * e + (2 * chunks - 1) * n * h * acc + n * h * (acc + e))
     add("logits_stats_kernel", "logits in memory: forward", 0, n * v * e + 8 * n + 4 * split * n * acc)
     add("logits_stats_kernel +TOPK", "logits in memory: first radix digit counted in the forward", 0,
         n * nbins * 4, atomic_adds=n * v)
@@ -861,12 +870,16 @@ def roofline(n: int, h: int, v: int, dtype: str = "bf16", gpu=H100_SXM) -> List[
 
 
 # name -> (the kernels it runs, what it is)
+_CHUNKED_BWD = ("linear_dz_kernel", "(cuBLAS) dW, dX")
+_ATOMIC_BWD = ("linear_grad_kernel", "(launcher, torch)")
 WORKLOADS = {
-    "linear": (("linear_stats_kernel", "finish_stats_kernel", "linear_grad_kernel", "(launcher, torch)"),
+    "linear": (("linear_stats_kernel", "finish_stats_kernel") + _CHUNKED_BWD,
                "linear_logprobs + entropy, fwd+bwd"),
-    "linear+clamped": (("linear_stats_kernel", "finish_stats_kernel", "linear_grad_kernel", "(launcher, torch)",
-                        "linear_stats_kernel +TOPK", "linear_radix_kernel", "radix_select_kernel"),
+    "linear+clamped": (("linear_stats_kernel", "finish_stats_kernel") + _CHUNKED_BWD +
+                       ("linear_stats_kernel +TOPK", "linear_radix_kernel", "radix_select_kernel"),
                        "the same with clamped (top-k) entropy"),
+    "linear-atomic": (("linear_stats_kernel", "finish_stats_kernel") + _ATOMIC_BWD,
+                      "linear_logprobs + entropy, fwd+bwd, atomic backward (opt-in)"),
     "logits": (("logits_stats_kernel", "finish_stats_kernel", "logits_grad_kernel"),
                "logits entry point, fwd+bwd (logits already in memory)"),
     "logits+clamped": (("logits_stats_kernel", "finish_stats_kernel", "logits_grad_kernel",
