@@ -16,13 +16,12 @@ import fused_entropy as fe
 from fused_entropy import _launch
 from fused_entropy import reference as R
 from fused_entropy._types import LogitTransform
-from fused_entropy.backends import interpreting
 from fused_entropy.backends import triton as triton_backend
 from fused_entropy.kernels import configs as C
 
-DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
-pytestmark = pytest.mark.skipif(DEVICE == "cpu" and not interpreting(),
-                                reason="the Triton kernels need CUDA or TRITON_INTERPRET=1")
+from conftest import DEVICE, TRITON_SKIP
+
+pytestmark = TRITON_SKIP
 F64 = torch.float64
 TINY = C.Config(16, 16, 16)
 # fp64: the shipped 32 x 32 x 16 blocks (compiled fp64 dots reject 16 x 16 tiles; the interpreter does not care)
@@ -292,8 +291,8 @@ def test_empty_rows_and_no_upstream_gradient():
     assert gx.dtype == gw.dtype == gb.dtype == torch.float32
 
 
-@pytest.mark.skipif(DEVICE != "cuda", reason="bitwise run-to-run equality is a GPU property: the interpreter "
-                                             "runs programs one after another and has no atomics races")
+@pytest.mark.skipif(DEVICE != "cuda", reason="run-to-run bitwise equality is a GPU property: the interpreter runs "
+                                             "programs one after another, in a fixed order")
 def test_two_runs_bitwise_equal_on_cuda():
     g = torch.Generator().manual_seed(0)
     n, h, v = 1024, 512, 5000
