@@ -2,9 +2,14 @@
 
 Same signatures and semantics as ``torch_chunked`` (see ``backends/__init__.py``). Forward: one GEMM
 pass over (row block x vocabulary tile) with the row statistics in the epilogue, plus the top-k
-radix passes when a clamped entropy is asked for (``kernels/topk.py``). Backward: one pass that
-recomputes each logit tile and accumulates dX, dW, db. No ``[N, V]`` buffer is ever allocated
-(the logits entry point writes only the logits gradient itself). fp16/bf16/fp32/fp64 inputs.
+radix passes when a clamped entropy is asked for (``kernels/topk.py``). Backward (default,
+deterministic, no atomics): per vocabulary chunk a kernel recomputes the logit tiles and stores dL/dz,
+and two cuBLAS GEMMs turn it into dW[chunk] and dX; the chunk's dz buffer is bounded by
+``configs.grad_buffer_bytes()`` (256 MiB), never a full ``[N, V]`` buffer at large N x V.
+``FUSED_ENTROPY_BACKWARD=atomic`` (or ``configs.override(backward="atomic")``) selects the older
+single-kernel backward with fp32 atomics instead, outside torch's deterministic mode
+(``kernels/linear_grad.py`` compares the two). The logits entry point writes only the logits
+gradient itself. fp16/bf16/fp32/fp64 inputs.
 
 Beyond the interface, ``linear_topk_select`` is the vocabulary-parallel top-k select that
 ``_distributed.VocabParallelLinearLogprobsFunction`` uses when a backend provides one (the torch
