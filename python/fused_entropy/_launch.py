@@ -415,6 +415,11 @@ def linear_grad_chunked(x, weight, bias, targets, tf: LogitTransform, ignore_ind
     ``Vc`` from ``grad_chunk`` (the buffer bound ``configs.grad_buffer_bytes()``). With one chunk dX
     is written by its GEMM directly. A gradient that is not needed skips its GEMM; with neither dX
     nor dW needed, dz is not stored. Same arguments and results as ``linear_grad``.
+
+    Bitwise reproducible run to run on one GPU: no atomics, and cuBLAS picks the same algorithm for
+    the same shapes (under ``torch.use_deterministic_algorithms(True)`` torch asks for
+    ``CUBLAS_WORKSPACE_CONFIG=:4096:8`` to guarantee it). Chunks change the dX summation order, so
+    results depend on the buffer bound (not on the run).
     """
     n, h = x.shape
     vocab = weight.shape[0]
