@@ -46,11 +46,17 @@ from typing import Callable, Dict, List, Optional, Sequence
 # step -> (section, cap in seconds full, cap quick)
 STEPS = {
     "env": ("env", 45, 30),
-    "correctness": ("correctness", 120, 120),
-    "perf": ("perf", 180, 60),
+    "correctness": ("correctness", 130, 120),
+    "perf": ("perf", 170, 60),
+    "tiles": ("perf", 50, 60),
     "tests": ("tests", 120, 60),
 }
 SECTIONS = ("env", "correctness", "perf", "tests")
+# section -> its steps, in the order they run
+SECTION_STEPS = {"env": ("env",), "correctness": ("correctness",), "perf": ("perf", "tiles"), "tests": ("tests",)}
+# forward tile candidates (BLOCK_N, BLOCK_V, BLOCK_H, warps, stages) timed against the shipped one on
+# the first perf shape; the backward's dz kernel runs the same blocks with one stage less
+TILE_CANDIDATES = ((128, 128, 64, 8, 3), (128, 256, 64, 8, 3), (256, 128, 64, 8, 3), (128, 128, 32, 4, 4))
 FULL_SHAPES = ((8192, 4096, 131072), (4096, 2048, 131072), (4096, 2048, 32768), (8192, 4096, 151936))
 QUICK_SHAPES = ((256, 64, 1000),)
 # test files whose tests follow FUSED_ENTROPY_TEST_DEVICE (tests/conftest.py)
@@ -345,7 +351,7 @@ def _designs() -> List[Optional[str]]:
     try:
         from fused_entropy.kernels import configs
 
-        known = getattr(configs, "BACKWARD_DESIGNS", None)
+        known = getattr(configs, "BACKWARDS", None)
         if known:
             return list(known)
     except ImportError:
@@ -663,7 +669,7 @@ def _perf_rows(case, device) -> List[tuple]:
 
     rows.append(("floor", "cuBLAS GEMM floor (1 fwd / 4 fwd+bwd)", 1, 4, floor))
     for design in _designs():
-        label = "fused linear_logprobs logp+H" + ("" if design is None else f" [backward={design}]")
+        label = "fused linear_logprobs logp+H" + ("" if design is None else f" [{design} backward]")
         rows.append((f"fused{'' if design is None else '-' + design}", label, 1, 4, fused(design=design)))
     if device.type == "cuda":
         rows.append(("fused-torch", "fused linear_logprobs [torch backend]", 1, 4, fused(backend="torch")))
@@ -741,7 +747,7 @@ def _perf_case(args, rec: Recorder, device, shape, ceiling: Optional[float], pro
             del fwd, fwdbwd, leaves
             if device.type == "cuda":
                 torch.cuda.empty_cache()
-        if profile and name == "fused" and device.type == "cuda":
+        if profile and name.startswith("fused") and device.type == "cuda":
             _profile(rec, case, device)
             profile = False
     return ok
@@ -867,8 +873,10 @@ def step_tests(args, rec: Recorder) -> bool:
 
 
 def _repo_root() -> Optional[str]:
+    """The checkout holding tests/: ``FUSED_ENTROPY_REPO``, else three levels above this file
+    (an editable install)."""
     here = os.path.dirname(os.path.abspath(__file__))
-    root = os.path.abspath(os.path.join(here, "..", "..", ".."))
+    root = os.environ.get("FUSED_ENTROPY_REPO") or os.path.abspath(os.path.join(here, "..", "..", ".."))
     return root if os.path.isdir(os.path.join(root, "tests")) else None
 
 
@@ -878,7 +886,64 @@ def _has(mod: str) -> bool:
     return importlib.util.find_spec(mod) is not None
 
 
-STEP_FNS = {"env": step_env, "correctness": step_correctness, "perf": step_perf, "tests": step_tests}
+def step_tiles(args, rec: Recorder) -> bool:
+    """Forward and forward+backward of ``linear_logprobs`` (chunked backward) at the first perf shape
+    with each candidate tile next to the shipped one: the data for choosing Hopper tiles."""
+    from dataclasses import replace
+
+    import torch
+
+    from fused_entropy import linear_logprobs
+    from fused_entropy.kernels import configs as C
+
+    from . import bench_providers as P
+
+    device = _device(args)
+    if device.type != "cuda":
+        from fused_entropy.backends import interpreting
+
+        if not interpreting():
+            rec("skip", name="tiles", why="no GPU and TRITON_INTERPRET unset")
+            return True
+    n, h, v = (QUICK_SHAPES if args.quick else FULL_SHAPES)[0]
+    dtype = "bfloat16" if device.type == "cuda" else "float32"
+    case = P.Case(n=n, h=h, v=v, dtype=dtype)
+    key = "bf16" if dtype == "bfloat16" else "fp32"
+    shipped = C.get("linear_stats", key)
+    cands = [shipped] + [C.Config(bn, bv, bh, num_warps=w, num_stages=st) for bn, bv, bh, w, st in TILE_CANDIDATES]
+    x, w, y = P.linear_inputs(case, device)
+    ok = True
+    for i, c in enumerate(cands):
+        label = f"tile {c.block_n}x{c.block_v}x{c.block_h} w{c.num_warps} s{c.num_stages}" + (" (shipped)" if i == 0 else "")
+        over = dict(linear_stats=c, linear_radix=c, linear_grad=replace(c, num_stages=max(2, c.num_stages - 1)))
+
+        def fwd():
+            return linear_logprobs(x, w, y, backend="triton")
+
+        def fwdbwd():
+            out = fwd()
+            (out.logprobs.sum() + out.entropy.sum()).backward()
+
+        try:
+            with C.override(**over):
+                t_fwd = _time_fn(fwd, device, grad_to_none=[x, w])
+                t_all = _time_fn(fwdbwd, device, grad_to_none=[x, w])
+            rec("perf", shape=[n, h, v], dtype=dtype, row=f"tile{i}", label=label, status="ok", fwd_ms=t_fwd * 1e3,
+                fwdbwd_ms=t_all * 1e3, gemms_fwd=1, gemms_fwdbwd=4, tflops_fwd=2 * n * h * v / t_fwd / 1e12,
+                tflops_fwdbwd=8 * n * h * v / t_all / 1e12)
+            print(f"  {label}: fwd {t_fwd * 1e3:.2f} ms, fwd+bwd {t_all * 1e3:.2f} ms")
+        except Exception as e:
+            ok = i > 0 and ok  # a candidate that does not compile is information; the shipped one must run
+            rec("perf", shape=[n, h, v], dtype=dtype, row=f"tile{i}", label=label, status="error",
+                why=f"{type(e).__name__}: {str(e)[:300]}")
+            print(f"  {label}: FAILED {type(e).__name__}: {str(e)[:300]}")
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+    return ok
+
+
+STEP_FNS = {"env": step_env, "correctness": step_correctness, "perf": step_perf, "tiles": step_tiles,
+            "tests": step_tests}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -905,7 +970,7 @@ def summarize(recs: List[dict]) -> str:
     for r in recs:
         if r.get("kind") == "ceiling":
             if r["name"] == "matmul":
-                lines.append(f"- ceiling: {r['dtype']} matmul {r['shape'][0]}^3: {_f(r['tflops'], '{:.1f}')} TFLOP/s")
+                lines.append(f"- ceiling: {r['dtype']} matmul {r['shape'][0]}^3: {_f(r['tflops'], '{:.3g}')} TFLOP/s")
             else:
                 lines.append(f"- ceiling: device copy {_f(r['gbs'], '{:.0f}')} GB/s (read + write)")
     steps = [r for r in recs if r.get("kind") == "step"]
@@ -1051,7 +1116,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     sections = [s.strip() for s in args.sections.split(",") if s.strip()]
     rec = Recorder(args.out, "gpucheck")
     statuses = []
-    for step in [s for s in SECTIONS if s in sections]:
+    for step in [st for sec in SECTIONS if sec in sections for st in SECTION_STEPS[sec]]:
         left = deadline - time.time()
         cap = min(STEPS[step][2 if args.quick else 1], left)
         if cap < 5:
