@@ -199,11 +199,11 @@ def linear_grad_kernel(
             w = tl.load(w_ptr + cols[:, None] * stride_w + hs[None, :], mask=mask_h[None, :], other=0.0)
             if UPCAST:
                 w = w.to(tl.float32)
-            dx = tl.dot(dz_op, w, input_precision=DOT_PRECISION)
+            dx = tl.dot(dz_op, w, input_precision=DOT_PRECISION, out_dtype=dx_ptr.dtype.element_ty)
             tl.atomic_add(dx_ptr + offs_n[:, None] * H + hs[None, :], dx, mask=mask_n[:, None] & mask_h[None, :], sem="relaxed")
         if COMPUTE_DW:
             x = tl.load(x_ptr + rows[:, None] * stride_x + hs[None, :], mask=mask_h[None, :], other=0.0)
             if UPCAST:
                 x = x.to(tl.float32)
-            dw = tl.dot(tl.trans(dz_op), x, input_precision=DOT_PRECISION)
+            dw = tl.dot(tl.trans(dz_op), x, input_precision=DOT_PRECISION, out_dtype=dw_ptr.dtype.element_ty)
             tl.atomic_add(dw_ptr + offs_v[:, None] * H + hs[None, :], dw, mask=mask_v[:, None] & mask_h[None, :], sem="relaxed")

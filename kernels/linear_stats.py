@@ -35,6 +35,8 @@ def linear_logit_tile(
     in the backward depends on that. ``UPCAST`` (interpreter only) feeds tl.dot fp32 operands
     because the interpreter's bf16 dot is wrong; compiled code keeps bf16/fp16 operands.
     """
+    # out_dtype is spelled out: Triton before 3.7 types every dot's result fp32 unless told, and
+    # then rejects an fp64 accumulator
     if x_ptr.dtype.element_ty == tl.float64:
         acc = tl.zeros([BLOCK_N, BLOCK_V], dtype=tl.float64)
     else:
@@ -54,7 +56,7 @@ def linear_logit_tile(
         if UPCAST:
             x = x.to(tl.float32)
             w = w.to(tl.float32)
-        acc = tl.dot(x, tl.trans(w), acc, input_precision=DOT_PRECISION)
+        acc = tl.dot(x, tl.trans(w), acc, input_precision=DOT_PRECISION, out_dtype=acc.dtype)
         x_ptrs += BLOCK_H
         w_ptrs += BLOCK_H
     if h_full < H:
@@ -64,7 +66,7 @@ def linear_logit_tile(
         if UPCAST:
             x = x.to(tl.float32)
             w = w.to(tl.float32)
-        acc = tl.dot(x, tl.trans(w), acc, input_precision=DOT_PRECISION)
+        acc = tl.dot(x, tl.trans(w), acc, input_precision=DOT_PRECISION, out_dtype=acc.dtype)
     if HAS_BIAS:
         acc += tl.load(b_ptr + cols).to(acc.dtype)[None, :]
     z = transform(acc, logit_scale, softcap, inv_temperature, HAS_SOFTCAP)
