@@ -380,7 +380,7 @@ BAD = [
     (dict(sapo_temperature_neg=-1.0), ValueError, "sapo_temperature_neg"),
     (dict(delta=0.0), ValueError, "delta"),
     (dict(delta=-2.0), ValueError, "delta"),
-    (dict(top_entropy_quantile=0.0, entropy=True), ValueError, "top_entropy_quantile"),
+    (dict(top_entropy_quantile=-0.1, entropy=True), ValueError, "top_entropy_quantile"),
     (dict(top_entropy_quantile=1.5, entropy=True), ValueError, "top_entropy_quantile"),
     (dict(top_entropy_quantile=0.5), ValueError, "entropy"),
     (dict(entropy_coef=0.1), ValueError, "entropy"),

@@ -375,7 +375,7 @@ BAD = {
                              "coef_min must be <= coef_max"),
     "loss_type": (dict(loss_type="ppo"), "loss_type must be one of"),
     "kl_cov-sequence": (dict(loss_type="kl_cov", importance_sampling_level="sequence"), "is token-level"),
-    "top_entropy_quantile-0": (dict(top_entropy_quantile=0.0), "top_entropy_quantile must be in \\(0, 1\\]"),
+    "top_entropy_quantile-negative": (dict(top_entropy_quantile=-0.1), "top_entropy_quantile must be in \\[0, 1\\]"),
     "vespo-offpolicy": (dict(loss_type="vespo", off_policy_mask_threshold=0.5), "off_policy_mask_threshold"),
     "clip_cov-bounds": (dict(loss_type="clip_cov", clip_cov_lb=5.0, clip_cov_ub=1.0), "clip_cov_lb must be < clip_cov_ub"),
     "repo-bounds": (dict(use_repo_r=True, repo_zeta=0.5), "init must be in"),

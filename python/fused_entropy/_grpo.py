@@ -7,7 +7,10 @@ module with global normalizers (:func:`grpo_normalizers`), so the math lives in 
 Every loss type is a weighted sum of a per-token objective::
 
     loss_policy = sum_{b,t} c[b,t] * ( e[b,t] * is[b,t] * l[b,t] + beta * kl[b,t] )
-    loss        = loss_policy - coef * sum(H * M_eff) / max(sum M_eff, 1)
+    loss        = loss_policy - coef * sum(H * M_eff) / D_bonus
+
+``D_bonus = max(sum M_eff, 1)``, except for the token-normalized types given ``num_items_in_batch``,
+where it is ``N_items`` (the policy term's denominator: window-exact under gradient accumulation).
 
 ``l`` is the per-token policy loss of the loss type, ``e`` the 80/20 mask (1 when off), ``is`` the vLLM
 importance ratio (1 when absent; vespo folds it into its weight instead), and the weight ``c`` carries
@@ -46,6 +49,7 @@ from . import _validate as V
 LOSS_TYPES = ("grpo", "bnpo", "dr_grpo", "dapo", "cispo", "sapo", "luspo", "vespo", "clip_cov", "kl_cov")
 IMPORTANCE_SAMPLING_LEVELS = ("token", "sequence")
 ENTROPY_SOURCES = ("full", "clamped")
+BONUS_NORMALIZATIONS = ("auto", "mean")
 LUSPO_NORMALIZATIONS = ("liger", "trl")
 COV_STATISTICS = ("local", "global")
 GRPO_BACKENDS = ("auto", "torch", "triton")
@@ -69,7 +73,8 @@ class GRPONormalizers(NamedTuple):
     ``policy_denom``: divides ``sum c * l`` (see the module docstring; for grpo/sapo the per-row
     ``1 / max(n_b, 1)`` is applied on top, for luspo(liger) the per-row ``n_b``).
     ``metric_denom``: ``max(sum M, 1)`` for the masked-mean metrics (kl, clip ratios, entropies).
-    ``bonus_denom``: ``max(sum M_eff, 1)`` for the entropy bonus.
+    ``bonus_denom``: ``max(sum M_eff, 1)`` for the entropy bonus (``N_items`` for the token-normalized
+    types given ``num_items_in_batch``, see ``grpo_loss``).
     ``entropy_threshold``: the 80/20 threshold (a 0-d tensor) or None when ``top_entropy_quantile == 1``.
     All are 0-d fp32 tensors (fp64 when the batch is fp64) on the batch device.
     """
@@ -101,6 +106,13 @@ def _check_number(name, value, *, positive=False, nonneg=False, allow_none=False
 def _check_choice(name, value, choices):
     if value not in choices:
         raise ValueError(f"{name} must be one of {choices}, got {value!r}")
+
+
+def _check_quantile(value):
+    """``top_entropy_quantile`` in [0, 1]: 1 keeps every token, 0 only the highest-entropy one(s) (TRL)."""
+    _check_number("top_entropy_quantile", value)
+    if not 0.0 <= value <= 1.0:
+        raise ValueError(f"top_entropy_quantile must be in [0, 1], got {value}")
 
 
 def _check_fraction(name, value):
@@ -248,7 +260,7 @@ def entropy_threshold(entropy: torch.Tensor, mask: torch.Tensor, top_entropy_qua
 
     Returns a 0-d tensor; ``+inf`` when no rank has a valid token (then the 80/20 mask is empty).
     """
-    _check_fraction("top_entropy_quantile", top_entropy_quantile)
+    _check_quantile(top_entropy_quantile)
     _check_dp_group(dp_group)
     valid = entropy.detach()[mask.bool()]
     valid = valid.to(_compute_dtype(entropy.dtype))
@@ -274,6 +286,7 @@ def grpo_normalizers(
     entropy: Optional[torch.Tensor] = None,
     dtype: torch.dtype = torch.float32,
     dp_group=None,
+    bonus_normalization: str = "auto",
 ) -> GRPONormalizers:
     """Denominators of the whole batch, for calling :func:`grpo_loss` on chunks of whole sequences.
 
@@ -285,6 +298,7 @@ def grpo_normalizers(
         dtype: fp32 or fp64 (the compute dtype of the loss).
         dp_group: the data-parallel ``torch.distributed`` group the DAPO token count is all-reduced
             and the 80/20 entropies are gathered over (None: every rank, when initialized).
+        bonus_normalization: as in ``grpo_loss`` (the denominator of the entropy bonus).
 
     Returns:
         :class:`GRPONormalizers`. ``grpo_loss(chunk..., normalizers=n)`` over the chunks of the batch
@@ -294,7 +308,8 @@ def grpo_normalizers(
     _check_choice("luspo_normalization", luspo_normalization, LUSPO_NORMALIZATIONS)
     _check_max_completion_length(loss_type, max_completion_length)
     _check_num_items(num_items_in_batch)
-    _check_fraction("top_entropy_quantile", top_entropy_quantile)
+    _check_quantile(top_entropy_quantile)
+    _check_choice("bonus_normalization", bonus_normalization, BONUS_NORMALIZATIONS)
     if not isinstance(mask, torch.Tensor) or mask.dim() != 2:
         raise ValueError(f"mask must be a [B, T] tensor, got {tuple(mask.shape) if isinstance(mask, torch.Tensor) else type(mask).__name__}")
     if top_entropy_quantile < 1.0:
@@ -303,11 +318,17 @@ def grpo_normalizers(
         _check_bt("entropy", entropy, tuple(mask.shape))
     _check_dp_group(dp_group)
     return _normalizers(mask.bool(), loss_type, max_completion_length, num_items_in_batch, luspo_normalization,
-                        top_entropy_quantile, entropy, _compute_dtype(dtype), dp_group)
+                        top_entropy_quantile, entropy, _compute_dtype(dtype), dp_group, bonus_normalization)
+
+
+def _bonus_uses_policy_denom(loss_type, num_items_in_batch, bonus_normalization) -> bool:
+    """The window-exact rule: a token-normalized loss given ``num_items_in_batch`` divides the bonus
+    by the policy term's ``N_items`` (so micro-batches of an accumulation window add up)."""
+    return bonus_normalization == "auto" and loss_type in TOKEN_NORMALIZED and num_items_in_batch is not None
 
 
 def _normalizers(valid, loss_type, max_completion_length, num_items_in_batch, luspo_normalization,
-                 top_entropy_quantile, entropy, cdt, group=None) -> GRPONormalizers:
+                 top_entropy_quantile, entropy, cdt, group=None, bonus_normalization="auto") -> GRPONormalizers:
     dev = valid.device
     bsz, seqlen = valid.shape
     n_valid = valid.sum().to(cdt)
@@ -335,6 +356,8 @@ def _normalizers(valid, loss_type, max_completion_length, num_items_in_batch, lu
     if top_entropy_quantile < 1.0:
         threshold = entropy_threshold(entropy, valid, top_entropy_quantile, group).to(cdt)
         bonus = high_entropy_mask(entropy, valid, threshold).sum().to(cdt).clamp(min=1.0)
+    if _bonus_uses_policy_denom(loss_type, num_items_in_batch, bonus_normalization):
+        bonus = policy
     return GRPONormalizers(policy, metric, bonus, threshold)
 
 
@@ -656,6 +679,7 @@ def grpo_loss(
     backend: str = "auto",
     dp_group=None,
     cov_statistics: str = "local",
+    bonus_normalization: str = "auto",
 ) -> Tuple[torch.Tensor, Dict[str, torch.Tensor]]:
     """GRPO-family loss with an entropy bonus, on per-token tensors (MATH.md sections 4-6).
 
@@ -674,15 +698,32 @@ def grpo_loss(
         kl = exp(ref - logp) - (ref - logp) - 1    (* r with use_bias_correction_kl)
         l_tot = e * is * l + beta * kl             (is not applied for vespo; e = 80/20 mask)
 
-    and ``loss = sum c * l_tot - coef * sum(H * M_eff) / max(sum M_eff, 1)`` with the aggregation
-    weights ``c`` of the module docstring (they follow Liger 0.8.5; ``luspo_normalization="trl"``
-    gives TRL 1.16's ``mean_b sum_t l * M``). The bonus has the same meaning for every loss type.
+    and ``loss = sum c * l_tot - coef * sum(H * M_eff) / D_bonus`` with the aggregation weights ``c``
+    of the module docstring (they follow Liger 0.8.5; ``luspo_normalization="trl"`` gives TRL 1.16's
+    ``mean_b sum_t l * M``).
+
+    Entropy bonus under gradient accumulation (``bonus_normalization="auto"``): for the token-normalized
+    types (dapo, cispo, vespo, clip_cov, kl_cov) given ``num_items_in_batch``, ``D_bonus = N_items``,
+    the policy term's own denominator, so the losses of the micro-batches of a window add up to the
+    one-batch bonus ``-coef * sum_window(H * M_eff) / N_items`` (window-exact, like the policy term).
+    Otherwise (every other loss type, or no ``num_items_in_batch``) ``D_bonus = max(sum M_eff, 1)`` over
+    this call's tokens: the masked mean entropy of the micro-batch; under accumulation divide the loss by
+    the number of accumulation steps, as TRL 1.16 does for the bonus of every loss type.
+    ``bonus_normalization="mean"`` always takes the micro-batch mean (the TRL adapter uses it).
+
+    Numeric guarantees and input rules: the mask is a 0/1 weight (bool, integer or floating holding
+    only 0 and 1; anything else, NaN included, raises ValueError naming ``mask``). Entries of every
+    ``[B, T]`` input outside the mask (log-probs, old/ref log-probs, entropies, advantages, is_ratio)
+    may hold anything, NaN and +-inf included: they never reach the loss, a metric or a gradient.
+    ``num_items_in_batch`` (a number or a one-element tensor) must be finite and >= 0 in both forms.
+    Compute is fp32 (fp64 for fp64 log-probs).
 
     Args:
         logprobs: ``[B, T]`` log-probs of the sampled tokens under the current policy (differentiable).
         advantages: ``[B]`` or ``[B, T]`` (constant).
-        mask: ``[B, T]`` loss mask (bool, or 0/1 integers or floats). Entries outside the mask may hold
-            anything, -inf included: they never reach the loss or a gradient.
+        mask: ``[B, T]`` loss mask (bool, or 0/1 integers or floats; other values raise). Entries of the
+            other inputs outside the mask may hold anything, NaN and +-inf included: they never reach
+            the loss or a gradient.
         old_logprobs, ref_logprobs: ``[B, T]`` constants. ``ref_logprobs`` is required when ``beta != 0``.
         entropy: ``[B, T]`` full entropy (differentiable); ``clamped_entropy``: ``[B, T]`` clamped
             entropy (differentiable). ``entropy_source`` picks the one used by the bonus and the 80/20 mask.
@@ -690,8 +731,9 @@ def grpo_loss(
         entropy_coef: the bonus coefficient; or ``entropy_controller`` (an object with a ``coef``
             attribute and ``observe(entropy_sum, token_count)``), not both. With a controller, every call
             made with grad enabled reports the masked sum of the bonus entropy and the token count.
-        top_entropy_quantile: ``q`` in (0, 1]; below 1 only tokens whose bonus entropy is at or above the
-            ``(1-q)`` quantile of the valid tokens (gathered over ranks) carry the policy term and bonus.
+        top_entropy_quantile: ``q`` in [0, 1]; below 1 only tokens whose bonus entropy is at or above the
+            ``(1-q)`` quantile of the valid tokens (gathered over ranks) carry the policy term and bonus;
+            0 keeps only the highest-entropy token (all tokens tied with it), as stock TRL.
         clip_cov_*, kl_cov_ratio, ppo_kl_coef, generator: Clip-Cov / KL-Cov (verl names and defaults).
         normalizers: batch-wide denominators from :func:`grpo_normalizers` when the inputs are a chunk
             of whole sequences of a larger batch; the loss and metrics are then that chunk's share
@@ -708,6 +750,7 @@ def grpo_loss(
             of the draw made by the group's first rank with its ``generator`` (Clip-Cov), or two
             all_gathers of the Cov values (KL-Cov)). A batch split over ranks then selects what one
             process selects on the whole batch.
+        bonus_normalization: ``"auto"`` (the rule above) or ``"mean"`` (always the micro-batch mean).
 
     Returns:
         ``(loss, metrics)``: a 0-d loss (fp32; fp64 for fp64 log-probs) and a dict of detached 0-d
@@ -760,6 +803,7 @@ def _grpo_loss_entry(
     backend,
     dp_group=None,
     cov_statistics="local",
+    bonus_normalization="auto",
 ):
     """Validate the arguments of :func:`grpo_loss` and compute it; ``observe``: call the controller."""
     # ---- validation -----------------------------------------------------------------------
@@ -796,7 +840,8 @@ def _grpo_loss_entry(
     _check_max_completion_length(loss_type, max_completion_length)
     _check_num_items(num_items_in_batch)
     _check_number("entropy_coef", entropy_coef)
-    _check_fraction("top_entropy_quantile", top_entropy_quantile)
+    _check_quantile(top_entropy_quantile)
+    _check_choice("bonus_normalization", bonus_normalization, BONUS_NORMALIZATIONS)
     _check_fraction("clip_cov_ratio", clip_cov_ratio)
     _check_fraction("kl_cov_ratio", kl_cov_ratio)
     _check_number("clip_cov_lb", clip_cov_lb)
@@ -847,12 +892,13 @@ def _grpo_loss_entry(
     return _grpo_loss_impl(logprobs, advantages, mask, old_logprobs, ref_logprobs, entropy, clamped_entropy,
                            bonus_entropy, is_ratio, cfg, coef, entropy_controller, top_entropy_quantile,
                            max_completion_length, num_items_in_batch, generator, normalizers, be,
-                           observe=observe, dp_group=dp_group, cov_global=cov_statistics == "global")
+                           observe=observe, dp_group=dp_group, cov_global=cov_statistics == "global",
+                           bonus_normalization=bonus_normalization)
 
 
 def _grpo_loss_impl(logprobs, advantages, mask, old, ref, entropy, clamped, bonus_entropy, isr, cfg: _Cfg,
                     coef, controller, q, max_completion_length, num_items_in_batch, generator, norms, backend,
-                    observe: bool, dp_group=None, cov_global: bool = False):
+                    observe: bool, dp_group=None, cov_global: bool = False, bonus_normalization: str = "auto"):
     cdt = _compute_dtype(logprobs.dtype)
     valid = mask.bool() if mask.dtype != torch.bool else mask
     # Masked positions are replaced by neutral values so that -inf/NaN there never reaches the loss.
@@ -879,7 +925,8 @@ def _grpo_loss_impl(logprobs, advantages, mask, old, ref, entropy, clamped, bonu
 
     if norms is None:
         norms = _normalizers(valid, cfg.loss_type, max_completion_length, num_items_in_batch,
-                             "liger" if cfg.luspo_liger else "trl", q, bonus_entropy, cdt, dp_group)
+                             "liger" if cfg.luspo_liger else "trl", q, bonus_entropy, cdt, dp_group,
+                             bonus_normalization)
     else:
         norms = GRPONormalizers(*(None if t is None else t.to(device=lp.device, dtype=cdt) for t in norms))
     emask = None

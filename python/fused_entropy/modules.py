@@ -80,8 +80,9 @@ class LinearGRPOLoss(nn.Module):
             MATH.md section 3, needs ``topk`` or ``clamp_p``) for the bonus and the 80/20 mask.
         topk / clamp_p: size of the clamped set: ``k`` or all but the ``floor(clamp_p * V)`` lowest
             logits (AEnt). Either one also reports the clamped entropy.
-        top_entropy_quantile: ``q`` in (0, 1]; below 1 only the tokens at or above the ``(1-q)``
-            entropy quantile carry the policy term and the bonus (needs two passes).
+        top_entropy_quantile: ``q`` in [0, 1]; below 1 only the tokens at or above the ``(1-q)``
+            entropy quantile carry the policy term and the bonus (needs two passes); 0 keeps only the
+            highest-entropy token(s), as stock TRL.
         entropy_controller: an object with ``coef`` and ``observe(entropy_sum, token_count)``
             (``fused_entropy.control``); the bonus coefficient is read from it at every call, and in
             training mode with grad enabled every call reports its entropy to it. Not with
@@ -198,7 +199,7 @@ class LinearGRPOLoss(nn.Module):
         V.resolve_k(topk, clamp_p, sys.maxsize)  # types and ranges; topk <= V is checked per call
         if entropy_source == "clamped" and topk is None and clamp_p is None:
             raise ValueError("entropy_source='clamped' needs topk or clamp_p (the size of the clamped set)")
-        G._check_fraction("top_entropy_quantile", top_entropy_quantile)
+        G._check_quantile(top_entropy_quantile)
         if entropy_controller is not None:
             if entropy_coef != 0.0:
                 raise ValueError(f"give entropy_coef or entropy_controller, not both (entropy_coef={entropy_coef})")

@@ -181,11 +181,7 @@ def validate_options(args) -> None:
         )
     if args.loss_type in _grpo.COV_TYPES and args.importance_sampling_level != "token":
         raise ValueError(f"loss_type={args.loss_type!r} is token-level; importance_sampling_level must be 'token'")
-    if not 0.0 < args.top_entropy_quantile <= 1.0:
-        raise ValueError(
-            f"top_entropy_quantile must be in (0, 1] for FusedEntropyGRPOTrainer, got {args.top_entropy_quantile} "
-            "(TRL's 0.0, 'only the single highest-entropy token', is not supported)"
-        )
+    _grpo._check_quantile(args.top_entropy_quantile)
     if args.loss_type == "vespo" and args.off_policy_mask_threshold is not None:
         raise ValueError("off_policy_mask_threshold is not supported with loss_type='vespo' by FusedEntropyGRPOTrainer")
     if args.loss_type in _grpo.COV_TYPES:
@@ -320,7 +316,8 @@ class FusedEntropyGRPOTrainer(GRPOTrainer):
     Takes the same arguments as ``GRPOTrainer``; ``args`` is a :class:`FusedEntropyGRPOConfig` (a plain
     ``GRPOConfig`` works too and gets the added options' defaults). Unsupported combinations raise
     ``ValueError`` here, at construction: vision-language models, MoE router auxiliary loss,
-    DeepSpeed ZeRO-3, ``top_entropy_quantile=0``, ``vespo`` with ``off_policy_mask_threshold``.
+    DeepSpeed ZeRO-3, ``vespo`` with ``off_policy_mask_threshold``. ``top_entropy_quantile=0`` keeps only
+    the highest-entropy token, as stock TRL.
 
     Metrics are TRL's (``entropy``, ``kl``, ``clip_ratio/*``, ``cispo_clip_ratio``,
     ``vespo/phi_seq_mean``, ``policy_loss`` and ``entropy_coef`` when a bonus controller is active)
@@ -460,6 +457,9 @@ class FusedEntropyGRPOTrainer(GRPOTrainer):
             clip_cov_ratio=_opt(self.args, "clip_cov_ratio"), clip_cov_lb=_opt(self.args, "clip_cov_lb"),
             clip_cov_ub=_opt(self.args, "clip_cov_ub"), kl_cov_ratio=_opt(self.args, "kl_cov_ratio"),
             ppo_kl_coef=_opt(self.args, "ppo_kl_coef"), generator=generator, backend=_opt(self.args, "fused_backend"),
+            # TRL 1.16: the bonus is the micro-batch mean entropy for every loss type, divided by the
+            # accumulation steps below (not the window-exact N_items rule grpo_loss uses by default)
+            bonus_normalization="mean",
         )
         ga = self.current_gradient_accumulation_steps if mode == "train" else 1.0
         loss = loss / ga

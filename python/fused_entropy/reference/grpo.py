@@ -93,6 +93,7 @@ def grpo_loss(
     kl_cov_ratio: float = 2e-4,
     ppo_kl_coef: float = 1.0,
     generator: Optional[torch.Generator] = None,
+    bonus_normalization: str = "auto",
 ):
     """Reference for ``fused_entropy.grpo_loss`` (same arguments; ``entropy_coef`` is the coefficient)."""
     B, T = logprobs.shape
@@ -248,7 +249,12 @@ def grpo_loss(
     if entropy_coef != 0.0:
         cells = [(b, t) for b in range(B) for t in range(T) if keep[b][t]]
         h_sum = sum((H_bonus[b, t] for b, t in cells), zero)
-        loss = loss - entropy_coef * h_sum / max(len(cells), 1)
+        token_normalized = loss_type in ("dapo", "cispo", "vespo", "clip_cov", "kl_cov")
+        if bonus_normalization == "auto" and token_normalized and num_items_in_batch is not None:
+            # window-exact: the policy term's denominator N_items (issue 13 item 2)
+            loss = loss - entropy_coef * h_sum / max(float(num_items_in_batch), 1.0)
+        else:
+            loss = loss - entropy_coef * h_sum / max(len(cells), 1)
 
     # ---- metrics --------------------------------------------------------------------------
     def mean_m(f):

@@ -1,0 +1,134 @@
+"""Numerics and input robustness (issue 13): odd inputs get the right value or a clear error.
+
+Each test names the item of the issue it covers. Both backends where both apply: ``backend="torch"``
+and ``backend="triton"`` (CUDA, or CPU under ``TRITON_INTERPRET=1``). Shapes are tiny.
+"""
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from conftest import DEVICE, TRITON_OK
+from fused_entropy import LinearGRPOLoss, grpo_loss, linear_logprobs, logprobs_from_logits
+from fused_entropy.reference import grpo as ref_grpo
+
+BACKENDS = ["torch", pytest.param("triton", marks=pytest.mark.skipif(not TRITON_OK, reason="Triton needs CUDA or TRITON_INTERPRET=1"))]
+TOKEN_NORMALIZED = ("dapo", "cispo", "vespo")
+B, T, H, VOCAB = 4, 5, 8, 11
+
+
+def _head_batch(seed=0, dtype=torch.float32, bsz=B, seqlen=T, hidden=H, vocab=VOCAB):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(bsz, seqlen, hidden, generator=g, dtype=dtype)
+    w = (torch.randn(vocab, hidden, generator=g) * 0.5).to(dtype)
+    ids = torch.randint(0, vocab, (bsz, seqlen), generator=g)
+    mask = torch.ones(bsz, seqlen)
+    for b in range(bsz):
+        mask[b, seqlen - b % seqlen:] = 0  # rows of T, T-1, T-2, ... valid tokens
+    adv = torch.randn(bsz, generator=g, dtype=dtype)
+    old = -torch.rand(bsz, seqlen, generator=g, dtype=dtype) * 3
+    return x.to(DEVICE), w.to(DEVICE), ids.to(DEVICE), mask.to(DEVICE), adv.to(DEVICE), old.to(DEVICE)
+
+
+def _tok_batch(seed=0, bsz=B, seqlen=T, dtype=torch.float64):
+    g = torch.Generator().manual_seed(seed)
+    lp = -torch.rand(bsz, seqlen, generator=g, dtype=dtype) * 3
+    old = lp + 0.3 * torch.randn(bsz, seqlen, generator=g, dtype=dtype)
+    adv = torch.randn(bsz, generator=g, dtype=dtype)
+    ent = torch.rand(bsz, seqlen, generator=g, dtype=dtype) * 2
+    mask = torch.rand(bsz, seqlen, generator=g) > 0.3
+    mask[:, 0] = True
+    return lp, old, adv, ent, mask
+
+
+# ---------------------------------------------------------------------------------------------
+# item 2: the entropy bonus is window-exact under gradient accumulation with num_items_in_batch
+# ---------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("loss_type", TOKEN_NORMALIZED)
+def test_item2_bonus_window_exact_grpo_loss(loss_type, backend):
+    lp, old, adv, ent, mask = _tok_batch(bsz=8)
+    n_items = int(mask.sum())
+    kw = dict(loss_type=loss_type, entropy_coef=0.1, backend=backend)
+    whole, _ = grpo_loss(lp, adv, mask, old_logprobs=old, entropy=ent, **kw)
+    whole_items, _ = grpo_loss(lp, adv, mask, old_logprobs=old, entropy=ent, num_items_in_batch=n_items, **kw)
+    parts = sum(
+        grpo_loss(lp[i:i + 2], adv[i:i + 2], mask[i:i + 2], old_logprobs=old[i:i + 2], entropy=ent[i:i + 2],
+                  num_items_in_batch=torch.tensor(float(n_items)), **kw)[0]
+        for i in range(0, 8, 2)
+    )
+    torch.testing.assert_close(parts, whole, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(whole_items, whole, rtol=1e-12, atol=1e-12)
+    bonus_only = -0.1 * (ent * mask).sum() / n_items
+    no_bonus = sum(grpo_loss(lp[i:i + 2], adv[i:i + 2], mask[i:i + 2], old_logprobs=old[i:i + 2],
+                             num_items_in_batch=n_items, loss_type=loss_type, backend=backend)[0] for i in range(0, 8, 2))
+    torch.testing.assert_close(parts - no_bonus, bonus_only, rtol=1e-12, atol=1e-12)
+    # the reference (MATH.md section 5 with the same rule) agrees
+    r, _ = ref_grpo.grpo_loss(lp[:2], adv[:2], mask[:2], old_logprobs=old[:2], entropy=ent[:2],
+                              num_items_in_batch=n_items, loss_type=loss_type, entropy_coef=0.1)
+    got, _ = grpo_loss(lp[:2], adv[:2], mask[:2], old_logprobs=old[:2], entropy=ent[:2], num_items_in_batch=n_items, **kw)
+    torch.testing.assert_close(got, r, rtol=1e-10, atol=1e-12)
+
+
+@pytest.mark.parametrize("loss_type", ["grpo", "bnpo", "sapo"])
+def test_item2_other_loss_types_keep_the_micro_batch_mean(loss_type):
+    lp, old, adv, ent, mask = _tok_batch()
+    a, _ = grpo_loss(lp, adv, mask, entropy=ent, entropy_coef=0.1, loss_type=loss_type, num_items_in_batch=99)
+    b, _ = grpo_loss(lp, adv, mask, entropy=ent, loss_type=loss_type, num_items_in_batch=99)
+    torch.testing.assert_close(a - b, -0.1 * (ent * mask).sum() / mask.sum(), rtol=1e-12, atol=1e-12)
+
+
+def test_item2_bonus_normalization_mean_keeps_trl_semantics():
+    lp, old, adv, ent, mask = _tok_batch()
+    a, _ = grpo_loss(lp, adv, mask, entropy=ent, entropy_coef=0.1, num_items_in_batch=99, bonus_normalization="mean")
+    b, _ = grpo_loss(lp, adv, mask, entropy=ent, num_items_in_batch=99)
+    torch.testing.assert_close(a - b, -0.1 * (ent * mask).sum() / mask.sum(), rtol=1e-12, atol=1e-12)
+    with pytest.raises(ValueError, match="bonus_normalization"):
+        grpo_loss(lp, adv, mask, entropy=ent, bonus_normalization="window")
+
+
+@pytest.mark.parametrize("single_pass", [False, None])
+@pytest.mark.parametrize("loss_type", TOKEN_NORMALIZED)
+def test_item2_bonus_window_exact_linear_grpo(loss_type, single_pass):
+    x, w, ids, mask, adv, old = _head_batch(dtype=torch.float64)
+    n_items = int(mask.sum())
+    mod = LinearGRPOLoss(beta=0.0, loss_type=loss_type, entropy_coef=0.1, single_pass=single_pass, backend="torch")
+    whole, _ = mod(x, w, ids, mask, adv, old_per_token_logps=old)
+    parts = sum(mod(x[i:i + 1], w, ids[i:i + 1], mask[i:i + 1], adv[i:i + 1], old_per_token_logps=old[i:i + 1],
+                    num_items_in_batch=torch.tensor(n_items))[0] for i in range(B))
+    torch.testing.assert_close(parts, whole, rtol=1e-10, atol=1e-12)
+
+
+# ---------------------------------------------------------------------------------------------
+# item 14: top_entropy_quantile = 0 keeps only the highest-entropy token (stock TRL)
+# ---------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_item14_quantile_zero_keeps_the_highest_entropy_token(backend):
+    lp, old, adv, ent, mask = _tok_batch()
+    top = ent.masked_fill(~mask, -1).argmax()
+    only = torch.zeros_like(mask).reshape(-1)
+    only[top] = True
+    only = only.reshape(mask.shape)
+    got, _ = grpo_loss(lp, adv, mask, old_logprobs=old, entropy=ent, top_entropy_quantile=0.0, entropy_coef=0.1,
+                       backend=backend)
+    # the policy term of the single kept token (normalized by all valid tokens), bonus its entropy alone
+    pol, _ = grpo_loss(lp, adv, mask, old_logprobs=old, is_ratio=only.to(lp.dtype), backend=backend)
+    torch.testing.assert_close(got, pol - 0.1 * ent.reshape(-1)[top], rtol=1e-12, atol=1e-12)
+    r, _ = ref_grpo.grpo_loss(lp, adv, mask, old_logprobs=old, entropy=ent, top_entropy_quantile=0.0, entropy_coef=0.1)
+    torch.testing.assert_close(got, r, rtol=1e-10, atol=1e-12)
+
+
+def test_item14_quantile_zero_in_the_module():
+    x, w, ids, mask, adv, old = _head_batch(dtype=torch.float64)
+    mod = LinearGRPOLoss(beta=0.0, top_entropy_quantile=0.0, entropy_coef=0.1, backend="torch")
+    loss, _ = mod(x, w, ids, mask, adv, old_per_token_logps=old)
+    assert torch.isfinite(loss)
+    for q in (-0.1, 1.5, float("nan")):
+        with pytest.raises(ValueError, match="top_entropy_quantile"):
+            LinearGRPOLoss(top_entropy_quantile=q)
