@@ -444,7 +444,7 @@ def test_triton_backend_equals_torch_backend(cfg):
     (dict(topk=0), ValueError, "topk"),
     (dict(clamp_p=1.5), ValueError, "clamp_p"),
     (dict(topk=3, clamp_p=0.2), ValueError, "at most one"),
-    (dict(top_entropy_quantile=0.0), ValueError, "top_entropy_quantile"),
+    (dict(top_entropy_quantile=-0.1), ValueError, "top_entropy_quantile"),
     (dict(entropy_coef=0.1, entropy_controller=_Recorder(0.1)), ValueError, "not both"),
     (dict(entropy_controller=object()), TypeError, "entropy_controller"),
     (dict(backend="cuda"), ValueError, "backend"),

@@ -132,3 +132,112 @@ def test_item14_quantile_zero_in_the_module():
     for q in (-0.1, 1.5, float("nan")):
         with pytest.raises(ValueError, match="top_entropy_quantile"):
             LinearGRPOLoss(top_entropy_quantile=q)
+
+
+# ---------------------------------------------------------------------------------------------
+# item 11: luspo with id -100 (or any non-vocabulary id) at masked positions equals Liger
+# ---------------------------------------------------------------------------------------------
+
+
+def _liger_luspo(x, w, ids, mask, adv, **kw):
+    liger = pytest.importorskip("liger_kernel.chunked_loss.grpo_loss")
+    beta = kw.pop("beta")
+    m = liger.LigerFusedLinearGRPOLoss(beta=beta, loss_type="luspo", compiled=False,
+                                       use_ref_model=beta != 0.0, importance_sampling_level=kw.pop("level"))
+    xx, ww = x.clone().requires_grad_(True), w.clone().requires_grad_(True)
+    loss, metrics = m(xx, ww, ids, mask, adv, **kw)
+    loss.backward()
+    return loss.detach(), metrics, xx.grad, ww.grad
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("level", ["token", "sequence"])
+@pytest.mark.parametrize("old", [False, True], ids=["no_old", "old"])
+@pytest.mark.parametrize("ref", ["none", "model"])
+def test_item11_luspo_masked_padding_ids_equal_liger(backend, level, old, ref):
+    x, w, ids, mask, adv, old_lp = _head_batch(seed=3)
+    x, w, ids, mask, adv, old_lp = (t.cpu() for t in (x, w, ids, mask, adv, old_lp))
+    ids = ids.masked_fill(mask == 0, -100)
+    ids[1, -1] = VOCAB + 2  # any id outside [0, V) at a masked position: Liger gives it no target logit
+    g = torch.Generator().manual_seed(5)
+    kw = dict(old_per_token_logps=old_lp if old else None)
+    beta = 0.0
+    if ref == "model":
+        beta = 0.04
+        kw.update(ref_input=x + 0.1 * torch.randn(x.shape, generator=g), ref_weight=w + 0.05 * torch.randn(w.shape, generator=g))
+    want_loss, want_m, want_gx, want_gw = _liger_luspo(x, w, ids, mask, adv, beta=beta, level=level, **kw)
+    mod = LinearGRPOLoss(beta=beta, loss_type="luspo", importance_sampling_level=level, backend=backend)
+    dev = lambda t: None if t is None else t.to(DEVICE)  # noqa: E731
+    xx, ww = dev(x).requires_grad_(True), dev(w).requires_grad_(True)
+    loss, metrics = mod(xx, ww, dev(ids), dev(mask), dev(adv), **{k: dev(v) for k, v in kw.items()})
+    loss.backward()
+    assert mod.last_path == "two"  # rows with no target logit take the two-pass path
+    torch.testing.assert_close(loss.cpu(), want_loss, rtol=1e-5, atol=1e-6)
+    for a, b in zip(metrics, want_m):
+        torch.testing.assert_close(a.cpu(), b, rtol=1e-5, atol=1e-6)
+    for got, want in ((xx.grad, want_gx), (ww.grad, want_gw)):
+        torch.testing.assert_close(got.cpu(), want, rtol=1e-5, atol=1e-5 * float(want.abs().max()))
+
+
+# ---------------------------------------------------------------------------------------------
+# item 3: masks hold 0 and 1 (bool, integer or floating); weights and NaN are rejected by name
+# ---------------------------------------------------------------------------------------------
+
+BAD_MASK_VALUES = [0.5, 2.0, -1.0, float("nan")]
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("value", BAD_MASK_VALUES, ids=str)
+def test_item3_grpo_loss_rejects_non_binary_mask(value, backend):
+    lp, old, adv, ent, mask = _tok_batch()
+    m = mask.double()
+    m[0, 0] = value
+    with pytest.raises(ValueError, match=r"mask must hold only 0 and 1.*found"):
+        grpo_loss(lp, adv, m, backend=backend)
+    from fused_entropy import grpo_normalizers
+
+    with pytest.raises(ValueError, match=r"mask must hold only 0 and 1"):
+        grpo_normalizers(m)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_item3_binary_masks_of_every_dtype_agree(backend):
+    lp, old, adv, ent, mask = _tok_batch()
+    want, _ = grpo_loss(lp, adv, mask, old_logprobs=old, backend=backend)
+    for dt in (torch.uint8, torch.int8, torch.int32, torch.int64, torch.float16, torch.bfloat16, torch.float32, torch.float64):
+        got, _ = grpo_loss(lp, adv, mask.to(dt), old_logprobs=old, backend=backend)
+        torch.testing.assert_close(got, want, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("value", BAD_MASK_VALUES, ids=str)
+def test_item3_linear_grpo_rejects_non_binary_attention_mask(value, backend):
+    x, w, ids, mask, adv, old = _head_batch()
+    mask[1, 1] = value
+    with pytest.raises(ValueError, match=r"attention_mask must hold only 0 and 1"):
+        LinearGRPOLoss(beta=0.0, backend=backend)(x, w, ids, mask, adv)
+
+
+def test_item3_trl_head_rejects_non_binary_attention_mask():
+    pytest.importorskip("trl")
+    from _tiny_model import make_model
+    from fused_entropy.integrations.trl import HeadRequest, install_fused_head
+
+    model = make_model()
+    install_fused_head(model, temperature=1.0, backend="torch")
+    ids = torch.randint(4, 64, (2, 6))
+    am = torch.ones(2, 6)
+    out = model(input_ids=ids, attention_mask=am, fused_entropy=HeadRequest(3, entropy=True))
+    assert out.logprobs.shape == (2, 3)
+    am[0, 5] = 0.5
+    with pytest.raises(ValueError, match=r"attention_mask must hold only 0 and 1"):
+        model(input_ids=ids, attention_mask=am, fused_entropy=HeadRequest(3))
+
+
+def test_item10_complex_attention_mask_is_named():
+    x, w, ids, mask, adv, old = _head_batch()
+    with pytest.raises(TypeError, match="attention_mask must be a bool, integer or floating"):
+        LinearGRPOLoss(beta=0.0)(x, w, ids, mask.to(torch.complex64), adv)
+    lp, old, adv, ent, mask = _tok_batch()
+    with pytest.raises(TypeError, match="^mask must be a bool, integer or floating"):
+        grpo_loss(lp, adv, mask.to(torch.complex64))

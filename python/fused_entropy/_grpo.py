@@ -130,12 +130,7 @@ def _check_bt(name, t, shape, *, floating=True):
 
 
 def _check_mask(mask, shape):
-    if not isinstance(mask, torch.Tensor):
-        raise TypeError(f"mask must be a torch.Tensor, got {type(mask).__name__}")
-    if mask.dtype.is_complex:
-        raise TypeError(f"mask must be a bool, integer or floating tensor, got {mask.dtype}")
-    if tuple(mask.shape) != shape:
-        raise ValueError(f"mask must have the shape of logprobs {shape}, got {tuple(mask.shape)}")
+    V.check_mask("mask", mask, shape, " (the shape of logprobs)")
 
 
 def _check_advantages(adv, shape):
@@ -310,8 +305,9 @@ def grpo_normalizers(
     _check_num_items(num_items_in_batch)
     _check_quantile(top_entropy_quantile)
     _check_choice("bonus_normalization", bonus_normalization, BONUS_NORMALIZATIONS)
-    if not isinstance(mask, torch.Tensor) or mask.dim() != 2:
-        raise ValueError(f"mask must be a [B, T] tensor, got {tuple(mask.shape) if isinstance(mask, torch.Tensor) else type(mask).__name__}")
+    V.check_mask("mask", mask)
+    if mask.dim() != 2:
+        raise ValueError(f"mask must be a [B, T] tensor, got {tuple(mask.shape)}")
     if top_entropy_quantile < 1.0:
         if entropy is None:
             raise ValueError("top_entropy_quantile < 1 needs the entropy of the whole batch (entropy=...)")

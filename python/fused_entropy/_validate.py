@@ -18,6 +18,27 @@ def check_tensor(name: str, t, *, floating: bool = False, integer: bool = False)
         raise TypeError(f"{name} must be an integer tensor of token ids, got {t.dtype}")
 
 
+def check_mask(name: str, mask, shape=None, what: str = "") -> None:
+    """A loss/attention mask: bool, integer or floating, holding only 0 and 1 (one reduction).
+
+    Liger 0.8.5 and TRL 1.16 multiply by the mask, so a value like 0.5 or 2 would silently weight a
+    token there; the fused kernels take the mask as a set of rows, so any other value (NaN included)
+    is rejected here rather than read as 1.
+    """
+    if not isinstance(mask, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(mask).__name__}")
+    if mask.dtype.is_complex:
+        raise TypeError(f"{name} must be a bool, integer or floating tensor of 0/1, got {mask.dtype}")
+    if shape is not None and tuple(mask.shape) != tuple(shape):
+        raise ValueError(f"{name} must have shape {tuple(shape)}{what}, got {tuple(mask.shape)}")
+    if mask.dtype == torch.bool or mask.numel() == 0:
+        return
+    bad = (mask != 0) & (mask != 1)
+    if bool(bad.any()):
+        value = mask[bad].reshape(-1)[0].item()
+        raise ValueError(f"{name} must hold only 0 and 1 (a mask, not weights); found {value}")
+
+
 def check_same_device(**tensors) -> None:
     items = [(k, v) for k, v in tensors.items() if v is not None]
     first_name, first = items[0]

@@ -64,6 +64,23 @@ class _SinglePassFunction(torch.autograd.Function):
         return (*(g if need else None for g, need in zip(grads, ctx.needs_input_grad[:3])), None)
 
 
+def _no_target_logit(x, w, bias, rows, tf: LogitTransform, dtype) -> torch.Tensor:
+    """``[B, T]``: the transformed logit ``z_0`` of vocabulary id 0 on ``rows`` (0 elsewhere), by autograd.
+
+    A row scored with target 0 gives ``logp_0 = z_0 - lse``, so ``logp_0 - z_0 = -lse`` is the
+    log-prob of a row with no target logit, with gradient ``-p`` (Liger's value for an id outside the
+    vocabulary).
+    """
+    u = x[rows].to(dtype) @ w[0].to(dtype)
+    if bias is not None:
+        u = u + bias[0].to(dtype)
+    u = u * tf.logit_scale
+    if tf.softcap is not None:
+        u = tf.softcap * torch.tanh(u / tf.softcap)
+    z0 = u / tf.temperature
+    return torch.zeros(rows.shape, dtype=dtype, device=x.device).masked_scatter(rows, z0)
+
+
 class LinearGRPOLoss(nn.Module):
     """Fused LM head + GRPO-family loss + entropy bonus, without ``[N, V]`` logits.
 
@@ -356,15 +373,20 @@ class LinearGRPOLoss(nn.Module):
         # computed; elsewhere rows outside the mask are skipped by the backends.
         every_position = self.loss_type == "luspo"
         ids = selected_token_ids.long()
+        no_target = None
         if every_position:
-            in_range = (ids >= 0) & (ids < vocab)
-            targets = torch.where(in_range | valid, ids, torch.full_like(ids, _IGNORE))
+            # Liger scores a masked position whose id is not a vocabulary id (-100 padding) with no
+            # target logit: logp = -lse, gradient -p. Here: target 0, then logp_0 - z_0 (_no_target_logit).
+            no_target = ~valid & ((ids < 0) | (ids >= vocab))
+            targets = torch.where(no_target, torch.zeros_like(ids), ids)
+            if not bool(no_target.any()):
+                no_target = None
         else:
             targets = torch.where(valid, ids, torch.full_like(ids, _IGNORE))
         self._check_ids(targets, valid, vocab)
 
         ref = self._reference_logprobs(
-            ref_per_token_logps, ref_input, ref_weight, ref_bias, targets, bsz, seqlen, tf, be
+            ref_per_token_logps, ref_input, ref_weight, ref_bias, targets, bsz, seqlen, tf, be, no_target=no_target
         )
         observe = self.training and torch.is_grad_enabled() and self.entropy_controller is not None
         coef = self._coef()
@@ -375,6 +397,8 @@ class LinearGRPOLoss(nn.Module):
             why = f"backend {be.__name__.rsplit('.', 1)[-1]} has no single-pass linear_forward_backward"
         if why is None and whole_sequences and seqlen * vocab > WHOLE_SEQUENCE_MAX_ELEMENTS:
             why = f"a whole sequence of T={seqlen} tokens is more than {WHOLE_SEQUENCE_MAX_ELEMENTS} logits"
+        if why is None and no_target is not None:
+            why = "loss_type='luspo' with masked ids outside [0, V) (scored with no target logit, as Liger does)"
         if self.single_pass and why is not None:
             raise ValueError(f"single_pass=True is not possible: {why}")
         # Without a gradient to compute, the forward of the two-pass path is all there is to do.
@@ -391,7 +415,7 @@ class LinearGRPOLoss(nn.Module):
             loss, metrics = self._single_pass(_input, lin_weight, bias, targets, whole_sequences, **common)
             self.last_path = "single"
         else:
-            loss, metrics = self._two_pass(_input, lin_weight, bias, targets, **common)
+            loss, metrics = self._two_pass(_input, lin_weight, bias, targets, no_target=no_target, **common)
             self.last_path = "two" if needs_grad else "forward"
         self.last_metrics = metrics
         out = []
@@ -421,10 +445,7 @@ class LinearGRPOLoss(nn.Module):
         bt = (bsz, seqlen)
         if tuple(ids.shape) != bt:
             raise ValueError(f"selected_token_ids must have shape [B, T]={bt} (from _input {tuple(x.shape)}), got {tuple(ids.shape)}")
-        if not isinstance(mask, torch.Tensor):
-            raise TypeError(f"attention_mask must be a torch.Tensor, got {type(mask).__name__}")
-        if tuple(mask.shape) != bt:
-            raise ValueError(f"attention_mask must have shape [B, T]={bt} (from _input {tuple(x.shape)}), got {tuple(mask.shape)}")
+        V.check_mask("attention_mask", mask, bt, f" ([B, T] from _input {tuple(x.shape)})")
         V.check_tensor("advantages", adv, floating=True)
         if tuple(adv.shape) not in ((bsz,), (bsz, seqlen)):
             raise ValueError(f"advantages must have shape [B]=({bsz},) or [B, T]={bt}, got {tuple(adv.shape)}")
@@ -457,7 +478,8 @@ class LinearGRPOLoss(nn.Module):
             value = targets[bad][0].item()
             raise ValueError(f"selected_token_ids inside attention_mask must be in [0, {vocab}); found {value}")
 
-    def _reference_logprobs(self, ref_lp, ref_input, ref_weight, ref_bias, targets, bsz, seqlen, tf, be):
+    def _reference_logprobs(self, ref_lp, ref_input, ref_weight, ref_bias, targets, bsz, seqlen, tf, be,
+                            no_target=None):
         """Reference log-probs ``[B, T]`` for the KL term, or None (then the KL is to the policy itself)."""
         if not self.use_ref_model or self.beta == 0.0:
             return None
@@ -480,6 +502,9 @@ class LinearGRPOLoss(nn.Module):
                 logit_scale=tf.logit_scale, ignore_index=_IGNORE, entropy=False, backend=self.backend,
                 process_group=self.process_group,
             )
+            if no_target is not None:
+                return stats.logprobs - _no_target_logit(ref_input, ref_weight, ref_bias, no_target, tf,
+                                                         stats.logprobs.dtype)
         return stats.logprobs
 
     def _grpo_kwargs(self, old, ref, is_ratio, num_items_in_batch):
@@ -531,13 +556,15 @@ class LinearGRPOLoss(nn.Module):
     # -----------------------------------------------------------------------------------------
 
     def _two_pass(self, x, w, bias, targets, *, advantages, mask, old, ref, is_ratio, num_items_in_batch,
-                  coef, observe, k, tf, be):
+                  coef, observe, k, tf, be, no_target=None):
         stats = linear_logprobs(
             x, w, targets, bias=bias, temperature=tf.temperature, softcap=tf.softcap, logit_scale=tf.logit_scale,
             ignore_index=_IGNORE, entropy=True, topk=self.topk, clamp_p=self.clamp_p, backend=self.backend,
             process_group=self.process_group,
         )
         logp = stats.logprobs
+        if no_target is not None:
+            logp = logp - _no_target_logit(x, w, bias, no_target, tf, logp.dtype)
         if self.beta != 0.0 and ref is None:
             ref = logp.detach()
         kw = self._grpo_kwargs(old, ref, is_ratio, num_items_in_batch)

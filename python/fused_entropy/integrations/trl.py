@@ -39,7 +39,7 @@ import torch
 
 from .. import _grpo
 from .._types import TokenStats
-from .._validate import check_positive_finite, resolve_k
+from .._validate import check_mask, check_positive_finite, resolve_k
 from ..control import AdaptiveEntropyCoef, AEntCoef, REPOZeta, StaticEntropyCoef, repo_r_advantages
 from ..backends import get_backend
 from ..functional import linear_logprobs
@@ -277,6 +277,7 @@ def install_fused_head(model, *, temperature: float, topk=None, clamp_p=None, ba
         if fused_entropy is None:
             return previous(*args, **kwargs)
         input_ids, attention_mask = kwargs["input_ids"], kwargs["attention_mask"]
+        check_mask("attention_mask", attention_mask, input_ids.shape, " (the shape of input_ids)")
         k = fused_entropy.logits_to_keep
         if not 0 < k < input_ids.shape[1]:
             raise ValueError(f"logits_to_keep must be in [1, L-1] = [1, {input_ids.shape[1] - 1}], got {k}")
