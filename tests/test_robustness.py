@@ -241,3 +241,85 @@ def test_item10_complex_attention_mask_is_named():
     lp, old, adv, ent, mask = _tok_batch()
     with pytest.raises(TypeError, match="^mask must be a bool, integer or floating"):
         grpo_loss(lp, adv, mask.to(torch.complex64))
+
+
+# ---------------------------------------------------------------------------------------------
+# item 4: every integer dtype that holds the ids; ranges compared in int64
+# ---------------------------------------------------------------------------------------------
+
+INT_DTYPES = [torch.int8, torch.uint8, torch.int16, torch.uint16, torch.int32, torch.uint32, torch.int64, torch.uint64]
+# (dtype, V): a vocabulary larger than the dtype's range, the case the old check got wrong
+WIDE_V = {torch.int8: 200, torch.uint8: 300, torch.int16: 32768, torch.uint16: 70000}
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype", INT_DTYPES, ids=str)
+def test_item4_every_integer_target_dtype(dtype, backend):
+    # the range check is the same code for both backends; the interpreter only needs a small V
+    vocab = WIDE_V.get(dtype, 300) if backend == "torch" else 300
+    hi = min(vocab, int(torch.iinfo(dtype).max) + 1) if dtype != torch.uint64 else vocab
+    g = torch.Generator().manual_seed(0)
+    y = torch.randint(0, min(hi, 127), (3,), generator=g)
+    z = torch.randn(3, vocab, generator=g, dtype=torch.float64).to(DEVICE)
+    want = logprobs_from_logits(z, y.to(DEVICE), backend=backend)
+    got = logprobs_from_logits(z, y.to(dtype).to(DEVICE), backend=backend)
+    torch.testing.assert_close(got.logprobs, want.logprobs, rtol=0, atol=0)
+    h = torch.randn(3, 4, generator=g, dtype=torch.float64).to(DEVICE)
+    w = torch.randn(vocab, 4, generator=g, dtype=torch.float64).to(DEVICE)
+    want = linear_logprobs(h, w, y.to(DEVICE), backend=backend, entropy=False)
+    got = linear_logprobs(h, w, y.to(dtype).to(DEVICE), backend=backend, entropy=False)
+    torch.testing.assert_close(got.logprobs, want.logprobs, rtol=0, atol=0)
+
+
+def test_item4_out_of_range_ids_are_reported_with_their_value():
+    z = torch.randn(2, 200)
+    with pytest.raises(ValueError, match=r"targets must be in \[0, 100\) or equal ignore_index=-100; found 120"):
+        logprobs_from_logits(z[:, :100], torch.tensor([1, 120], dtype=torch.uint8))
+    with pytest.raises(ValueError, match=r"found -3"):
+        logprobs_from_logits(z, torch.tensor([1, -3], dtype=torch.int8))
+    with pytest.raises(TypeError, match="targets must be an integer tensor"):
+        logprobs_from_logits(z, torch.tensor([1.0, 2.0]))
+    with pytest.raises(TypeError, match="targets must be an integer tensor"):
+        logprobs_from_logits(z, torch.tensor([True, False]))
+
+
+def test_item4_module_and_verl_accept_narrow_ids():
+    x, w, ids, mask, adv, old = _head_batch()
+    mod = LinearGRPOLoss(beta=0.0, backend="torch")
+    want, _ = mod(x, w, ids, mask, adv)
+    got, _ = mod(x, w, ids.to(torch.uint8), mask, adv)
+    torch.testing.assert_close(got, want, rtol=0, atol=0)
+    from fused_entropy.integrations.verl import linear_cross_entropy
+
+    h, w2, y = x.reshape(-1, H), w, torch.tensor([3, 7, 10], device=DEVICE)
+    want = linear_cross_entropy(h[:3], w2, y)
+    got = linear_cross_entropy(h[:3], w2, y.to(torch.int8))
+    torch.testing.assert_close(got[0], want[0], rtol=0, atol=0)
+    with pytest.raises(ValueError, match=r"labels must be in \[0, 11\).*found 12"):
+        linear_cross_entropy(h[:3], w2, torch.tensor([3, 12, 1], dtype=torch.uint8, device=DEVICE))
+
+
+# ---------------------------------------------------------------------------------------------
+# item 7: ignore_index is an int or None in both entry points; anything else is named
+# ---------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_item7_ignore_index_none_in_logprobs_from_logits(backend):
+    g = torch.Generator().manual_seed(0)
+    z = torch.randn(4, 9, generator=g, dtype=torch.float64).to(DEVICE)
+    y = torch.tensor([0, 3, 8, 5], device=DEVICE)
+    got = logprobs_from_logits(z, y, ignore_index=None, backend=backend)
+    torch.testing.assert_close(got.logprobs, torch.log_softmax(z, -1).gather(-1, y[:, None])[:, 0])
+    with pytest.raises(ValueError, match=r"targets must be in \[0, 9\) \(ignore_index=None: no row is skipped\); found -100"):
+        logprobs_from_logits(z, torch.tensor([0, -100, 1, 2], device=DEVICE), ignore_index=None, backend=backend)
+
+
+@pytest.mark.parametrize("value", ["a", -100.5, -100.0, True, 1 << 64], ids=repr)
+def test_item7_bad_ignore_index_is_named(value):
+    z, y = torch.randn(2, 5), torch.tensor([1, 2])
+    exc = ValueError if isinstance(value, int) and not isinstance(value, bool) else TypeError
+    for fn in (lambda: logprobs_from_logits(z, y, ignore_index=value),
+               lambda: linear_logprobs(torch.randn(2, 3), torch.randn(5, 3), y, ignore_index=value)):
+        with pytest.raises(exc, match="ignore_index must"):
+            fn()

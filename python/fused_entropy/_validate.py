@@ -39,6 +39,28 @@ def check_mask(name: str, mask, shape=None, what: str = "") -> None:
         raise ValueError(f"{name} must hold only 0 and 1 (a mask, not weights); found {value}")
 
 
+def token_ids(name: str, t) -> torch.Tensor:
+    """Check an integer tensor of token ids and return it as int64.
+
+    Every integer dtype is accepted (int8 ... int64, uint8 ... uint64); ranges are compared in int64,
+    so an id is never wrapped or truncated by its own dtype (int8 against V=200, uint16 where torch
+    has no comparison kernel). A uint64 id above 2**63 - 1 reads as negative and is reported out of range.
+    """
+    check_tensor(name, t, integer=True)
+    return t if t.dtype == torch.int64 else t.to(torch.int64)
+
+
+def check_ignore_index(ignore_index, *, allow_none: bool = True) -> None:
+    """``ignore_index`` is a Python int in the int64 range (or None where allowed); no bools, floats."""
+    if ignore_index is None and allow_none:
+        return
+    if isinstance(ignore_index, bool) or not isinstance(ignore_index, int):
+        what = "an int or None" if allow_none else "an int"
+        raise TypeError(f"ignore_index must be {what}, got {type(ignore_index).__name__} {ignore_index!r}")
+    if not -(1 << 63) <= ignore_index < (1 << 63):
+        raise ValueError(f"ignore_index must fit in int64, got {ignore_index}")
+
+
 def check_same_device(**tensors) -> None:
     items = [(k, v) for k, v in tensors.items() if v is not None]
     first_name, first = items[0]
@@ -67,6 +89,7 @@ def check_targets_range(targets: torch.Tensor, vocab_size: int, ignore_index: in
     """Every target is in [0, V) or equals ignore_index (one reduction, one sync)."""
     if targets.numel() == 0:
         return
+    targets = targets.to(torch.int64)  # compare in int64, never in the ids' own (narrow) dtype
     bad = (targets != ignore_index) & ((targets < 0) | (targets >= vocab_size))
     if bool(bad.any()):
         value = targets[bad][0].item()

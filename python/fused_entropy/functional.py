@@ -43,7 +43,7 @@ def _check_linear(hidden, weight, targets, bias, temperature, softcap, logit_sca
     """Checks of one rank's arguments that need no other rank; returns ``(V, H, LogitTransform)``."""
     V.check_tensor("hidden", hidden, floating=True)
     V.check_tensor("weight", weight, floating=True)
-    V.check_tensor("targets", targets, integer=True)
+    V.check_tensor("targets", targets, integer=True)  # any integer dtype; the caller takes V.token_ids
     if bias is not None:
         V.check_tensor("bias", bias, floating=True)
     if hidden.dim() < 1:
@@ -63,8 +63,7 @@ def _check_linear(hidden, weight, targets, bias, temperature, softcap, logit_sca
         raise TypeError(f"bias dtype {bias.dtype} does not match hidden dtype {hidden.dtype}")
     if vocab == 0:
         raise ValueError("weight must have at least one vocabulary row (V >= 1)")
-    if ignore_index is not None and (isinstance(ignore_index, bool) or not isinstance(ignore_index, int)):
-        raise TypeError(f"ignore_index must be an int or None, got {type(ignore_index).__name__}")
+    V.check_ignore_index(ignore_index)
     V.check_same_device(hidden=hidden, weight=weight, targets=targets, bias=bias)
     return vocab, h, _check_transform(temperature, softcap, logit_scale)
 
@@ -83,6 +82,17 @@ def _check_hidden_grad(hidden_grad) -> None:
 
 # Stands in for ignore_index=None inside the backends: every target is then checked to be in [0, V).
 _NO_IGNORE = -100
+
+
+def _resolve_ignore(targets: torch.Tensor, vocab: int, ignore_index) -> int:
+    """Range-check int64 ``targets``; return the ignore index the backends get (``_NO_IGNORE`` for None)."""
+    if ignore_index is None:
+        if targets.numel() and bool(((targets < 0) | (targets >= vocab)).any()):
+            bad = targets[(targets < 0) | (targets >= vocab)].reshape(-1)[0].item()
+            raise ValueError(f"targets must be in [0, {vocab}) (ignore_index=None: no row is skipped); found {bad}")
+        return _NO_IGNORE
+    V.check_targets_range(targets, vocab, ignore_index)
+    return int(ignore_index)
 
 
 def linear_logprobs(
@@ -156,12 +166,8 @@ def linear_logprobs(
         raise ValueError(f"vocab_size={vocab_size} but weight has V={vocab} rows (shape {tuple(weight.shape)})")
     k = V.resolve_k(topk, clamp_p, vocab)
     be = get_backend(backend, hidden.device)
-    if ignore_index is None:
-        if targets.numel() and bool(((targets < 0) | (targets >= vocab)).any()):
-            bad = targets[(targets < 0) | (targets >= vocab)].reshape(-1)[0].item()
-            raise ValueError(f"targets must be in [0, {vocab}) (ignore_index=None: no row is skipped); found {bad}")
-        ignore_index = _NO_IGNORE
-    V.check_targets_range(targets, vocab, ignore_index)
+    targets = V.token_ids("targets", targets)
+    ignore_index = _resolve_ignore(targets, vocab, ignore_index)
 
     lead = targets.shape
     x = hidden.reshape(-1, h).contiguous()
@@ -185,6 +191,7 @@ def _linear_logprobs_vocab_parallel(hidden, weight, targets, bias, temperature, 
     err, tf, be, be_name = None, None, None, "torch"
     try:
         _, h, tf = _check_linear(hidden, weight, targets, bias, temperature, softcap, logit_scale, ignore_index)
+        targets = V.token_ids("targets", targets)
         device = hidden.device
         V.resolve_k(topk, clamp_p, sys.maxsize)  # types and ranges; k <= V is checked against the global V
         _check_vocab_size(vocab_size)
@@ -215,7 +222,7 @@ def logprobs_from_logits(
     targets: torch.Tensor,
     *,
     temperature: float = 1.0,
-    ignore_index: int = -100,
+    ignore_index: Optional[int] = -100,
     entropy: bool = True,
     topk: Optional[int] = None,
     clamp_p: Optional[float] = None,
@@ -227,7 +234,8 @@ def logprobs_from_logits(
     backward pass writes the logits gradient directly and allocates nothing else of size ``[N, V]``.
     """
     V.check_tensor("logits", logits, floating=True)
-    V.check_tensor("targets", targets, integer=True)
+    targets = V.token_ids("targets", targets)
+    V.check_ignore_index(ignore_index)
     if logits.dim() < 1:
         raise ValueError("logits must have shape [..., V], got a 0-d tensor")
     vocab = logits.shape[-1]
@@ -239,12 +247,12 @@ def logprobs_from_logits(
     tf = _check_transform(temperature, None, 1.0)
     k = V.resolve_k(topk, clamp_p, vocab)
     be = get_backend(backend, logits.device)
-    V.check_targets_range(targets, vocab, ignore_index)
+    ignore_index = _resolve_ignore(targets, vocab, ignore_index)
 
     lead = targets.shape
     z = logits.reshape(-1, vocab).contiguous()
-    y = targets.reshape(-1).long().contiguous()
-    outs = LogprobsFromLogitsFunction.apply(z, y, tf, int(ignore_index), bool(entropy), k, be)
+    y = targets.reshape(-1).contiguous()
+    outs = LogprobsFromLogitsFunction.apply(z, y, tf, ignore_index, bool(entropy), k, be)
     return _finish(outs, lead, bool(entropy), k is not None)
 
 # GRPO-family losses on per-token tensors (MATH.md sections 4-6); implementation in _grpo.py.

@@ -71,6 +71,7 @@ def _check_args(hidden, weight, labels, temperature, reduction):
 
 def _check_labels(labels: torch.Tensor, vocab: int) -> None:
     # verl has no ignore index: every label must be a vocabulary id (-100 is an error, not a skipped row).
+    labels = labels.to(torch.int64)  # compare in int64, never in the labels' own (narrow) dtype
     if labels.numel() and bool(((labels < 0) | (labels >= vocab)).any()):
         bad = labels[(labels < 0) | (labels >= vocab)][0].item()
         raise ValueError(f"labels must be in [0, {vocab}) (verl has no ignore index); found {bad}")
