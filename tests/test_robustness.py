@@ -323,3 +323,93 @@ def test_item7_bad_ignore_index_is_named(value):
                lambda: linear_logprobs(torch.randn(2, 3), torch.randn(5, 3), y, ignore_index=value)):
         with pytest.raises(exc, match="ignore_index must"):
             fn()
+
+
+# ---------------------------------------------------------------------------------------------
+# item 5: NaN/inf advantages outside the mask never reach the loss or a gradient
+# ---------------------------------------------------------------------------------------------
+
+ADV_CASES = [(lt, lvl) for lt in ("grpo", "dapo", "luspo", "cispo", "sapo", "vespo", "clip_cov", "kl_cov")
+             for lvl in ("token", "sequence") if not (lvl == "sequence" and lt in ("cispo", "sapo", "vespo", "clip_cov", "kl_cov"))]
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("loss_type,level", ADV_CASES, ids=[f"{a}-{b}" for a, b in ADV_CASES])
+def test_item5_nonfinite_advantages_outside_the_mask(loss_type, level, backend):
+    lp, old, adv, ent, mask = _tok_batch(seed=2)
+    adv_bt = adv[:, None].expand_as(lp).clone()
+    mask[3] = False  # a row with no valid token: its [B] advantage may be NaN too
+    clean_bt = torch.where(mask, adv_bt, torch.zeros_like(adv_bt))
+    dirty_bt = adv_bt.clone()
+    dirty_bt[~mask] = torch.tensor([float("nan"), float("inf"), -float("inf")], dtype=lp.dtype).repeat(int((~mask).sum()))[: int((~mask).sum())]
+    dirty_b = adv.clone()
+    dirty_b[3] = float("nan")
+    clean_b = adv.clone()
+    clean_b[3] = 0.0
+    kw = dict(loss_type=loss_type, importance_sampling_level=level, old_logprobs=old, entropy=ent, entropy_coef=0.05,
+              backend=backend, generator=None)
+    for clean, dirty in ((clean_bt, dirty_bt), (clean_b, dirty_b)):
+        results = []
+        for a in (clean, dirty):
+            x = lp.clone().requires_grad_(True)
+            kw["generator"] = torch.Generator().manual_seed(0)
+            loss, metrics = grpo_loss(x, a, mask, **kw)
+            (g,) = torch.autograd.grad(loss, x)
+            results.append((loss, g, metrics))
+        (l0, g0, m0), (l1, g1, m1) = results
+        assert torch.isfinite(l1) and torch.isfinite(g1).all()
+        torch.testing.assert_close(l1, l0, rtol=1e-12, atol=1e-12)
+        torch.testing.assert_close(g1, g0, rtol=1e-12, atol=1e-12)
+        for k in m0:
+            torch.testing.assert_close(m1[k], m0[k], rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("level", ["token", "sequence"])
+def test_item5_linear_grpo_nonfinite_advantages_outside_the_mask(level):
+    x, w, ids, mask, adv, old = _head_batch(dtype=torch.float64)
+    adv_bt = adv[:, None].expand(B, T).clone()
+    dirty = adv_bt.masked_fill(mask == 0, float("nan"))
+    mod = LinearGRPOLoss(beta=0.0, importance_sampling_level=level, backend="torch")
+    outs = []
+    for a in (adv_bt, dirty):
+        xx = x.clone().requires_grad_(True)
+        loss, _ = mod(xx, w, ids, mask, a, old_per_token_logps=old)
+        loss.backward()
+        outs.append((loss, xx.grad))
+    assert torch.isfinite(outs[1][0]) and torch.isfinite(outs[1][1]).all()
+    torch.testing.assert_close(outs[1][0], outs[0][0])
+    torch.testing.assert_close(outs[1][1], outs[0][1])
+
+
+# ---------------------------------------------------------------------------------------------
+# item 6: num_items_in_batch as a tensor follows the rules of the Python number
+# ---------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("value", [float("nan"), -4.0, -1, float("inf")], ids=repr)
+@pytest.mark.parametrize("form", ["python", "tensor"])
+def test_item6_bad_num_items_rejected_in_both_forms(value, form):
+    lp, old, adv, ent, mask = _tok_batch()
+    n = torch.tensor(value) if form == "tensor" else value
+    with pytest.raises(ValueError, match="num_items_in_batch must be"):
+        grpo_loss(lp, adv, mask, num_items_in_batch=n)
+    from fused_entropy import grpo_normalizers
+
+    with pytest.raises(ValueError, match="num_items_in_batch must be"):
+        grpo_normalizers(mask, num_items_in_batch=n)
+    x, w, ids, m2, adv2, _ = _head_batch()
+    with pytest.raises(ValueError, match="num_items_in_batch must be"):
+        LinearGRPOLoss(beta=0.0, backend="torch")(x, w, ids, m2, adv2, num_items_in_batch=n)
+
+
+def test_item6_good_num_items_equal_in_both_forms():
+    lp, old, adv, ent, mask = _tok_batch()
+    a, _ = grpo_loss(lp, adv, mask, num_items_in_batch=7)
+    b, _ = grpo_loss(lp, adv, mask, num_items_in_batch=torch.tensor(7))
+    c, _ = grpo_loss(lp, adv, mask, num_items_in_batch=torch.tensor([7.0]))
+    torch.testing.assert_close(a, b)
+    torch.testing.assert_close(a, c)
+    with pytest.raises(TypeError, match="num_items_in_batch"):
+        grpo_loss(lp, adv, mask, num_items_in_batch=torch.tensor(True))
+    with pytest.raises(TypeError, match="num_items_in_batch"):
+        grpo_loss(lp, adv, mask, num_items_in_batch=True)

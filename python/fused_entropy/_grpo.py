@@ -151,12 +151,23 @@ def _check_is_ratio(isr, shape):
         raise ValueError(f"is_ratio must have shape [B, T]={shape}, [B, 1] or [B]=({b},), got {tuple(isr.shape)}")
 
 
-def _check_num_items(num_items_in_batch):
-    if num_items_in_batch is None or isinstance(num_items_in_batch, torch.Tensor):
-        if isinstance(num_items_in_batch, torch.Tensor) and num_items_in_batch.numel() != 1:
-            raise ValueError(f"num_items_in_batch must be a number or a one-element tensor, got shape {tuple(num_items_in_batch.shape)}")
+def _check_num_items(num_items_in_batch, *, values: bool = True):
+    """A Python number or a one-element real tensor, finite and >= 0 in both forms (a tensor costs one
+    host sync to read; ``values=False`` skips it where the normalizers were already built from it)."""
+    if num_items_in_batch is None:
         return
-    _check_number("num_items_in_batch", num_items_in_batch, nonneg=True)
+    if not isinstance(num_items_in_batch, torch.Tensor):
+        _check_number("num_items_in_batch", num_items_in_batch, nonneg=True)
+        return
+    t = num_items_in_batch
+    if t.numel() != 1:
+        raise ValueError(f"num_items_in_batch must be a number or a one-element tensor, got shape {tuple(t.shape)}")
+    if t.dtype == torch.bool or t.dtype.is_complex:
+        raise TypeError(f"num_items_in_batch must be a real number tensor, got {t.dtype}")
+    if values:
+        v = float(t.reshape(()).item())
+        if not math.isfinite(v) or v < 0:
+            raise ValueError(f"num_items_in_batch must be finite and >= 0, got tensor({v})")
 
 
 def _check_max_completion_length(loss_type, max_completion_length):
@@ -834,7 +845,7 @@ def _grpo_loss_entry(
     for name, value in (("vespo_lambda_pos", vespo_lambda_pos), ("vespo_lambda_neg", vespo_lambda_neg)):
         _check_number(name, value, positive=True)
     _check_max_completion_length(loss_type, max_completion_length)
-    _check_num_items(num_items_in_batch)
+    _check_num_items(num_items_in_batch, values=normalizers is None)
     _check_number("entropy_coef", entropy_coef)
     _check_quantile(top_entropy_quantile)
     _check_choice("bonus_normalization", bonus_normalization, BONUS_NORMALIZATIONS)
@@ -912,6 +923,10 @@ def _grpo_loss_impl(logprobs, advantages, mask, old, ref, entropy, clamped, bonu
     ref_ = _sanitize(ref, keep_lp, 0.0, cdt) if cfg.beta != 0.0 else None
     adv = advantages.to(cdt)
     adv = adv.unsqueeze(-1) if adv.dim() == 1 else adv
+    # Advantages outside the mask (a [B, T] entry, or a [B] entry of a row with no valid token) may be
+    # NaN/inf: 0 there, so 0 * NaN never reaches a sum (Cov means, luspo rows, sequence weights).
+    adv_keep = (valid | (keep_lp & torch.isfinite(adv))) if adv.shape[-1] != 1 else valid.any(-1, keepdim=True)
+    adv = torch.where(adv_keep, adv, torch.zeros((), dtype=cdt, device=adv.device))
     isr_ = None
     if isr is not None:
         isr_ = isr.to(cdt)
