@@ -3,8 +3,18 @@
 Each chunk of ``C`` rows computes one ``[C, V]`` logit block into a workspace that is allocated
 once per call and reused by every chunk, so working memory is a few ``[C, V]`` blocks, never
 ``[N, V]``, and the allocator never churns (per-chunk temporaries made glibc keep ~2x ``[N, V]``
-of freed heap resident). ``C`` is chosen so that a block holds about ``CHUNK_ELEMENTS`` values
-(4 MiB in fp32), and at least ``MIN_CHUNK_ROWS`` rows; blocks in use: 2 (log-probs, entropy), 3 with clamped entropy, +1 with softcap.
+of freed heap resident). Blocks in use: 2 (logits, probabilities), 3 with clamped entropy, +1 with
+softcap.
+
+Chunk policy: the workspace of one call (all its blocks together) is bounded in bytes, not in rows:
+``C = bound // (blocks * V * itemsize)`` rows, at least 1, with ``blocks`` from
+:func:`workspace_blocks` (3, or 4 with softcap). The bound is ``DEFAULT_WORKSPACE_MIB`` (64 MiB)
+unless the environment variable ``FUSED_ENTROPY_WORKSPACE_MIB`` sets another (read at every call).
+A fixed byte bound keeps working memory flat in N; at the bench's CPU case (V = 32768, fp32) it
+gives 170-row chunks, whose products run at the speed of the best chunking there, where the old
+32-row chunks were much slower (every chunk streams all of W through the logits and dX products and
+reads and writes all of dW). The cost of a byte bound is at large V: 21 rows at V = 256k, where
+each product streams W per few rows; raise the bound there if memory allows.
 
 Matrix products: ``linear_forward`` 1, ``linear_backward`` 3 (recompute, dX, dW), and
 ``linear_forward_backward`` (single pass) 3. Products run in the input dtype when it is fp32/fp64;
@@ -20,22 +30,53 @@ weight ``(k - #{z > tau}) / #{z == tau}``, which gives the same value as any tie
 """
 from __future__ import annotations
 
+import os
 from typing import Optional
 
 import torch
 
 from .._types import LogitTransform, RowStats
 
-CHUNK_ELEMENTS = 1 << 20
-# At large V the element budget alone leaves a handful of rows per chunk (4 at V = 256k) and the
-# matrix products run at a fraction of their speed; 32 rows keep them efficient while a block stays
-# a small fraction of [N, V] (32 / N).
-MIN_CHUNK_ROWS = 32
+DEFAULT_WORKSPACE_MIB = 64
+WORKSPACE_ENV = "FUSED_ENTROPY_WORKSPACE_MIB"
+# Overrides for tests that force many small chunks: a per-block element budget (None: derive it from
+# the workspace bound) and a minimum row count.
+CHUNK_ELEMENTS: Optional[int] = None
+MIN_CHUNK_ROWS = 1
 
 
-def chunk_rows(n_rows: int, vocab: int, budget: Optional[int] = None) -> int:
-    budget = CHUNK_ELEMENTS if budget is None else budget
-    return max(1, min(n_rows, max(MIN_CHUNK_ROWS, budget // max(vocab, 1))))
+def workspace_bytes() -> int:
+    """The workspace bound of one call: ``$FUSED_ENTROPY_WORKSPACE_MIB`` MiB, else ``DEFAULT_WORKSPACE_MIB``."""
+    raw = os.environ.get(WORKSPACE_ENV, "").strip()
+    if not raw:
+        return DEFAULT_WORKSPACE_MIB << 20
+    try:
+        mib = float(raw)
+    except ValueError:
+        mib = float("nan")
+    if not mib > 0 or mib == float("inf"):
+        raise ValueError(f"{WORKSPACE_ENV} must be a positive number of MiB, got {raw!r}")
+    return int(mib * 2**20)
+
+
+def chunk_rows(n_rows: int, vocab: int, blocks: int = 3, itemsize: int = 4, budget: Optional[int] = None) -> int:
+    """Rows per chunk so that ``blocks`` ``[C, vocab]`` blocks of ``itemsize`` bytes fit in ``budget``
+    bytes (default :func:`workspace_bytes`); between 1 (or ``MIN_CHUNK_ROWS``) and ``n_rows``."""
+    if CHUNK_ELEMENTS is not None:
+        rows = CHUNK_ELEMENTS // max(vocab, 1)
+    else:
+        budget = workspace_bytes() if budget is None else budget
+        rows = budget // max(1, blocks * vocab * itemsize)
+    return max(1, min(n_rows, max(MIN_CHUNK_ROWS, rows)))
+
+
+def workspace_blocks(tf: LogitTransform) -> int:
+    """``[C, V]`` blocks a chunk is sized for: logits, probabilities, clamped weights, + the softcap
+    factor. The clamped block is reserved even when a call has no top-k, so that every entry point
+    (forward, backward, ``linear_logit_blocks``) cuts the same rows: a backward's recomputed logits
+    must equal the forward's bit for bit (ties at the top-k threshold), and a GEMM's result may
+    depend on its row count."""
+    return 3 + (tf.softcap is not None)
 
 
 def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -243,11 +284,12 @@ def _logit_block(x_c, w_c, bias, tf, out):
 class _Plan:
     """Chunking, compute dtype, upcast weight and workspace of one call."""
 
-    def __init__(self, x, weight, rows_per_chunk=None):
+    def __init__(self, x, weight, rows_per_chunk=None, blocks=3):
         self.n, self.vocab = x.shape[0], weight.shape[0]
         self.cdt = _compute_dtype(x.dtype)
         self.w = weight.to(self.cdt)
-        self.step = rows_per_chunk or chunk_rows(self.n, self.vocab)
+        itemsize = torch.empty((), dtype=self.cdt).element_size()
+        self.step = rows_per_chunk or chunk_rows(self.n, self.vocab, blocks, itemsize)
         self.ws = _Workspace(min(self.step, max(self.n, 1)), self.vocab, self.cdt, x.device)
 
     def chunks(self):
@@ -261,7 +303,7 @@ class _Plan:
 
 
 def linear_forward(x, weight, bias, targets, tf, ignore_index, entropy, k) -> RowStats:
-    plan = _Plan(x, weight)
+    plan = _Plan(x, weight, blocks=workspace_blocks(tf))
     parts = []
     for sl in plan.chunks():
         z = _logit_block(x[sl], plan.w, bias, tf, plan.ws.get("z", sl.stop - sl.start))
@@ -277,7 +319,7 @@ def linear_logit_blocks(x, weight, bias, tf):
     For callers that reduce over the vocabulary themselves (the vocabulary-parallel top-k selection
     in ``_distributed.py``). ``z`` is a reused workspace: it is overwritten by the next block.
     """
-    plan = _Plan(x, weight)
+    plan = _Plan(x, weight, blocks=workspace_blocks(tf))
     for sl in plan.chunks():
         yield sl, _logit_block(x[sl], plan.w, bias, tf, plan.ws.get("z", sl.stop - sl.start))
 
@@ -304,7 +346,7 @@ def _recompute(z, ws, y, valid, stats_rows, k, tf):
 
 def linear_backward(x, weight, bias, targets, tf, ignore_index, stats: RowStats, g_lp, g_ent, g_cl, k,
                     *, needs=(True, True, True)):
-    plan = _Plan(x, weight)
+    plan = _Plan(x, weight, blocks=workspace_blocks(tf))
     need_x, need_w, need_b = needs[0], needs[1], needs[2] and bias is not None
     grad_x = torch.empty(x.shape, device=x.device, dtype=plan.cdt) if need_x else None
     grad_w = torch.zeros(plan.w.shape, device=x.device, dtype=plan.cdt) if need_w else None
@@ -345,7 +387,7 @@ def linear_forward_backward(x, weight, bias, targets, tf, ignore_index, entropy,
     Returns ``(RowStats, grad_x, grad_weight, grad_bias)``; a gradient whose ``needs`` entry is
     False is None and costs no matrix product.
     """
-    plan = _Plan(x, weight, rows_per_chunk)
+    plan = _Plan(x, weight, rows_per_chunk, blocks=workspace_blocks(tf))
     need_x, need_w, need_b = needs[0], needs[1], needs[2] and bias is not None
     grad_x = torch.empty(x.shape, device=x.device, dtype=plan.cdt) if need_x else None
     grad_w = torch.zeros(plan.w.shape, device=x.device, dtype=plan.cdt) if need_w else None
@@ -382,15 +424,15 @@ def linear_forward_backward(x, weight, bias, targets, tf, ignore_index, entropy,
 # ---------------------------------------------------------------------------------------------
 
 
-def _logits_plan(logits):
+def _logits_plan(logits, tf):
     n, vocab = logits.shape
     cdt = _compute_dtype(logits.dtype)
-    step = chunk_rows(n, vocab)
+    step = chunk_rows(n, vocab, workspace_blocks(tf), torch.empty((), dtype=cdt).element_size())
     return n, cdt, step, _Workspace(min(step, max(n, 1)), vocab, cdt, logits.device)
 
 
 def logits_forward(logits, targets, tf, ignore_index, entropy, k) -> RowStats:
-    n, cdt, step, ws = _logits_plan(logits)
+    n, cdt, step, ws = _logits_plan(logits, tf)
     parts = []
     for start in range(0, n, step):
         sl = slice(start, min(start + step, n))
@@ -403,7 +445,7 @@ def logits_forward(logits, targets, tf, ignore_index, entropy, k) -> RowStats:
 
 
 def logits_backward(logits, targets, tf, ignore_index, stats: RowStats, g_lp, g_ent, g_cl, k):
-    n, cdt, step, ws = _logits_plan(logits)
+    n, cdt, step, ws = _logits_plan(logits, tf)
     grad = torch.empty_like(logits)
     for start in range(0, n, step):
         sl = slice(start, min(start + step, n))
