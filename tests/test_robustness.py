@@ -413,3 +413,77 @@ def test_item6_good_num_items_equal_in_both_forms():
         grpo_loss(lp, adv, mask, num_items_in_batch=torch.tensor(True))
     with pytest.raises(TypeError, match="num_items_in_batch"):
         grpo_loss(lp, adv, mask, num_items_in_batch=True)
+
+
+# ---------------------------------------------------------------------------------------------
+# item 9: scalars outside the ranges that compute finitely are rejected; the edges compute finitely
+# ---------------------------------------------------------------------------------------------
+
+BAD_TRANSFORMS = [
+    (dict(temperature=1e-39), "temperature must be in"),
+    (dict(temperature=1e-300), "temperature must be in"),
+    (dict(temperature=1e31), "temperature must be in"),
+    (dict(logit_scale=1e39), "logit_scale must be 0 or have"),
+    (dict(logit_scale=-1e39), "logit_scale must be 0 or have"),
+    (dict(logit_scale=1e300), "logit_scale must be 0 or have"),
+    (dict(logit_scale=1e-39), "logit_scale must be 0 or have"),
+    (dict(softcap=1e-39), "softcap must be in"),
+    (dict(logit_scale=1e20, temperature=1e-20), r"\|logit_scale\| / temperature must be"),
+]
+EDGE_TRANSFORMS = [
+    dict(temperature=1e-30), dict(temperature=1e30), dict(logit_scale=1e30), dict(logit_scale=-1e30),
+    dict(logit_scale=1e-30), dict(logit_scale=0.0), dict(softcap=1e-30), dict(softcap=1e30),
+    dict(temperature=1e-30, softcap=1e-30), dict(logit_scale=1e15, temperature=1e-15),
+]
+
+
+@pytest.mark.parametrize("kw,match", BAD_TRANSFORMS, ids=[str(k) for k, _ in BAD_TRANSFORMS])
+def test_item9_out_of_range_transform_is_rejected(kw, match):
+    h, w, y = torch.randn(2, 3), torch.randn(5, 3), torch.tensor([1, 2])
+    with pytest.raises(ValueError, match=match):
+        linear_logprobs(h, w, y, **kw)
+    with pytest.raises(ValueError, match=match):
+        LinearGRPOLoss(**kw)
+    if set(kw) == {"temperature"}:
+        with pytest.raises(ValueError, match=match):
+            logprobs_from_logits(torch.randn(2, 5), y, **kw)
+        from fused_entropy.integrations.verl import linear_cross_entropy
+
+        with pytest.raises(ValueError, match=match):
+            linear_cross_entropy(h, w, y, **kw)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=str)
+@pytest.mark.parametrize("kw", EDGE_TRANSFORMS, ids=str)
+def test_item9_edges_of_the_ranges_compute_finitely(kw, dtype, backend):
+    g = torch.Generator().manual_seed(0)
+    h = torch.randn(5, 8, generator=g, dtype=dtype).to(DEVICE).requires_grad_(True)
+    w = (torch.randn(7, 8, generator=g, dtype=dtype) * 0.5).to(DEVICE).requires_grad_(True)
+    y = torch.tensor([0, 1, 2, 3, 6], device=DEVICE)
+    st = linear_logprobs(h, w, y, topk=3, backend=backend, **kw)
+    (st.logprobs.sum() + st.entropy.sum() + st.clamped_entropy.sum()).backward()
+    for t in (st.logprobs, st.entropy, st.clamped_entropy, h.grad, w.grad):
+        assert torch.isfinite(t).all()
+
+
+BAD_OPTIONS = [
+    (dict(loss_type="sapo", sapo_temperature_pos=1e-39), "sapo_temperature_pos must be >= 1e-30"),
+    (dict(loss_type="sapo", sapo_temperature_neg=1e-300), "sapo_temperature_neg must be >= 1e-30"),
+    (dict(loss_type="sapo", sapo_temperature_pos=1e39), r"\|sapo_temperature_pos\| <= 1e\+30"),
+    (dict(loss_type="vespo", vespo_lambda_pos=1e39), "vespo_lambda_pos"),
+    (dict(loss_type="vespo", vespo_k_pos=-1e39), "vespo_k_pos"),
+    (dict(epsilon_high=1e39), "epsilon_high"),
+    (dict(delta=1e-300), "delta must be >= 1e-30"),
+    (dict(beta=1e39), "beta"),
+    (dict(entropy_coef=-1e39), "entropy_coef"),
+]
+
+
+@pytest.mark.parametrize("kw,match", BAD_OPTIONS, ids=[str(k) for k, _ in BAD_OPTIONS])
+def test_item9_out_of_range_loss_options_are_rejected(kw, match):
+    lp, old, adv, ent, mask = _tok_batch()
+    with pytest.raises(ValueError, match=match):
+        grpo_loss(lp, adv, mask, old_logprobs=old, ref_logprobs=old, entropy=ent, **kw)
+    with pytest.raises(ValueError, match=match):
+        LinearGRPOLoss(**kw)

@@ -90,17 +90,26 @@ class GRPONormalizers(NamedTuple):
 # ---------------------------------------------------------------------------------------------
 
 
+# Loss options are fp32 scalars in the compute (fp32 max 3.4e38): magnitudes up to 1e30, and strictly
+# positive ones (divisors: sapo temperatures, vespo lambdas, delta) down to 1e-30, compute finitely.
+OPTION_MAX, POSITIVE_MIN = 1e30, 1e-30
+
+
 def _check_number(name, value, *, positive=False, nonneg=False, allow_none=False):
     if value is None and allow_none:
         return
     if isinstance(value, torch.Tensor) or isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise TypeError(f"{name} must be a Python number, got {type(value).__name__}")
+        raise TypeError(f"{name} must be a Python number, got {type(value).__name__} {value!r}")
     if not math.isfinite(value):
         raise ValueError(f"{name} must be finite, got {value}")
     if positive and value <= 0:
         raise ValueError(f"{name} must be > 0, got {value}")
     if nonneg and value < 0:
         raise ValueError(f"{name} must be >= 0, got {value}")
+    if abs(value) > OPTION_MAX:
+        raise ValueError(f"{name} must have |{name}| <= {OPTION_MAX:g} (an fp32 scalar in the loss), got {value}")
+    if positive and value < POSITIVE_MIN:
+        raise ValueError(f"{name} must be >= {POSITIVE_MIN:g} (it divides in the loss), got {value}")
 
 
 def _check_choice(name, value, choices):
@@ -166,8 +175,8 @@ def _check_num_items(num_items_in_batch, *, values: bool = True):
         raise TypeError(f"num_items_in_batch must be a real number tensor, got {t.dtype}")
     if values:
         v = float(t.reshape(()).item())
-        if not math.isfinite(v) or v < 0:
-            raise ValueError(f"num_items_in_batch must be finite and >= 0, got tensor({v})")
+        if not math.isfinite(v) or v < 0 or v > OPTION_MAX:
+            raise ValueError(f"num_items_in_batch must be finite, >= 0 and <= {OPTION_MAX:g}, got tensor({v})")
 
 
 def _check_max_completion_length(loss_type, max_completion_length):

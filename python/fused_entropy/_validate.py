@@ -85,6 +85,34 @@ def check_finite(name: str, value) -> None:
         raise ValueError(f"{name} must be finite, got {value}")
 
 
+# Accepted magnitudes of the logit transform: every scalar, its reciprocal and the combined factor
+# |logit_scale| / temperature stay normal fp32 numbers (the kernels take them as fp32 runtime scalars),
+# so a logit never becomes inf or NaN from the transform alone (temperature 1e-39 made 1/T = inf).
+TRANSFORM_MIN, TRANSFORM_MAX = 1e-30, 1e30
+
+
+def check_transform(temperature, softcap, logit_scale, *, names=("temperature", "softcap", "logit_scale")) -> None:
+    """``z = softcap(logit_scale * u) / temperature``: ranges that compute finitely.
+
+    ``temperature`` and ``softcap`` in ``[1e-30, 1e30]``; ``logit_scale`` 0 or ``|logit_scale|`` in
+    ``[1e-30, 1e30]`` (negative allowed); ``|logit_scale| / temperature <= 1e30``. Outside: ValueError
+    naming the argument and the value.
+    """
+    t_name, c_name, s_name = names
+    check_positive_finite(t_name, temperature)
+    check_positive_finite(c_name, softcap, allow_none=True)
+    check_finite(s_name, logit_scale)
+    for name, value in ((t_name, temperature), (c_name, softcap)):
+        if value is not None and not TRANSFORM_MIN <= value <= TRANSFORM_MAX:
+            raise ValueError(f"{name} must be in [{TRANSFORM_MIN:g}, {TRANSFORM_MAX:g}] (fp32 kernel scalars, "
+                             f"finite reciprocal), got {value}")
+    if logit_scale != 0 and not TRANSFORM_MIN <= abs(logit_scale) <= TRANSFORM_MAX:
+        raise ValueError(f"{s_name} must be 0 or have |{s_name}| in [{TRANSFORM_MIN:g}, {TRANSFORM_MAX:g}], got {logit_scale}")
+    if abs(logit_scale) / temperature > TRANSFORM_MAX:
+        raise ValueError(f"|{s_name}| / {t_name} must be <= {TRANSFORM_MAX:g} (the factor every logit is multiplied "
+                         f"by), got {s_name}={logit_scale}, {t_name}={temperature}")
+
+
 def check_targets_range(targets: torch.Tensor, vocab_size: int, ignore_index: int) -> None:
     """Every target is in [0, V) or equals ignore_index (one reduction, one sync)."""
     if targets.numel() == 0:

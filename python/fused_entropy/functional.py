@@ -33,9 +33,7 @@ def _finish(outs, lead_shape, entropy: bool, has_k: bool) -> TokenStats:
 
 
 def _check_transform(temperature, softcap, logit_scale) -> LogitTransform:
-    V.check_positive_finite("temperature", temperature)
-    V.check_positive_finite("softcap", softcap, allow_none=True)
-    V.check_finite("logit_scale", logit_scale)
+    V.check_transform(temperature, softcap, logit_scale)
     return LogitTransform(float(temperature), None if softcap is None else float(softcap), float(logit_scale))
 
 

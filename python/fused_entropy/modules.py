@@ -111,7 +111,9 @@ class LinearGRPOLoss(nn.Module):
         single_pass: None (auto), True (require) or False (always two passes). The single pass forms
             the gradients inside the forward (3 matrix products); it needs a token-level objective
             whose normalizers are known from the masks (no 80/20 mask, no Clip-Cov/KL-Cov) and a
-            backend with ``linear_forward_backward``. Sequence-level objectives (GSPO, vespo) are
+            backend with ``linear_forward_backward`` (both have one: torch, and Triton, where the
+            logits of a row chunk stay in its bounded logits buffer). ``last_path`` says which path
+            the last call took ("single", "two", or "forward" without gradients). Sequence-level objectives (GSPO, vespo) are
             chunked by whole sequences, up to ``WHOLE_SEQUENCE_MAX_ELEMENTS`` logits per chunk.
         process_group: a ``torch.distributed`` group over which the LM head is split by vocabulary
             (tensor parallelism): every rank passes its contiguous shard of ``lin_weight`` (and
@@ -208,9 +210,7 @@ class LinearGRPOLoss(nn.Module):
         G._check_max_completion_length(loss_type, max_completion_length)
         _check_bool("use_bias_correction_kl", use_bias_correction_kl)
         _check_bool("use_ref_model", use_ref_model)
-        V.check_positive_finite("temperature", temperature)
-        V.check_positive_finite("softcap", softcap, allow_none=True)
-        V.check_finite("logit_scale", logit_scale)
+        V.check_transform(temperature, softcap, logit_scale)
         G._check_number("entropy_coef", entropy_coef)
         G._check_choice("entropy_source", entropy_source, ENTROPY_SOURCES)
         V.resolve_k(topk, clamp_p, sys.maxsize)  # types and ranges; topk <= V is checked per call

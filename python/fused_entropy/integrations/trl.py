@@ -39,7 +39,7 @@ import torch
 
 from .. import _grpo
 from .._types import TokenStats
-from .._validate import check_mask, check_positive_finite, resolve_k
+from .._validate import check_mask, check_transform, resolve_k
 from ..control import AdaptiveEntropyCoef, AEntCoef, REPOZeta, StaticEntropyCoef, repo_r_advantages
 from ..backends import get_backend
 from ..functional import linear_logprobs
@@ -253,9 +253,10 @@ def logit_transform_of(config) -> tuple:
             scale = getattr(tc, name, None)
     if scale is None and getattr(tc, "logits_scaling", None) is not None:
         scale = tc.logits_scaling if getattr(tc, "model_type", None) == "hyperclovax" else 1.0 / tc.logits_scaling
-    if softcap is not None:
-        check_positive_finite("final_logit_softcapping", float(softcap))
-    return (None if softcap is None else float(softcap)), (1.0 if scale is None else float(scale))
+    softcap = None if softcap is None else float(softcap)
+    scale = 1.0 if scale is None else float(scale)
+    check_transform(1.0, softcap, scale, names=("temperature", "final_logit_softcapping", "the model's logit scale"))
+    return softcap, scale
 
 
 def install_fused_head(model, *, temperature: float, topk=None, clamp_p=None, backend: str = "auto") -> None:
@@ -270,6 +271,7 @@ def install_fused_head(model, *, temperature: float, topk=None, clamp_p=None, ba
     import types
 
     softcap, logit_scale = logit_transform_of(model.config)
+    check_transform(temperature, softcap, logit_scale)  # fail at install, not in the first step
     previous = model.forward
 
     @functools.wraps(type(model).forward)  # generate() validates its kwargs against this signature

@@ -61,7 +61,7 @@ def _check_args(hidden, weight, labels, temperature, reduction):
         )
     if temperature is None:
         temperature = 1.0
-    V.check_positive_finite("temperature", temperature)
+    V.check_transform(temperature, None, 1.0)
     if reduction is None:
         reduction = "none"
     if not isinstance(reduction, str) or reduction.lower() not in REDUCTIONS:
