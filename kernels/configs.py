@@ -23,6 +23,12 @@ Backward design of the linear head (``backward_design()``, read at every call): 
 ``grad_buffer_bytes()``: ``GRAD_BUFFER_BYTES`` (256 MiB), ``FUSED_ENTROPY_GRAD_BUFFER_MB`` or
 ``override(grad_buffer_bytes=...)``. See ``linear_grad.py`` for the costs of both.
 
+Row-chunk logits buffer (``logits_buffer_bytes()``): the clamped-entropy forward and the Triton single
+pass of ``LinearGRPOLoss`` keep one chunk of rows' logits ``[Nc, V]`` (fp32; plus dz in the input
+dtype for the single pass) in memory: ``LOGITS_BUFFER_BYTES`` (1 GiB),
+``FUSED_ENTROPY_LOGITS_BUFFER_MB`` or ``override(logits_buffer_bytes=...)``; ``Nc`` is a multiple of
+the GEMM's BLOCK_N, at least one row block.
+
 ``FUSED_ENTROPY_AUTOTUNE=1`` lets the launcher tune the pipeline depth of the GEMM kernels and the
 warps of the streaming kernels (never block sizes or GEMM warps, for the reason above), once per
 key (kernel, dtype, H, V, N rounded up to a power of two, which outputs are formed).
@@ -88,10 +94,13 @@ PROGRAMS_PER_SM = 2
 BACKWARDS = ("chunked", "atomic")
 # upper bound of the chunked backward's dz buffer [N, Vc] in bytes (at least one tile is used)
 GRAD_BUFFER_BYTES = 256 * 2**20
+# upper bound of the row-chunk logits buffer [Nc, V] (fp32 z, plus dz in the input dtype for the
+# single pass) in bytes; at least one GEMM row block is used
+LOGITS_BUFFER_BYTES = 2**30
 
 _OVERRIDES: dict = {}
 # override() keys that are not kernel configs
-_SETTINGS = ("split", "backward", "grad_buffer_bytes")
+_SETTINGS = ("split", "backward", "grad_buffer_bytes", "logits_buffer_bytes")
 
 
 def get(kernel: str, dtype: str) -> Config:
@@ -110,15 +119,17 @@ def override(**configs: Config):
     backward's ``linear_dz_kernel`` runs with the ``linear_grad`` config).
 
     Settings beside configs: ``split`` (vocabulary splits of the forward), ``backward``
-    ("chunked" or "atomic"), ``grad_buffer_bytes`` (bound of the chunked backward's dz buffer).
+    ("chunked" or "atomic"), ``grad_buffer_bytes`` (bound of the chunked backward's dz buffer),
+    ``logits_buffer_bytes`` (bound of the row-chunk logits buffer).
     """
     unknown = set(configs) - set(DEFAULTS) - set(_SETTINGS)
     if unknown:
         raise ValueError(f"unknown kernels {sorted(unknown)}; known: {sorted(DEFAULTS)} and {list(_SETTINGS)}")
     if "backward" in configs and configs["backward"] not in BACKWARDS:
         raise ValueError(f"backward must be one of {BACKWARDS}, got {configs['backward']!r}")
-    if "grad_buffer_bytes" in configs and not configs["grad_buffer_bytes"] > 0:
-        raise ValueError(f"grad_buffer_bytes must be positive, got {configs['grad_buffer_bytes']!r}")
+    for name in ("grad_buffer_bytes", "logits_buffer_bytes"):
+        if name in configs and not configs[name] > 0:
+            raise ValueError(f"{name} must be positive, got {configs[name]!r}")
     saved = dict(_OVERRIDES)
     _OVERRIDES.update(configs)
     try:
@@ -143,22 +154,34 @@ def backward_design() -> str:
     return design
 
 
-def grad_buffer_bytes() -> int:
-    """Bound in bytes of the chunked backward's dz buffer: ``override(grad_buffer_bytes=...)``, else the
-    env ``FUSED_ENTROPY_GRAD_BUFFER_MB`` (MiB, may be fractional), else ``GRAD_BUFFER_BYTES``."""
-    over = _OVERRIDES.get("grad_buffer_bytes")
+def _buffer_bytes(key: str, env_name: str, default: int) -> int:
+    over = _OVERRIDES.get(key)
     if over is not None:
         return int(over)
-    env = os.environ.get("FUSED_ENTROPY_GRAD_BUFFER_MB", "").strip()
+    env = os.environ.get(env_name, "").strip()
     if env:
         try:
             mb = float(env)
         except ValueError:
             mb = 0.0
         if not mb > 0:
-            raise ValueError(f"FUSED_ENTROPY_GRAD_BUFFER_MB must be a positive number of MiB, got {env!r}")
+            raise ValueError(f"{env_name} must be a positive number of MiB, got {env!r}")
         return int(mb * 2**20)
-    return GRAD_BUFFER_BYTES
+    return default
+
+
+def grad_buffer_bytes() -> int:
+    """Bound in bytes of the chunked backward's dz buffer: ``override(grad_buffer_bytes=...)``, else the
+    env ``FUSED_ENTROPY_GRAD_BUFFER_MB`` (MiB, may be fractional), else ``GRAD_BUFFER_BYTES``."""
+    return _buffer_bytes("grad_buffer_bytes", "FUSED_ENTROPY_GRAD_BUFFER_MB", GRAD_BUFFER_BYTES)
+
+
+def logits_buffer_bytes() -> int:
+    """Bound in bytes of the row-chunk logits buffer (clamped-entropy forward, single pass):
+    ``override(logits_buffer_bytes=...)``, else the env ``FUSED_ENTROPY_LOGITS_BUFFER_MB`` (MiB, may
+    be fractional), else ``LOGITS_BUFFER_BYTES`` (1 GiB). One GEMM row block of rows is used even
+    when it is larger (at V = 128k, 128 fp32 rows are 64 MiB)."""
+    return _buffer_bytes("logits_buffer_bytes", "FUSED_ENTROPY_LOGITS_BUFFER_MB", LOGITS_BUFFER_BYTES)
 
 
 def autotune_enabled() -> bool:
@@ -212,7 +235,7 @@ class AotSpec(NamedTuple):
 
 # what the JIT specializes at run time for the usual case: 16-byte aligned tensors, and row
 # strides / H that are multiples of 16 (without these hints loads are scalar and nothing pipelines)
-_ALIGNED_INTS = ("H", "stride_x", "stride_w", "stride_l", "stride_dl", "stride_dz", "v_lo")
+_ALIGNED_INTS = ("H", "stride_x", "stride_w", "stride_l", "stride_dl", "stride_dz", "stride_z", "v_lo")
 
 
 def _attrs(signature: dict) -> dict:
@@ -243,18 +266,19 @@ def aot_specs():
             key_bits = 64 if dt == "fp64" else 32
             sig = {
                 "x_ptr": ptr, "w_ptr": ptr, "b_ptr": ptr if flags else "constexpr", "y_ptr": "*i64",
-                "part_ptr": pacc, "hist_ptr": "*i32" if flags else "constexpr",
-                "N": "i32", "V": "i32", "H": "i32", "stride_x": "i32", "stride_w": "i32", "ignore_index": "i32",
+                "part_ptr": pacc, "hist_ptr": "*i32" if flags else "constexpr", "z_ptr": pacc if flags else "constexpr",
+                "N": "i32", "V": "i32", "H": "i32", "stride_x": "i32", "stride_w": "i32", "stride_z": "i32",
+                "ignore_index": "i32",
                 "logit_scale": "fp32", "softcap": "fp32", "inv_temperature": "fp32", "tiles_per_split": "i32",
             }
             const = {
-                "HAS_BIAS": flags, "HAS_SOFTCAP": flags, "TOPK": flags,
+                "HAS_BIAS": flags, "HAS_SOFTCAP": flags, "TOPK": flags, "STORE_Z": flags,
                 "RADIX_SHIFT": key_bits - RADIX_DIGITS[key_bits][0], "RADIX_BITS": RADIX_DIGITS[key_bits][0],
                 "NBINS": RADIX_NBINS, "BLOCK_N": c.block_n, "BLOCK_V": c.block_v, "BLOCK_H": c.block_h,
                 "UPCAST": False, "DOT_PRECISION": _dot_precision(dt),
             }
             if not flags:
-                const.update(b_ptr=None, hist_ptr=None)
+                const.update(b_ptr=None, hist_ptr=None, z_ptr=None)
             out.append(("linear_stats", linear_stats.linear_stats_kernel.fn, sig, const, c.num_warps, c.num_stages))
             # --- linear_grad -------------------------------------------------------------
             c = get("linear_grad", dt)

@@ -10,8 +10,15 @@ picked up from the tile that holds it. Each program writes its partial state to
 
 With ``hist_ptr`` given, the same pass also counts the first radix digit of every logit for the
 top-k threshold (``topk.py``), so clamped entropy costs no extra GEMM pass for its first digit.
+With ``z_ptr`` given it also stores every transformed logit it folds into the statistics, fp32
+(fp64 for fp64) at ``z[row, v]`` with row stride ``stride_z``: the row-chunk logits buffer from
+which the remaining radix digits are selected in memory (``_launch.linear_stats``). These are the
+very registers the statistics see, so the stored z is bitwise the z every other kernel recomputes
+from the same tile (``linear_logit_tile``); the backward's tie test ``z == tau`` relies on that.
 
-Cost: one GEMM pass, 2*N*V*H flops, reading W once per row block and x once per vocabulary tile.
+Cost: one GEMM pass, 2*N*V*H flops, reading W once per row block and x once per vocabulary tile;
+with ``z_ptr`` also a write of N*V fp32 logits (4 bytes each; at N = 8192, V = 128k that is 4.3 GB
+in all, in chunks of at most ``configs.logits_buffer_bytes()``).
 """
 import triton
 import triton.language as tl
@@ -78,19 +85,22 @@ def linear_logit_tile(
         "HAS_BIAS": lambda a: a["b_ptr"] is not None,
         "HAS_SOFTCAP": lambda a: a["softcap"] > 0,
         "TOPK": lambda a: a["hist_ptr"] is not None,
+        "STORE_Z": lambda a: a["z_ptr"] is not None,
     }
 )
 @triton.jit
 def linear_stats_kernel(
-    x_ptr, w_ptr, b_ptr, y_ptr, part_ptr, hist_ptr,
-    N, V, H, stride_x, stride_w, ignore_index,
+    x_ptr, w_ptr, b_ptr, y_ptr, part_ptr, hist_ptr, z_ptr,
+    N, V, H, stride_x, stride_w, stride_z, ignore_index,
     logit_scale, softcap, inv_temperature, tiles_per_split,
-    HAS_BIAS: tl.constexpr, HAS_SOFTCAP: tl.constexpr, TOPK: tl.constexpr,
+    HAS_BIAS: tl.constexpr, HAS_SOFTCAP: tl.constexpr, TOPK: tl.constexpr, STORE_Z: tl.constexpr,
     RADIX_SHIFT: tl.constexpr, RADIX_BITS: tl.constexpr, NBINS: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_H: tl.constexpr,
     UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr,
 ):
-    """x [N, H], W [V, H], b [V], targets [N] -> part [4, SPLIT, N] (m, s, t, z_y per split).
+    """x [N, H], W [V, H], b [V], targets [N] -> part [4, SPLIT, N] (m, s, t, z_y per split), and
+    with ``z_ptr`` the transformed logits z [N, V] (row stride ``stride_z``; padded columns and rows
+    past N are not stored).
 
     ``softcap`` <= 0 means no softcap; scalars are runtime values (no recompilation per value).
     """
@@ -122,6 +132,9 @@ def linear_stats_kernel(
         y_local = tl.where(valid, y - v0, -1).to(tl.int32)
         hit = tl.arange(0, BLOCK_V)[None, :] == y_local[:, None]
         z_y += tl.sum(tl.where(hit, z, 0.0), axis=1)
+        if STORE_Z:
+            tl.store(z_ptr + offs_n[:, None] * stride_z + offs_v[None, :], z,
+                     mask=mask_n[:, None] & mask_v[None, :])
         if TOPK:
             radix_count(z, mask_n[:, None] & mask_v[None, :], hist_ptr + pid_n.to(tl.int64) * BLOCK_N * NBINS,
                         0, RADIX_SHIFT, RADIX_BITS, NBINS, True)

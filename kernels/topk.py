@@ -1,13 +1,14 @@
-"""Exact top-k threshold and clamped entropy (MATH.md section 3) by radix select over recomputed tiles.
+"""Exact top-k threshold and clamped entropy (MATH.md section 3) by radix select over logit tiles.
 
 For each row, ``tau`` is the k-th largest transformed logit, found digit by digit (most significant
 first) on order-preserving integer keys (``_radix.py``); digits for fp32 keys are 11 + 11 + 10 bits
 (fp64: 11 x 4 + 10 x 2). Pass 1 is fused into the forward stats kernel (``linear_stats.py`` /
 ``logits_stats.py`` with ``hist_ptr``): it counts the first digit of every logit into a per-row
 ``[N, 2048]`` int32 histogram. After each pass ``radix_select_kernel`` picks, per row, the digit
-bin that holds the k-th largest key and narrows the prefix; the next pass (``linear_radix_kernel``
-or ``logits_radix_kernel``) recomputes the logit tiles and counts the next digit of the logits that
-share the prefix. The last pass also sums, relative to the row max m,
+bin that holds the k-th largest key and narrows the prefix; the next pass counts the next digit of
+the logits that share the prefix, reading them from memory (``logits_radix_kernel``: the logits
+entry point, and the fused head's row-chunk logits buffer) or recomputing their GEMM tiles
+(``linear_radix_kernel``: the vocabulary-parallel head). The last pass also sums, relative to the row max m,
 
     s_above = sum_{z above the final bin range} e^(z - m),  t_above = sum (z - m) e^(z - m)
 
@@ -20,11 +21,16 @@ and the last select resolves every bin of the final digit to one exact float, so
 
 exactly as the torch backend defines them, for every k in [1, V], any ties, and -inf logits.
 
-Cost (linear head): 3 GEMM passes for the forward of fp16/bf16/fp32 inputs (the plain forward pass
-plus 2 radix passes; 6 for fp64), i.e. +2 GEMM passes over plain entropy; the backward is unchanged
-(4 GEMM-equivalents in all with the recompute), the tie weights come from (tau, tie_frac). Memory:
-the histogram, 8 KiB per row, plus O(N) row state. No ``[N, V]`` buffer. The logits entry point
-reads the logits 3 times instead of once.
+Cost (linear head, ``_launch.linear_stats``): one GEMM pass, as for plain entropy. Per chunk of
+rows the forward kernel also stores the chunk's logits z in the row-chunk logits buffer
+(``[Nc, V]`` fp32, bounded by ``configs.logits_buffer_bytes()``, 1 GiB) and counts their first
+digit; the further digits are counted by ``logits_radix_kernel`` reading that buffer with the
+identity transform (2 reads of every logit; 5 for fp64). The backward is unchanged (4 GEMM passes
+in all with its recompute); the tie weights come from (tau, tie_frac), and the stored z are the
+forward's own tiles, so the recompute meets tau exactly. Memory: the buffer, the histogram (8 KiB
+per row of a chunk), O(N) row state. The logits entry point reads the logits 3 times instead of
+once. ``linear_radix_kernel`` (a GEMM recompute per digit) remains for the vocabulary-parallel select
+only.
 
 Vocabulary parallelism (``_distributed.py``, ``_launch.linear_topk_select``): the same kernels on
 each rank's shard, with the first digit counted by ``linear_radix_kernel`` itself (``FIRST``: the
@@ -282,14 +288,16 @@ def aot_specs(dt: str, get):
         if first:
             continue  # the logits entry point has no vocabulary-parallel select
         c = get("logits_radix", dt)
-        sig = {"l_ptr": ptr, "prefix_ptr": pre, "m_ptr": acc, "hist_ptr": "*i32", "above_ptr": opt,
-               "N": "i32", "V": "i32", "stride_l": "i32", "logit_scale": "fp32", "softcap": "fp32",
-               "inv_temperature": "fp32", "tiles_per_split": "i32"}
-        const = {"HAS_SOFTCAP": False, "LAST": last, "SHIFT": shift, "BITS": bits, "NBINS": RADIX_NBINS,
-                 "BLOCK_N": c.block_n, "BLOCK_V": c.block_v}
-        if not last:
-            const["above_ptr"] = None
-        out.append(("logits_radix", logits_radix_kernel.fn, sig, const, c.num_warps, c.num_stages))
+        # logits in the input dtype (the logits entry point), or the fused head's fp32 logits buffer
+        for l_ty in dict.fromkeys((ptr, acc)):
+            sig = {"l_ptr": l_ty, "prefix_ptr": pre, "m_ptr": acc, "hist_ptr": "*i32", "above_ptr": opt,
+                   "N": "i32", "V": "i32", "stride_l": "i32", "logit_scale": "fp32", "softcap": "fp32",
+                   "inv_temperature": "fp32", "tiles_per_split": "i32"}
+            const = {"HAS_SOFTCAP": False, "LAST": last, "SHIFT": shift, "BITS": bits, "NBINS": RADIX_NBINS,
+                     "BLOCK_N": c.block_n, "BLOCK_V": c.block_v}
+            if not last:
+                const["above_ptr"] = None
+            out.append(("logits_radix", logits_radix_kernel.fn, sig, const, c.num_warps, c.num_stages))
     c = get("radix_select", dt)
     # (first, last, sums): the last select finishes the rows, or writes the sums (vocabulary parallel)
     for first, last, sums in ((True, False, False), (False, False, False), (False, True, False), (False, True, True)):

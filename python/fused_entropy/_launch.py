@@ -98,13 +98,17 @@ def _run(name: str, dt: str, shape_key, cfg: configs.Config, launch, reset=None)
 # ---------------------------------------------------------------------------------------------
 
 
-def _finish(part, targets, ignore_index: int, entropy: bool, keep_max: bool):
-    """part [4, SPLIT, N] -> (lse, logprobs, entropy | None, row max | None)."""
+def _finish(part, targets, ignore_index: int, entropy: bool, keep_max: bool, out=None):
+    """part [4, SPLIT, N] -> (lse, logprobs, entropy | None, row max | None); into ``out``, a tuple
+    of [N] views of that layout, when given (a row chunk's share of the whole batch's outputs)."""
     n = targets.shape[0]
-    lse = torch.empty(n, device=part.device, dtype=part.dtype)
-    logp = torch.empty_like(lse)
-    ent = torch.empty_like(lse) if entropy else None
-    m = torch.empty_like(lse) if keep_max else None
+    if out is not None:
+        lse, logp, ent, m = out
+    else:
+        lse = torch.empty(n, device=part.device, dtype=part.dtype)
+        logp = torch.empty_like(lse)
+        ent = torch.empty_like(lse) if entropy else None
+        m = torch.empty_like(lse) if keep_max else None
     cfg = configs.get("finish_stats", "fp64" if part.dtype == torch.float64 else "fp32")
     finish_stats_kernel[(triton.cdiv(n, cfg.block_n),)](
         part, targets, lse, logp, ent, m, n, part.shape[1], ignore_index,
@@ -131,9 +135,31 @@ def _n_pad(vocab: int, block_v: int) -> int:
 
 
 def radix_gemm_passes(dtype: torch.dtype) -> int:
-    """GEMM passes of the linear forward with clamped entropy (1 without): the plain pass carries
-    the first radix digit, each further digit costs one recompute."""
-    return len(configs.RADIX_DIGITS[64 if dtype == torch.float64 else 32])
+    """GEMM passes of the linear forward with clamped entropy: 1, as without. The forward pass stores
+    each row chunk's logits in the logits buffer and counts the first radix digit; the further
+    digits (``radix_buffer_passes``) are read from the buffer. (The vocabulary-parallel select,
+    ``linear_topk_select``, still recomputes: one GEMM pass per digit.)"""
+    return 1
+
+
+def radix_buffer_passes(dtype: torch.dtype) -> int:
+    """Reads of the logits buffer by the linear forward with clamped entropy: one per radix digit
+    after the first (2 for fp16/bf16/fp32, 5 for fp64), besides the one write of every logit."""
+    return len(configs.RADIX_DIGITS[64 if dtype == torch.float64 else 32]) - 1
+
+
+def _z_stride(vocab: int) -> int:
+    """Row stride (elements) of the logits buffer: V rounded up to 16, so every row starts aligned."""
+    return triton.cdiv(vocab, 16) * 16
+
+
+def logits_buffer_rows(n: int, row_bytes: int, block_n: int) -> int:
+    """Rows per chunk of the row-chunk logits buffer: the largest multiple of ``block_n`` (the GEMM
+    row block, so a chunk's tiles are the whole-batch tiles: bitwise the same z) whose buffers,
+    ``row_bytes`` per row, fit ``configs.logits_buffer_bytes()``; at least one row block, at most
+    ``n`` (then one chunk)."""
+    blocks = max(1, configs.logits_buffer_bytes() // (max(row_bytes, 1) * block_n))
+    return max(1, min(n, blocks * block_n))
 
 
 def _clamped(radix_pass, hist, m, k: int, split: int, n_pad: int, targets=None, ignore_index: int = 0,
@@ -220,9 +246,9 @@ def _linear_radix_pass(x, weight, bias, tf: LogitTransform, m, hist, cfg: config
     return radix_pass
 
 
-def linear_stats(x, weight, bias, targets, tf: LogitTransform, ignore_index: int, entropy: bool,
-                 k: Optional[int]) -> RowStats:
-    """x [N, H], weight [V, H], bias [V] | None, targets [N] int64 -> RowStats (see _types)."""
+def _linear_stats_pass(x, weight, bias, targets, tf: LogitTransform, ignore_index: int, hist, z):
+    """One ``linear_stats_kernel`` launch over the rows of ``x``: part [4, SPLIT, N]. ``hist``: count
+    the first radix digit; ``z`` ([N, V] view of the logits buffer): store the logits there too."""
     n, h = x.shape
     vocab = weight.shape[0]
     dt = dtype_key(x.dtype)
@@ -230,13 +256,12 @@ def linear_stats(x, weight, bias, targets, tf: LogitTransform, ignore_index: int
     n_blocks = triton.cdiv(n, cfg.block_n)
     split, per = _split(n_blocks, triton.cdiv(vocab, cfg.block_v), x.device)
     part = torch.empty(4, split, n, device=x.device, dtype=acc_dtype(x.dtype))
-    hist = _new_hist(n_blocks * cfg.block_n, x.device) if k is not None else None
-    shift, bits = _radix_first(k, x.dtype)
+    shift, bits = _radix_first(None, x.dtype)
 
     def launch(num_warps, num_stages):
         linear_stats_kernel[(n_blocks, split)](
-            x, weight, bias, targets, part, hist,
-            n, vocab, h, x.stride(0), weight.stride(0), ignore_index,
+            x, weight, bias, targets, part, hist, z,
+            n, vocab, h, x.stride(0), weight.stride(0), 0 if z is None else z.stride(0), ignore_index,
             tf.logit_scale, tf.softcap or 0.0, tf.inv_temperature, per,
             RADIX_SHIFT=shift, RADIX_BITS=bits, NBINS=configs.RADIX_NBINS,
             BLOCK_N=cfg.block_n, BLOCK_V=cfg.block_v, BLOCK_H=cfg.block_h,
@@ -244,15 +269,120 @@ def linear_stats(x, weight, bias, targets, tf: LogitTransform, ignore_index: int
             num_warps=num_warps, num_stages=num_stages,
         )
 
-    _run("linear_stats", dt, (h, vocab, configs.bucket(n), k is not None), cfg, launch,
+    _run("linear_stats", dt, (h, vocab, configs.bucket(n), hist is not None, z is not None), cfg, launch,
          reset=None if hist is None else hist.zero_)
-    lse, logp, ent, m = _finish(part, targets, ignore_index, entropy, k is not None)
-    if k is None:
-        return RowStats(lse, logp, ent)
+    return part
 
-    radix_pass = _linear_radix_pass(x, weight, bias, tf, m, hist, cfg, n_blocks, split, per)
-    clamped = _clamped(radix_pass, hist, m, k, split, _n_pad(vocab, cfg.block_v), targets, ignore_index)
-    return RowStats(lse, logp, ent, *clamped)
+
+def _buffer_select(z, m, hist, targets, k: int, ignore_index: int, n_pad: int):
+    """The radix digits after the first, read from the logits buffer ``z`` [N, V] (``logits_radix_kernel``
+    with the identity transform: the buffer already holds z); the first digit is in ``hist``.
+    Returns (tau, tie_frac, lse_clamped, clamped_entropy) [N]."""
+    n, vocab = z.shape
+    cfg = configs.get("logits_radix", dtype_key(z.dtype))
+    n_blocks = triton.cdiv(n, cfg.block_n)
+    split, per = _split(n_blocks, triton.cdiv(vocab, cfg.block_v), z.device)
+
+    def radix_pass(prefix, above, shift, bits):
+        logits_radix_kernel[(n_blocks, split)](
+            z, prefix, m, hist, above, n, vocab, z.stride(0), 1.0, 0.0, 1.0, per,
+            SHIFT=shift, BITS=bits, NBINS=configs.RADIX_NBINS,
+            BLOCK_N=cfg.block_n, BLOCK_V=cfg.block_v, num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+        )
+
+    return _clamped(radix_pass, hist, m, k, split, n_pad, targets, ignore_index)
+
+
+def buffer_rows(n: int, vocab: int, dtype: torch.dtype, with_dz: bool = False) -> int:
+    """Rows per chunk of the logits buffer for inputs of ``dtype``: z in fp32 (fp64), plus dz in the
+    input dtype when ``with_dz`` and that is 16-bit (``_LogitsBuffer``); see ``logits_buffer_rows``."""
+    acc = acc_dtype(dtype)
+    item = lambda d: torch.empty(0, dtype=d).element_size()  # noqa: E731
+    row_bytes = _z_stride(vocab) * (item(acc) + (item(dtype) if with_dz and dtype != acc else 0))
+    return logits_buffer_rows(n, row_bytes, configs.get("linear_stats", dtype_key(dtype)).block_n)
+
+
+class _LogitsBuffer:
+    """The row-chunk logits buffer of the linear head: ``[Nc, V]`` fp32 (fp64 for fp64) for the logits
+    z of one chunk of rows, and, for the single pass on 16-bit inputs, ``[Nc, V]`` in the input dtype
+    for dz (fp32/fp64 inputs form dz in place over z). ``Nc`` from ``logits_buffer_rows``: both
+    buffers together stay within ``configs.logits_buffer_bytes()`` (1 GiB unless overridden), unless
+    ``rows`` is forced. Plus the radix histogram of the chunk (8 KiB a row) with top-k."""
+
+    def __init__(self, x, vocab: int, k: Optional[int], with_dz: bool = False, rows: Optional[int] = None):
+        n = x.shape[0]
+        acc = acc_dtype(x.dtype)
+        self.ld = _z_stride(vocab)
+        self.vocab = vocab
+        self.rows = max(1, min(n, rows)) if rows else buffer_rows(n, vocab, x.dtype, with_dz)
+        self.z = torch.empty(self.rows, self.ld, device=x.device, dtype=acc)
+        self.dz = None
+        if with_dz:
+            # fp32/fp64 inputs: dz in place over z (logits_grad_kernel reads a tile before writing it)
+            in_place = x.dtype == acc
+            self.dz = self.z if in_place else torch.empty(self.rows, self.ld, device=x.device, dtype=x.dtype)
+        self.hist = None
+        if k is not None:
+            # the GEMM's first pass counts whole row blocks; the buffer passes count their own blocks
+            block_n = configs.get("linear_stats", dtype_key(x.dtype)).block_n
+            stream = configs.get("logits_radix", dtype_key(acc)).block_n
+            self.hist = _new_hist(max(triton.cdiv(self.rows, b) * b for b in (block_n, stream)), x.device)
+
+    def chunks(self, n: int):
+        for r0 in range(0, n, self.rows):
+            yield r0, min(n, r0 + self.rows)
+
+
+def _chunk_stats(x_c, weight, bias, y_c, tf: LogitTransform, ignore_index: int, entropy: bool, k: Optional[int],
+                 buf: _LogitsBuffer, out: RowStats) -> None:
+    """Row statistics of one row chunk into ``out`` (views of the whole batch's outputs): one GEMM
+    pass storing the chunk's logits in ``buf.z`` (and counting the first radix digit), then with
+    top-k the further digits over the buffer, in memory."""
+    n = x_c.shape[0]
+    z = buf.z[:n, : buf.vocab]
+    part = _linear_stats_pass(x_c, weight, bias, y_c, tf, ignore_index, buf.hist, z)
+    m = torch.empty(n, device=x_c.device, dtype=part.dtype) if k is not None else None
+    _finish(part, y_c, ignore_index, entropy, k is not None, out=(out.lse, out.logprobs, out.entropy, m))
+    if k is not None:
+        n_pad = _n_pad(buf.vocab, configs.get("linear_stats", dtype_key(x_c.dtype)).block_v)
+        clamped = _buffer_select(z, m, buf.hist, y_c, k, ignore_index, n_pad)
+        for dst, src in zip((out.tau, out.tie_frac, out.lse_clamped, out.clamped_entropy), clamped):
+            dst.copy_(src)
+
+
+def _new_stats(n: int, device, dtype: torch.dtype, entropy: bool, k: Optional[int]) -> RowStats:
+    e = lambda: torch.empty(n, device=device, dtype=dtype)  # noqa: E731
+    if k is None:
+        return RowStats(e(), e(), e() if entropy else None)
+    return RowStats(e(), e(), e() if entropy else None, e(), e(), e(), e())
+
+
+def _stats_rows(stats: RowStats, r0: int, r1: int) -> RowStats:
+    return RowStats(*(None if t is None else t[r0:r1] for t in stats))
+
+
+def linear_stats(x, weight, bias, targets, tf: LogitTransform, ignore_index: int, entropy: bool,
+                 k: Optional[int]) -> RowStats:
+    """x [N, H], weight [V, H], bias [V] | None, targets [N] int64 -> RowStats (see _types).
+
+    Without top-k: one ``linear_stats_kernel`` pass, no buffer. With top-k (clamped entropy): per
+    row chunk (``_LogitsBuffer``), the same pass also stores the chunk's logits z in the bounded
+    logits buffer and counts their first radix digit, and the further digits are selected from the
+    buffer (``logits_radix_kernel``): one GEMM pass in all, plus a write of every logit and
+    ``radix_buffer_passes`` reads of it. The stored z are the forward's own (same tiles: chunks are
+    whole row blocks), so the backward's recomputed z meets ``tau`` exactly at ties.
+    """
+    n = x.shape[0]
+    if k is None:
+        part = _linear_stats_pass(x, weight, bias, targets, tf, ignore_index, None, None)
+        lse, logp, ent, _ = _finish(part, targets, ignore_index, entropy, False)
+        return RowStats(lse, logp, ent)
+    buf = _LogitsBuffer(x, weight.shape[0], k)
+    out = _new_stats(n, x.device, acc_dtype(x.dtype), entropy, k)
+    for r0, r1 in buf.chunks(n):
+        _chunk_stats(x[r0:r1], weight, bias, targets[r0:r1], tf, ignore_index, entropy, k, buf,
+                     _stats_rows(out, r0, r1))
+    return out
 
 
 def linear_topk_select(x, weight, bias, tf: LogitTransform, k: int, shift, all_reduce):

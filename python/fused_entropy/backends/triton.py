@@ -1,8 +1,10 @@
 """Triton backend: fused kernels (``fused_entropy.kernels``) behind the backend interface.
 
 Same signatures and semantics as ``torch_chunked`` (see ``backends/__init__.py``). Forward: one GEMM
-pass over (row block x vocabulary tile) with the row statistics in the epilogue, plus the top-k
-radix passes when a clamped entropy is asked for (``kernels/topk.py``). Backward (default,
+pass over (row block x vocabulary tile) with the row statistics in the epilogue. With a clamped
+entropy it is still one GEMM pass: per chunk of rows the pass also stores the logits in the row-chunk
+logits buffer (``[Nc, V]`` fp32, bounded by ``configs.logits_buffer_bytes()``, 1 GiB) and the top-k
+radix digits after the first are selected from there (``kernels/topk.py``). Backward (default,
 deterministic, no atomics): per vocabulary chunk a kernel recomputes the logit tiles and stores dL/dz,
 and two cuBLAS GEMMs turn it into dW[chunk] and dX; the chunk's dz buffer is bounded by
 ``configs.grad_buffer_bytes()`` (256 MiB), never a full ``[N, V]`` buffer at large N x V.
@@ -13,7 +15,7 @@ gradient itself. fp16/bf16/fp32/fp64 inputs.
 
 Beyond the interface, ``linear_topk_select`` is the vocabulary-parallel top-k select that
 ``_distributed.VocabParallelLinearLogprobsFunction`` uses when a backend provides one (the torch
-backend goes through ``_distributed.radix_topk_stats`` instead).
+backend goes through ``_distributed.radix_topk_stats`` instead); it recomputes a GEMM pass per digit.
 """
 from __future__ import annotations
 

@@ -794,8 +794,10 @@ def roofline(n: int, h: int, v: int, dtype: str = "bf16", gpu=H100_SXM) -> List[
     """Per-kernel FLOPs and HBM bytes of one fwd+bwd step at (N, H, V), and the implied lower bounds.
 
     GEMM FLOPs are 2 N V H per pass over the logits. Passes (from the kernels' docstrings and configs):
-    the forward makes 1; clamped entropy adds one recompute per radix digit after the first
-    (``configs.RADIX_DIGITS``); the backward makes 3 (recompute, dX, dW) in either design: chunked
+    the forward makes 1, with clamped entropy too: it stores each row chunk's fp32 logits in the
+    logits buffer (``LOGITS_BUFFER_BYTES``) and the radix digits after the first are read from there
+    (``configs.RADIX_DIGITS``; the vocabulary-parallel select, ``linear_radix_kernel``, still
+    recomputes one GEMM pass per digit: listed, in no workload); the backward makes 3 (recompute, dX, dW) in either design: chunked
     (default: ``linear_dz_kernel`` writes dz, cuBLAS reads it twice; ``GRAD_BUFFER_BYTES`` sets the
     chunks, each adding a read and write of the fp32 dX accumulator) or atomic (``linear_grad_kernel``). Bytes are compulsory
     traffic: every input read once, every output written once, as if tiles were re-read from L2 and
@@ -830,11 +832,13 @@ def roofline(n: int, h: int, v: int, dtype: str = "bf16", gpu=H100_SXM) -> List[
     add("linear_stats_kernel", "forward GEMM + online lse/entropy (1 pass)", gemm,
         n * h * e + v * h * e + 8 * n + 4 * split * n * acc, tile_bytes=gemm / fwd_ai(f))
     add("finish_stats_kernel", "merge vocabulary splits", 0, 4 * split * n * acc + 8 * n + 4 * n * acc)
-    add("linear_stats_kernel +TOPK", "clamped entropy: first radix digit counted in the forward", 0,
-        n * nbins * 4, atomic_adds=n * v)
-    add("linear_radix_kernel", "clamped entropy: recompute per radix digit after the first", gemm,
-        n * h * e + v * h * e + 2 * n * acc + n * nbins * 4, launches=len(digits) - 1, atomic_adds=n * v,
-        tile_bytes=gemm / fwd_ai(configs.get("linear_radix", dtype)))
+    add("linear_stats_kernel +TOPK", "clamped entropy: first radix digit counted in the forward, logits "
+        "stored in the logits buffer", 0, n * nbins * 4 + n * v * acc, atomic_adds=n * v)
+    add("logits_radix_kernel (buffer)", "clamped entropy: radix digit after the first, read from the logits "
+        "buffer", 0, n * v * acc + 2 * n * acc + n * nbins * 4, launches=len(digits) - 1, atomic_adds=n * v)
+    add("linear_radix_kernel", "vocabulary-parallel clamped entropy: recompute per radix digit (each rank, its "
+        "shard)", gemm, n * h * e + v * h * e + 2 * n * acc + n * nbins * 4, launches=len(digits),
+        atomic_adds=n * v, tile_bytes=gemm / fwd_ai(configs.get("linear_radix", dtype)))
     add("radix_select_kernel", "clamped entropy: pick a digit per row (reads + zeroes the histogram)", 0,
         2 * n * nbins * 4 + 6 * n * acc, launches=len(digits))
     add("linear_grad_kernel", "backward: recompute + dX + dW (3 passes)", 3 * gemm,
@@ -876,7 +880,7 @@ WORKLOADS = {
     "linear": (("linear_stats_kernel", "finish_stats_kernel") + _CHUNKED_BWD,
                "linear_logprobs + entropy, fwd+bwd"),
     "linear+clamped": (("linear_stats_kernel", "finish_stats_kernel") + _CHUNKED_BWD +
-                       ("linear_stats_kernel +TOPK", "linear_radix_kernel", "radix_select_kernel"),
+                       ("linear_stats_kernel +TOPK", "logits_radix_kernel (buffer)", "radix_select_kernel"),
                        "the same with clamped (top-k) entropy"),
     "linear-atomic": (("linear_stats_kernel", "finish_stats_kernel") + _ATOMIC_BWD,
                       "linear_logprobs + entropy, fwd+bwd, atomic backward (opt-in)"),
