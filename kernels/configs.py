@@ -344,8 +344,11 @@ def aot_specs():
             }
             const = {
                 "HAS_SOFTCAP": flags, "HAS_G_LP": True, "HAS_G_ENT": flags, "HAS_G_CL": flags,
-                "BLOCK_N": c.block_n, "BLOCK_V": c.block_v,
+                "Z_IN": flags, "BLOCK_N": c.block_n, "BLOCK_V": c.block_v,
             }
+            if flags:
+                # the single pass: dz from the fused head's fp32 logits buffer, in the input dtype
+                sig.update(l_ptr=pacc)
             if not flags:
                 const.update({k: None for k, v in sig.items() if v == "constexpr"})
             out.append(("logits_grad", logits_stats.logits_grad_kernel.fn, sig, const, c.num_warps, c.num_stages))

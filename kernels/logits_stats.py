@@ -91,16 +91,26 @@ def logits_grad_kernel(
     g_lp_ptr, g_ent_ptr, g_cl_ptr, dl_ptr,
     N, V, stride_l, stride_dl, ignore_index, logit_scale, softcap, temperature, inv_temperature,
     HAS_SOFTCAP: tl.constexpr, HAS_G_LP: tl.constexpr, HAS_G_ENT: tl.constexpr, HAS_G_CL: tl.constexpr,
-    BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr,
+    Z_IN: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr,
 ):
-    """Row statistics and upstream gradients [N] -> grad_logits [N, V] (the logits' dtype)."""
+    """Row statistics and upstream gradients [N] -> grad_logits [N, V] (``dl_ptr``'s dtype).
+
+    ``Z_IN``: ``l_ptr`` holds the transformed logits z themselves (the fused head's row-chunk
+    buffer, ``_launch.linear_forward_backward``): the transform is not applied again, its chain
+    rule is, so the result is dL/d(h.W + b). ``dl_ptr`` may be ``l_ptr`` (same dtype and strides):
+    each program reads its tile before it overwrites it, and no other program touches that tile.
+    """
     pid_n = tl.program_id(0)
     pid_v = tl.program_id(1)
     offs_n = pid_n.to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N)
     offs_v = pid_v.to(tl.int64) * BLOCK_V + tl.arange(0, BLOCK_V)
     mask_n = offs_n < N
     mask_v = offs_v < V
-    z = logits_tile(l_ptr, offs_n, offs_v, mask_n, mask_v, stride_l, logit_scale, softcap, inv_temperature, HAS_SOFTCAP)
+    if Z_IN:
+        z = logits_tile(l_ptr, offs_n, offs_v, mask_n, mask_v, stride_l, 1.0, 0.0, 1.0, False)
+    else:
+        z = logits_tile(l_ptr, offs_n, offs_v, mask_n, mask_v, stride_l, logit_scale, softcap, inv_temperature,
+                        HAS_SOFTCAP)
     y = tl.load(y_ptr + offs_n, mask=mask_n, other=ignore_index)
     lse = tl.load(lse_ptr + offs_n, mask=mask_n, other=0.0)
     row_ok = mask_n & (y != ignore_index) & (lse > float("-inf"))

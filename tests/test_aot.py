@@ -224,6 +224,9 @@ def test_roofline_counts_the_gemm_passes():
     assert rows["logits_radix_kernel (buffer)"]["launches"] == buffer_reads
     assert rows["linear_stats_kernel +TOPK"]["bytes"] >= n * v * 4  # every fp32 logit written once
     assert "linear_radix_kernel" not in aot.WORKLOADS["linear+clamped"][0]  # vocabulary parallel only
+    # the single pass of LinearGRPOLoss: 3 GEMM passes
+    flops_s, _ = aot.workload_bound("grpo-single", n, h, v)
+    assert flops_s == 6 * n * v * h
     _, logits_s = aot.workload_bound("logits", n, h, v)
     assert logits_s == pytest.approx(3 * n * v * 2 / 3.35e12, rel=0.01)  # read, read again, write grad
     fwd = next(r for r in aot.roofline(n, h, v) if r["kernel"] == "linear_stats_kernel")

@@ -5,6 +5,9 @@ digits after the first are selected from it, so the forward makes one GEMM pass;
 fp64 reference (``reference.linear_logprobs``) for topk and clamp_p, ties at the boundary (duplicated W
 rows), one and several row chunks, tiny tiles and the shipped tile just over one tile.
 
+Single pass: ``LinearGRPOLoss`` on the Triton backend forms the gradients in the forward from the same
+buffer (3 GEMM passes) and equals the torch backend's single pass: loss, metrics, every gradient.
+
 Runs on CUDA, or on CPU with TRITON_INTERPRET=1.
 """
 import math
@@ -13,6 +16,7 @@ import pytest
 import torch
 
 import fused_entropy as fe
+from fused_entropy import LinearGRPOLoss
 from fused_entropy import _launch
 from fused_entropy import reference as R
 from fused_entropy._types import LogitTransform
@@ -236,3 +240,132 @@ def test_shipped_bf16_tile_just_over_one_tile(chunks):
     with ctx:
         assert _launch.buffer_rows(130, 131, torch.bfloat16) == (128 if chunks == "several" else 130)
     against_fp64(x, w, b, y, dtype=torch.bfloat16, atol=1e-4, ctx=C.override(**kw), topk=70, temperature=0.9)
+
+
+# ---------------------------------------------------------------------------------------------
+# the single pass of LinearGRPOLoss
+# ---------------------------------------------------------------------------------------------
+
+
+def grpo_data(dtype, *, bsz=3, seqlen=7, hidden=24, vocab=101, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(bsz, seqlen, hidden, generator=g, dtype=F64)
+    w = torch.randn(vocab, hidden, generator=g, dtype=F64) / math.sqrt(hidden) * 2
+    w[10:13] = w[9]  # ties
+    b = torch.randn(vocab, generator=g, dtype=F64) * 0.3
+    b[10:13] = b[9]
+    ids = torch.randint(0, vocab, (bsz, seqlen), generator=g)
+    mask = torch.ones(bsz, seqlen, dtype=F64)
+    mask[1, 4:] = 0
+    mask[2, 6:] = 0
+    with torch.no_grad():
+        lp = torch.log_softmax((x @ w.T + b) / 0.8, -1).gather(-1, ids[..., None]).squeeze(-1)
+    old = lp + 0.3 * torch.randn(bsz, seqlen, generator=g, dtype=F64)
+    ref = lp + 0.2 * torch.randn(bsz, seqlen, generator=g, dtype=F64)
+    adv = torch.randn(bsz, generator=g, dtype=F64)
+    dev = lambda t: t.to(DEVICE)  # noqa: E731
+    return dict(x=dev(x.to(dtype)), w=dev(w.to(dtype)), b=dev(b.to(dtype)), ids=dev(ids), mask=dev(mask),
+                adv=dev(adv), old=dev(old), ref=dev(ref))
+
+
+def run_module(d, backend, **cfg):
+    m = LinearGRPOLoss(backend=backend, **cfg)
+    leaves = [d[k].clone().requires_grad_() for k in ("x", "w", "b")]
+    loss, metrics = m(leaves[0], leaves[1], d["ids"], d["mask"], d["adv"], bias=leaves[2],
+                      old_per_token_logps=d["old"], ref_per_token_logps=d["ref"])
+    loss.backward()
+    return m, loss.detach(), metrics, dict(m.last_metrics), [t.grad for t in leaves]
+
+
+SINGLE = {
+    "dapo-bonus-T": dict(loss_type="dapo", beta=0.04, entropy_coef=0.05, temperature=0.8),
+    "grpo-clamped-bonus": dict(loss_type="grpo", entropy_coef=0.05, entropy_source="clamped", topk=40,
+                               temperature=0.8),
+    "bnpo-clamp_p-softcap": dict(loss_type="bnpo", beta=0.04, entropy_coef=0.03, entropy_source="clamped",
+                                 clamp_p=0.3, softcap=3.0, logit_scale=1.5),
+    "gspo-sequence": dict(loss_type="grpo", importance_sampling_level="sequence", entropy_coef=0.02, topk=20),
+}
+
+
+@pytest.mark.parametrize("chunks", ["one", "several"])
+@pytest.mark.parametrize("name", list(SINGLE))
+def test_single_pass_equals_torch_backend(name, chunks):
+    """Triton single pass == torch single pass: loss, Liger metrics, every last_metrics entry, dX, dW, db;
+    both report the single pass."""
+    cfg = SINGLE[name]
+    d = grpo_data(torch.float32)
+    rows = 16 if chunks == "several" else None
+    with tiny(rows, 101, with_dz=True):
+        m_t, *r_t = run_module(d, "triton", **cfg)
+    m_c, *r_c = run_module(d, "torch", **cfg)
+    assert m_t.last_path == m_c.last_path == "single"
+    loss_t, met_t, last_t, g_t = r_t
+    loss_c, met_c, last_c, g_c = r_c
+    tol = dict(atol=2e-5, rtol=2e-5)
+    torch.testing.assert_close(loss_t, loss_c, **tol)
+    for a, e in zip(met_t, met_c):
+        torch.testing.assert_close(a, e, **tol)
+    assert set(last_t) == set(last_c)
+    for key in last_c:
+        torch.testing.assert_close(last_t[key], last_c[key], **tol, msg=lambda m: f"{key}: {m}")
+    for what, a, e in zip(("dx", "dw", "db"), g_t, g_c):
+        assert torch.isfinite(a).all(), what
+        torch.testing.assert_close(a, e, **tol, msg=lambda m: f"{what}: {m}")
+
+
+def test_single_pass_uses_the_buffer_not_the_two_pass_kernels(monkeypatch):
+    """The Triton single pass launches one forward GEMM per chunk and dz from the buffer: no backward
+    recompute (linear_dz_kernel), no radix recompute (linear_radix_kernel)."""
+    seen = Launches(monkeypatch, "linear_stats_kernel", "linear_dz_kernel", "linear_radix_kernel",
+                    "logits_grad_kernel")
+    d = grpo_data(torch.float32)
+    with tiny(8, 101, with_dz=True):
+        m, *_ = run_module(d, "triton", loss_type="dapo", entropy_coef=0.05, entropy_source="clamped", topk=30)
+    assert m.last_path == "single"
+    n_rows = int(d["mask"].sum())  # token-level: only the rows inside the mask are computed
+    chunks = math.ceil(n_rows / 16)  # 8-row bound -> one 16-row block per chunk
+    assert seen.count == {"linear_stats_kernel": chunks, "linear_dz_kernel": 0, "linear_radix_kernel": 0,
+                          "logits_grad_kernel": chunks}
+
+
+def test_single_pass_fp64_and_frozen_weight():
+    d = grpo_data(F64)
+    cfg = dict(loss_type="dapo", entropy_coef=0.05, entropy_source="clamped", topk=40, temperature=0.8)
+    with tiny(32, 101, dtype=F64, with_dz=True):
+        _, loss_t, _, _, g_t = run_module(d, "triton", **cfg)
+    _, loss_c, _, _, g_c = run_module(d, "torch", **cfg)
+    torch.testing.assert_close(loss_t, loss_c, atol=1e-10, rtol=1e-10)
+    for a, e in zip(g_t, g_c):
+        torch.testing.assert_close(a, e, atol=1e-10, rtol=1e-10)
+    # a frozen head: no dW product, the other gradients unchanged
+    m = LinearGRPOLoss(backend="triton", **cfg)
+    x, b = d["x"].clone().requires_grad_(), d["b"].clone().requires_grad_()
+    with tiny(32, 101, dtype=F64, with_dz=True):
+        loss, _ = m(x, d["w"], d["ids"], d["mask"], d["adv"], bias=b, old_per_token_logps=d["old"],
+                    ref_per_token_logps=d["ref"])
+    loss.backward()
+    assert m.last_path == "single"
+    torch.testing.assert_close(x.grad, g_c[0], atol=1e-10, rtol=1e-10)
+    torch.testing.assert_close(b.grad, g_c[2], atol=1e-10, rtol=1e-10)
+
+
+def test_single_pass_bf16_close_to_fp64():
+    """bf16: dz enters the gradient GEMMs in bf16 (as in the two-pass backward); against the fp64
+    torch single pass the error is within a few bf16 ulps of each gradient's scale."""
+    cfg = dict(loss_type="dapo", entropy_coef=0.05, temperature=0.8)
+    d16 = grpo_data(torch.bfloat16)
+    with tiny(16, 101, dtype=torch.bfloat16, with_dz=True):
+        m, loss_t, _, _, g_t = run_module(d16, "triton", **cfg)
+    assert m.last_path == "single"
+    d64 = {k: (v.double() if k in ("x", "w", "b") else v) for k, v in d16.items()}
+    _, loss_c, _, _, g_c = run_module(d64, "torch", **cfg)
+    torch.testing.assert_close(loss_t.double(), loss_c, atol=1e-4, rtol=1e-4)
+    eps = torch.finfo(torch.bfloat16).eps
+    for a, e in zip(g_t, g_c):
+        torch.testing.assert_close(a.double(), e, atol=2 * eps * e.abs().max().item(), rtol=2 * eps)
+
+
+def test_backend_reports_single_pass_rows():
+    with C.override(linear_stats=TINY, logits_buffer_bytes=40 * 112 * 6):
+        assert triton_backend.single_pass_rows(1000, 101, torch.bfloat16) == 32
+        assert triton_backend.single_pass_rows(1000, 101, torch.float32) == 48  # dz in place over z

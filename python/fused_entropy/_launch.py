@@ -654,19 +654,15 @@ def linear_grad_atomic(x, weight, bias, targets, tf: LogitTransform, ignore_inde
     )
 
 
-def logits_grad(logits, targets, tf: LogitTransform, ignore_index: int, stats: RowStats, g_lp, g_ent, g_cl):
-    """grad_logits [N, V] in the logits' dtype, written tile by tile."""
+def _logits_grad_launch(logits, targets, tf: LogitTransform, ignore_index: int, stats: RowStats, g_lp, g_ent, g_cl,
+                        out, z_in: bool, in_place: bool = False):
+    """One ``logits_grad_kernel`` launch: ``out`` [N, V] <- dL/d(logits) (``z_in``: ``logits`` holds
+    the transformed z, the chain rule of the transform is still applied; ``in_place``: ``out`` is
+    ``logits``). g_* already in the acc dtype."""
     n, vocab = logits.shape
     dt = dtype_key(logits.dtype)
-    acc = acc_dtype(logits.dtype)
     cfg = configs.get("logits_grad", dt)
-    grad = torch.empty_like(logits, memory_format=torch.contiguous_format)
-    g_lp, g_ent, g_cl = (_row(g, acc) for g in (g_lp, g_ent, g_cl))
     cl = g_cl is not None
-    if n == 0:
-        return grad
-    if g_lp is None and g_ent is None and g_cl is None:
-        return grad.zero_()
     grid = (triton.cdiv(n, cfg.block_n), triton.cdiv(vocab, cfg.block_v))
 
     def launch(num_warps, num_stages):
@@ -674,11 +670,98 @@ def logits_grad(logits, targets, tf: LogitTransform, ignore_index: int, stats: R
             logits, targets, stats.lse, stats.entropy if g_ent is not None else None,
             stats.tau if cl else None, stats.tie_frac if cl else None,
             stats.lse_clamped if cl else None, stats.clamped_entropy if cl else None,
-            g_lp, g_ent, g_cl, grad,
-            n, vocab, logits.stride(0), grad.stride(0), ignore_index,
+            g_lp, g_ent, g_cl, out,
+            n, vocab, logits.stride(0), out.stride(0), ignore_index,
             tf.logit_scale, tf.softcap or 0.0, tf.temperature, tf.inv_temperature,
-            BLOCK_N=cfg.block_n, BLOCK_V=cfg.block_v, num_warps=num_warps, num_stages=num_stages,
+            Z_IN=z_in, BLOCK_N=cfg.block_n, BLOCK_V=cfg.block_v, num_warps=num_warps, num_stages=num_stages,
         )
 
-    _run("logits_grad", dt, (vocab, configs.bucket(n), g_lp is not None, g_ent is not None, cl), cfg, launch)
+    # in place (out is logits) a tuning trial would read its own output: no tuning then
+    key = (vocab, configs.bucket(n), g_lp is not None, g_ent is not None, cl, z_in, out.dtype)
+    if in_place:
+        launch(cfg.num_warps, cfg.num_stages)
+    else:
+        _run("logits_grad", dt, key, cfg, launch)
+
+
+def logits_grad(logits, targets, tf: LogitTransform, ignore_index: int, stats: RowStats, g_lp, g_ent, g_cl):
+    """grad_logits [N, V] in the logits' dtype, written tile by tile."""
+    acc = acc_dtype(logits.dtype)
+    grad = torch.empty_like(logits, memory_format=torch.contiguous_format)
+    g_lp, g_ent, g_cl = (_row(g, acc) for g in (g_lp, g_ent, g_cl))
+    if logits.shape[0] == 0:
+        return grad
+    if g_lp is None and g_ent is None and g_cl is None:
+        return grad.zero_()
+    _logits_grad_launch(logits, targets, tf, ignore_index, stats, g_lp, g_ent, g_cl, grad, False)
     return grad
+
+
+# ---------------------------------------------------------------------------------------------
+# single pass: forward statistics and gradients in one sweep over row chunks
+# ---------------------------------------------------------------------------------------------
+
+
+def linear_forward_backward(x, weight, bias, targets, tf: LogitTransform, ignore_index: int, entropy: bool,
+                            k: Optional[int], grad_fn, rows_per_chunk: Optional[int] = None, *,
+                            needs=(True, True, True)):
+    """Row statistics and the gradients of a loss over them in one GEMM pass over the logits (plus
+    the two gradient GEMMs): the single pass of ``LinearGRPOLoss`` (``backends/torch_chunked.py``
+    has the same contract). Per chunk of rows ``[r0, r1)`` (``_LogitsBuffer``):
+
+    1. ``linear_stats_kernel`` stores the chunk's logits z in the logits buffer and folds them into
+       the row statistics; with top-k the further radix digits are read from the buffer;
+    2. ``grad_fn(slice(r0, r1), logprobs, entropy, clamped_entropy)`` -> the rows' upstream gradients
+       (g_logprobs, g_entropy, g_clamped), each [C] or None;
+    3. ``logits_grad_kernel`` (``Z_IN``) turns z into dz = dL/d(h.W + b), with the transform's chain
+       rule, in the input dtype: over z in place for fp32/fp64, else into the buffer's dz half;
+    4. cuBLAS: ``dX[r0:r1] = dz @ W`` (written once), ``dW += dz^T @ x[r0:r1]`` (fp32 accumulator
+       [V, H] across chunks; with one chunk written directly), ``db += sum_rows dz`` (fp32).
+
+    GEMM passes: 3 (logits, dX, dW) instead of the two-pass path's 4. Memory: the logits buffer
+    (``configs.logits_buffer_bytes()``, or ``rows_per_chunk`` rows when given: the caller's chunks of
+    whole sequences) and, with several chunks, the fp32 dW accumulator (V H 4 bytes). Deterministic:
+    no atomics beyond the integer radix histogram, fixed chunks. Returns
+    ``(RowStats, grad_x, grad_weight, grad_bias)``; a gradient whose ``needs`` entry is False is None.
+    """
+    n, h = x.shape
+    vocab = weight.shape[0]
+    acc = acc_dtype(x.dtype)
+    need_x, need_w, need_b = needs[0], needs[1], needs[2] and bias is not None
+    out = _new_stats(n, x.device, acc, entropy, k)
+    dx = torch.empty(n, h, device=x.device, dtype=x.dtype) if need_x else None
+    dw = torch.empty(vocab, h, device=x.device, dtype=weight.dtype) if need_w else None
+    db_acc = torch.zeros(vocab, device=x.device, dtype=acc) if need_b else None
+    if n == 0:
+        if need_w:
+            dw.zero_()
+        return out, dx, dw, None if db_acc is None else db_acc.to(bias.dtype)
+    buf = _LogitsBuffer(x, vocab, k, with_dz=need_x or need_w or need_b, rows=rows_per_chunk)
+    single = buf.rows >= n
+    dw_acc = torch.zeros(vocab, h, device=x.device, dtype=acc) if (need_w and not single) else None
+    for r0, r1 in buf.chunks(n):
+        x_c, y_c = x[r0:r1], targets[r0:r1]
+        rows = _stats_rows(out, r0, r1)
+        _chunk_stats(x_c, weight, bias, y_c, tf, ignore_index, entropy, k, buf, rows)
+        g_lp, g_ent, g_cl = (_row(g, acc) for g in grad_fn(slice(r0, r1), rows.logprobs, rows.entropy,
+                                                            rows.clamped_entropy))
+        if buf.dz is None:
+            continue
+        dz = buf.dz[: r1 - r0, :vocab]
+        if g_lp is None and g_ent is None and g_cl is None:
+            dz.zero_()
+        else:
+            _logits_grad_launch(buf.z[: r1 - r0, :vocab], y_c, tf, ignore_index, rows, g_lp, g_ent, g_cl, dz,
+                                True, in_place=buf.dz is buf.z)
+        if need_x:
+            _mm_into(dx[r0:r1], dz, weight)
+        if need_w:
+            if single:
+                _mm_into(dw, dz.t(), x_c)
+            else:
+                _addmm_acc(dw_acc, dz.t(), x_c)
+        if need_b:
+            db_acc += dz.sum(0, dtype=acc)
+    if dw_acc is not None:
+        dw.copy_(dw_acc)
+    return out, dx, dw, None if db_acc is None else db_acc.to(bias.dtype)

@@ -113,8 +113,9 @@ class LinearGRPOLoss(nn.Module):
             whose normalizers are known from the masks (no 80/20 mask, no Clip-Cov/KL-Cov) and a
             backend with ``linear_forward_backward`` (both have one: torch, and Triton, where the
             logits of a row chunk stay in its bounded logits buffer). ``last_path`` says which path
-            the last call took ("single", "two", or "forward" without gradients). Sequence-level objectives (GSPO, vespo) are
-            chunked by whole sequences, up to ``WHOLE_SEQUENCE_MAX_ELEMENTS`` logits per chunk.
+            the last call took ("single", "two", or "forward" without gradients). Sequence-level
+            objectives (GSPO, vespo) are chunked by whole sequences, up to
+            ``WHOLE_SEQUENCE_MAX_ELEMENTS`` logits per chunk.
         process_group: a ``torch.distributed`` group over which the LM head is split by vocabulary
             (tensor parallelism): every rank passes its contiguous shard of ``lin_weight`` (and
             ``bias``, ``ref_weight``, ``ref_bias``) and the same ``_input``, global token ids, masks
@@ -129,8 +130,10 @@ class LinearGRPOLoss(nn.Module):
             ``process_group`` pass it explicitly: the world would give the 80/20 threshold each token
             once per tensor-parallel rank.
         cov_statistics: ``"local"`` or ``"global"`` Clip-Cov/KL-Cov statistics (see ``grpo_loss``).
-        rows_per_chunk: rows per chunk of the single pass (default: about ``SINGLE_PASS_ELEMENTS``
-            logits per chunk, i.e. two 7 MiB fp32 blocks).
+        rows_per_chunk: rows per chunk of the single pass (default: the backend's
+            ``single_pass_rows`` where it has one, i.e. on Triton the rows the bounded logits buffer
+            holds, ``configs.logits_buffer_bytes()``; else about ``SINGLE_PASS_ELEMENTS`` logits per
+            chunk, i.e. two 7 MiB fp32 blocks).
 
     ``forward(_input [B, T, H], lin_weight [V, H], selected_token_ids [B, T], attention_mask [B, T],
     advantages [B] or [B, T], bias [V]=None, ref_per_token_logps [B, T]=None, old_per_token_logps
@@ -594,7 +597,10 @@ class LinearGRPOLoss(nn.Module):
             if not bool(keep.all()):
                 rows_in = keep.nonzero().squeeze(1)
         n_rows = n if rows_in is None else rows_in.numel()
-        step = self.rows_per_chunk or max(1, SINGLE_PASS_ELEMENTS // vocab)
+        # the backend's own chunk when it has one (Triton: the rows its bounded logits buffer holds)
+        rows_for = getattr(be, "single_pass_rows", None)
+        base = rows_for(n_rows, vocab, x.dtype) if rows_for is not None else SINGLE_PASS_ELEMENTS // vocab
+        step = self.rows_per_chunk or max(1, base)
         if whole_sequences:
             step = seqlen * max(1, step // max(seqlen, 1))
         step = max(1, min(step, n_rows)) if n_rows > 0 else 1

@@ -13,7 +13,10 @@ single-kernel backward with fp32 atomics instead, outside torch's deterministic 
 (``kernels/linear_grad.py`` compares the two). The logits entry point writes only the logits
 gradient itself. fp16/bf16/fp32/fp64 inputs.
 
-Beyond the interface, ``linear_topk_select`` is the vocabulary-parallel top-k select that
+Beyond the interface, ``linear_forward_backward`` is the single pass of ``LinearGRPOLoss`` (as in
+``torch_chunked``): statistics, upstream gradients and dz from the same logits buffer, then cuBLAS for
+dX and dW, 3 GEMM passes instead of 4; ``single_pass_rows`` tells the module the chunk the buffer
+holds. ``linear_topk_select`` is the vocabulary-parallel top-k select that
 ``_distributed.VocabParallelLinearLogprobsFunction`` uses when a backend provides one (the torch
 backend goes through ``_distributed.radix_topk_stats`` instead); it recomputes a GEMM pass per digit.
 """
@@ -49,6 +52,21 @@ def linear_topk_select(x, weight, bias, tf, k, shift, all_reduce):
     """(tau, tie_frac, s_S, t_S) [N] of a vocabulary split across ranks, from this rank's shard;
     the protocol of ``_distributed.radix_topk_stats`` (see ``_launch.linear_topk_select``)."""
     return _launch.linear_topk_select(x, weight, bias, tf, k, shift, all_reduce)
+
+
+def linear_forward_backward(x, weight, bias, targets, tf, ignore_index, entropy, k, grad_fn, rows_per_chunk=None,
+                            *, needs=(True, True, True)):
+    """Statistics and gradients in one sweep over row chunks: the contract of
+    ``torch_chunked.linear_forward_backward`` (``_launch.linear_forward_backward``: one GEMM pass for
+    the logits, kept in the bounded logits buffer, then dz from the buffer and cuBLAS for dX, dW)."""
+    return _launch.linear_forward_backward(x, weight, bias, targets, tf, ignore_index, entropy, k, grad_fn,
+                                           rows_per_chunk, needs=needs)
+
+
+def single_pass_rows(n, vocab, dtype):
+    """Rows per chunk ``linear_forward_backward`` takes by default: as many as the logits buffer
+    (z, and dz for 16-bit inputs) holds within ``configs.logits_buffer_bytes()``."""
+    return _launch.buffer_rows(n, vocab, dtype, with_dz=True)
 
 
 def logits_forward(logits, targets, tf, ignore_index, entropy, k) -> RowStats:

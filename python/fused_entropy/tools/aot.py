@@ -351,6 +351,15 @@ def _head_scenarios(rec: _Recorder, shape: str, label: str, dtype):
             kw = {"needs": needs} if takes_needs else {}
             with configs.override(backward=design):
                 backend.linear_backward(x, w, b if bias else None, y, tf, -100, stats, *gs, k, **kw)
+        if entropy and hasattr(backend, "linear_forward_backward"):
+            # the single pass (LinearGRPOLoss): z kept in the logits buffer, dz formed from it (Z_IN)
+            for grads in (terms, ["lp"]):
+                rec.scenario = (f"{shape} {label} linear_forward_backward bias={bias} softcap={softcap} k={k} "
+                                f"grads={'+'.join(grads)}")
+                gs = [g if t in grads else None for t in ("lp", "ent", "cl")]
+                backend.linear_forward_backward(x, w, b if bias else None, y, tf, -100, True, k,
+                                                lambda sl, *_: [None if t is None else t[sl] for t in gs],
+                                                needs=(True, True, bias))
         if k is not None and entropy and hasattr(backend, "linear_topk_select"):
             # vocabulary-parallel clamped entropy (_distributed): every digit gets a pass, sums across ranks
             rec.scenario = f"{shape} {label} linear_topk_select bias={bias} softcap={softcap} k={k}"
@@ -797,7 +806,9 @@ def roofline(n: int, h: int, v: int, dtype: str = "bf16", gpu=H100_SXM) -> List[
     the forward makes 1, with clamped entropy too: it stores each row chunk's fp32 logits in the
     logits buffer (``LOGITS_BUFFER_BYTES``) and the radix digits after the first are read from there
     (``configs.RADIX_DIGITS``; the vocabulary-parallel select, ``linear_radix_kernel``, still
-    recomputes one GEMM pass per digit: listed, in no workload); the backward makes 3 (recompute, dX, dW) in either design: chunked
+    recomputes one GEMM pass per digit: listed, in no workload); the single pass of
+    ``LinearGRPOLoss`` makes 3 (logits into the buffer, then dX and dW from dz in cuBLAS, with an fp32
+    dW accumulator read and written once per row chunk); the backward makes 3 (recompute, dX, dW) in either design: chunked
     (default: ``linear_dz_kernel`` writes dz, cuBLAS reads it twice; ``GRAD_BUFFER_BYTES`` sets the
     chunks, each adding a read and write of the fp32 dX accumulator) or atomic (``linear_grad_kernel``). Bytes are compulsory
     traffic: every input read once, every output written once, as if tiles were re-read from L2 and
@@ -839,6 +850,17 @@ def roofline(n: int, h: int, v: int, dtype: str = "bf16", gpu=H100_SXM) -> List[
     add("linear_radix_kernel", "vocabulary-parallel clamped entropy: recompute per radix digit (each rank, its "
         "shard)", gemm, n * h * e + v * h * e + 2 * n * acc + n * nbins * 4, launches=len(digits),
         atomic_adds=n * v, tile_bytes=gemm / fwd_ai(configs.get("linear_radix", dtype)))
+    # the single pass of LinearGRPOLoss: row chunks of the logits buffer, z fp32 + dz in the input dtype
+    zb = acc + (e if e != acc else 0)
+    rows_c = max(f.block_n, configs.LOGITS_BUFFER_BYTES // (v * zb) // f.block_n * f.block_n)
+    sp_chunks = max(1, math.ceil(n / rows_c))
+    add("linear_stats_kernel +Z", f"single pass: logits stored in the logits buffer ({sp_chunks} row chunks "
+        f"of {min(n, rows_c)})", 0, n * v * acc)
+    add("logits_grad_kernel (Z_IN)", "single pass: dz from the buffer (read z, write dz)", 0,
+        n * v * (acc + e) + 8 * n + 8 * n * acc)
+    dw_bytes = v * h * e if sp_chunks == 1 else (2 * sp_chunks * v * h * acc + v * h * (acc + e))
+    add("(cuBLAS) single pass dX, dW", "single pass: dX = dz W per chunk, dW += dz^T x (fp32 accumulator)",
+        2 * gemm, 2 * n * v * e + n * h * e + v * h * e + n * h * e + dw_bytes + v * acc)
     add("radix_select_kernel", "clamped entropy: pick a digit per row (reads + zeroes the histogram)", 0,
         2 * n * nbins * 4 + 6 * n * acc, launches=len(digits))
     add("linear_grad_kernel", "backward: recompute + dX + dW (3 passes)", 3 * gemm,
@@ -882,6 +904,9 @@ WORKLOADS = {
     "linear+clamped": (("linear_stats_kernel", "finish_stats_kernel") + _CHUNKED_BWD +
                        ("linear_stats_kernel +TOPK", "logits_radix_kernel (buffer)", "radix_select_kernel"),
                        "the same with clamped (top-k) entropy"),
+    "grpo-single": (("linear_stats_kernel", "finish_stats_kernel", "linear_stats_kernel +Z",
+                     "logits_grad_kernel (Z_IN)", "(cuBLAS) single pass dX, dW"),
+                    "LinearGRPOLoss single pass (Triton): logits buffer, dz, dX, dW"),
     "linear-atomic": (("linear_stats_kernel", "finish_stats_kernel") + _ATOMIC_BWD,
                       "linear_logprobs + entropy, fwd+bwd, atomic backward (opt-in)"),
     "logits": (("logits_stats_kernel", "finish_stats_kernel", "logits_grad_kernel"),
