@@ -487,3 +487,67 @@ def test_item9_out_of_range_loss_options_are_rejected(kw, match):
         grpo_loss(lp, adv, mask, old_logprobs=old, ref_logprobs=old, entropy=ent, **kw)
     with pytest.raises(ValueError, match=match):
         LinearGRPOLoss(**kw)
+
+
+# ---------------------------------------------------------------------------------------------
+# item 10: errors name the argument at fault
+# ---------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("rows", [-5, 5])
+def test_item10_reference_head_of_another_vocabulary_names_ref_weight(rows):
+    x, w, ids, mask, adv, old = _head_batch()
+    ref_w = torch.randn(VOCAB + rows, H, device=DEVICE)
+    mod = LinearGRPOLoss(beta=0.04, use_ref_model=True, backend="torch")
+    with pytest.raises(ValueError, match=rf"ref_weight must have shape \[V, H'\]=\({VOCAB}, {H}\).*got \({VOCAB + rows}, {H}\)"):
+        mod(x, w, ids, mask, adv, ref_input=x, ref_weight=ref_w)
+    with pytest.raises(ValueError, match="ref_bias must have shape"):
+        mod(x, w, ids, mask, adv, ref_input=x, ref_weight=w, ref_bias=torch.zeros(VOCAB + 1, device=DEVICE))
+
+
+class _Ctrl:
+    def __init__(self, coef):
+        self.coef = coef
+
+    def observe(self, entropy_sum, token_count):
+        pass
+
+
+@pytest.mark.parametrize("coef", ["x", float("nan"), None], ids=repr)
+def test_item10_bad_controller_coefficient_is_named(coef):
+    x, w, ids, mask, adv, old = _head_batch()
+    exc = ValueError if isinstance(coef, float) else TypeError
+    with pytest.raises(exc, match="entropy_controller.coef must be"):
+        LinearGRPOLoss(beta=0.0, entropy_controller=_Ctrl(coef), backend="torch")(x, w, ids, mask, adv)
+    lp, _, a, ent, m = _tok_batch()
+    with pytest.raises(exc, match="entropy_controller.coef must be"):
+        grpo_loss(lp, a, m, entropy=ent, entropy_controller=_Ctrl(coef))
+    from fused_entropy.control import StaticEntropyCoef
+
+    with pytest.raises(exc, match="coef must be"):
+        StaticEntropyCoef(coef)
+
+
+def test_item10_nonfinite_controller_state_is_rejected_and_leaves_the_state():
+    from fused_entropy.control import AdaptiveEntropyCoef, StaticEntropyCoef
+
+    c = AdaptiveEntropyCoef(init=0.01)
+    good = c.state_dict()
+    for key, value in (("value", float("nan")), ("last_entropy", float("inf")), ("window_entropy_sum", "x"),
+                       ("window_token_count", -1.0), ("num_steps", -2), ("num_steps", 1.5)):
+        bad = dict(good, **{key: value})
+        with pytest.raises((ValueError, TypeError), match=key):
+            c.load_state_dict(bad)
+        assert c.state_dict() == good
+    s = StaticEntropyCoef(0.1)
+    with pytest.raises(ValueError, match="last_entropy"):
+        s.load_state_dict(dict(s.state_dict(), last_entropy=float("nan")))
+
+
+@pytest.mark.parametrize("value", ["no", 1, None], ids=repr)
+def test_item10_entropy_flag_must_be_a_bool(value):
+    h, w, y = torch.randn(2, 3), torch.randn(5, 3), torch.tensor([1, 2])
+    with pytest.raises(TypeError, match="entropy must be a bool"):
+        linear_logprobs(h, w, y, entropy=value)
+    with pytest.raises(TypeError, match="entropy must be a bool"):
+        logprobs_from_logits(torch.randn(2, 5), y, entropy=value)

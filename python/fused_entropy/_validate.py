@@ -61,6 +61,12 @@ def check_ignore_index(ignore_index, *, allow_none: bool = True) -> None:
         raise ValueError(f"ignore_index must fit in int64, got {ignore_index}")
 
 
+def check_bool(name: str, value) -> None:
+    """A real ``bool`` (``entropy="no"`` is truthy: a string must not switch an output on)."""
+    if not isinstance(value, bool):
+        raise TypeError(f"{name} must be a bool, got {type(value).__name__} {value!r}")
+
+
 def check_same_device(**tensors) -> None:
     items = [(k, v) for k, v in tensors.items() if v is not None]
     first_name, first = items[0]

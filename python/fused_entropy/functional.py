@@ -37,7 +37,7 @@ def _check_transform(temperature, softcap, logit_scale) -> LogitTransform:
     return LogitTransform(float(temperature), None if softcap is None else float(softcap), float(logit_scale))
 
 
-def _check_linear(hidden, weight, targets, bias, temperature, softcap, logit_scale, ignore_index):
+def _check_linear(hidden, weight, targets, bias, temperature, softcap, logit_scale, ignore_index, entropy=True):
     """Checks of one rank's arguments that need no other rank; returns ``(V, H, LogitTransform)``."""
     V.check_tensor("hidden", hidden, floating=True)
     V.check_tensor("weight", weight, floating=True)
@@ -62,6 +62,7 @@ def _check_linear(hidden, weight, targets, bias, temperature, softcap, logit_sca
     if vocab == 0:
         raise ValueError("weight must have at least one vocabulary row (V >= 1)")
     V.check_ignore_index(ignore_index)
+    V.check_bool("entropy", entropy)
     V.check_same_device(hidden=hidden, weight=weight, targets=targets, bias=bias)
     return vocab, h, _check_transform(temperature, softcap, logit_scale)
 
@@ -157,7 +158,7 @@ def linear_logprobs(
             hidden, weight, targets, bias, temperature, softcap, logit_scale, ignore_index, entropy, topk,
             clamp_p, backend, process_group, vocab_size, hidden_grad,
         )
-    vocab, h, tf = _check_linear(hidden, weight, targets, bias, temperature, softcap, logit_scale, ignore_index)
+    vocab, h, tf = _check_linear(hidden, weight, targets, bias, temperature, softcap, logit_scale, ignore_index, entropy)
     _check_vocab_size(vocab_size)
     _check_hidden_grad(hidden_grad)
     if vocab_size is not None and vocab_size != vocab:
@@ -188,7 +189,7 @@ def _linear_logprobs_vocab_parallel(hidden, weight, targets, bias, temperature, 
     D.check_group(group)
     err, tf, be, be_name = None, None, None, "torch"
     try:
-        _, h, tf = _check_linear(hidden, weight, targets, bias, temperature, softcap, logit_scale, ignore_index)
+        _, h, tf = _check_linear(hidden, weight, targets, bias, temperature, softcap, logit_scale, ignore_index, entropy)
         targets = V.token_ids("targets", targets)
         device = hidden.device
         V.resolve_k(topk, clamp_p, sys.maxsize)  # types and ranges; k <= V is checked against the global V
@@ -234,6 +235,7 @@ def logprobs_from_logits(
     V.check_tensor("logits", logits, floating=True)
     targets = V.token_ids("targets", targets)
     V.check_ignore_index(ignore_index)
+    V.check_bool("entropy", entropy)
     if logits.dim() < 1:
         raise ValueError("logits must have shape [..., V], got a 0-d tensor")
     vocab = logits.shape[-1]

@@ -335,9 +335,11 @@ class LinearGRPOLoss(nn.Module):
         ctrl = self.entropy_controller
         if ctrl is None:
             return float(self.entropy_coef)
-        coef = float(ctrl.coef)
+        coef = ctrl.coef
+        if isinstance(coef, torch.Tensor) and coef.numel() == 1 and not (coef.dtype.is_complex or coef.dtype == torch.bool):
+            coef = float(coef)
         G._check_number("entropy_controller.coef", coef)
-        return coef
+        return float(coef)
 
     # -----------------------------------------------------------------------------------------
     # forward
@@ -389,7 +391,8 @@ class LinearGRPOLoss(nn.Module):
         self._check_ids(targets, valid, vocab)
 
         ref = self._reference_logprobs(
-            ref_per_token_logps, ref_input, ref_weight, ref_bias, targets, bsz, seqlen, tf, be, no_target=no_target
+            ref_per_token_logps, ref_input, ref_weight, ref_bias, targets, bsz, seqlen, tf, be, no_target=no_target,
+            vocab=vocab,
         )
         observe = self.training and torch.is_grad_enabled() and self.entropy_controller is not None
         coef = self._coef()
@@ -482,7 +485,7 @@ class LinearGRPOLoss(nn.Module):
             raise ValueError(f"selected_token_ids inside attention_mask must be in [0, {vocab}); found {value}")
 
     def _reference_logprobs(self, ref_lp, ref_input, ref_weight, ref_bias, targets, bsz, seqlen, tf, be,
-                            no_target=None):
+                            no_target=None, vocab=None):
         """Reference log-probs ``[B, T]`` for the KL term, or None (then the KL is to the policy itself)."""
         if not self.use_ref_model or self.beta == 0.0:
             return None
@@ -499,6 +502,17 @@ class LinearGRPOLoss(nn.Module):
         V.check_tensor("ref_input", ref_input, floating=True)
         if ref_input.dim() != 3 or tuple(ref_input.shape[:2]) != (bsz, seqlen):
             raise ValueError(f"ref_input must have shape [B, T, H]=({bsz}, {seqlen}, H), got {tuple(ref_input.shape)}")
+        # the reference head scores the same ids: its vocabulary is the policy's (named here, not as
+        # an out-of-range target further down)
+        V.check_tensor("ref_weight", ref_weight, floating=True)
+        want = (vocab if vocab is not None else ref_weight.shape[0], ref_input.shape[-1])
+        if ref_weight.dim() != 2 or tuple(ref_weight.shape) != want:
+            raise ValueError(f"ref_weight must have shape [V, H']={want} (V of lin_weight, H' of ref_input "
+                             f"{tuple(ref_input.shape)}), got {tuple(ref_weight.shape)}")
+        if ref_bias is not None:
+            V.check_tensor("ref_bias", ref_bias, floating=True)
+            if tuple(ref_bias.shape) != (want[0],):
+                raise ValueError(f"ref_bias must have shape [V]=({want[0]},), got {tuple(ref_bias.shape)}")
         with torch.no_grad():
             stats = linear_logprobs(
                 ref_input, ref_weight, targets, bias=ref_bias, temperature=tf.temperature, softcap=tf.softcap,
@@ -541,7 +555,8 @@ class LinearGRPOLoss(nn.Module):
         except (TypeError, ValueError) as e:
             D.agree(group, e)
             raise
-        ref = self._reference_logprobs(ref_lp, ref_input, ref_weight, ref_bias, targets, bsz, seqlen, tf, None)
+        ref = self._reference_logprobs(ref_lp, ref_input, ref_weight, ref_bias, targets, bsz, seqlen, tf, None,
+                                       vocab=w.shape[0])
         observe = self.training and torch.is_grad_enabled() and self.entropy_controller is not None
         needs_grad = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (x, w, bias))
         loss, metrics = self._two_pass(

@@ -215,14 +215,24 @@ class EntropyController(ABC):
                    if k not in state_dict]
         if missing:
             raise ValueError(f"state_dict for {name} is missing {missing}")
-        self.num_steps = int(state_dict["num_steps"])
-        le = state_dict["last_entropy"]
-        self.last_entropy = None if le is None else float(le)
-        self._window_sum = float(state_dict["window_entropy_sum"])
-        self._window_count = float(state_dict["window_token_count"])
+        # Check every entry before assigning any: a NaN or a string must not load silently (a NaN
+        # coefficient would make every later loss NaN), and a bad state must leave this one intact.
+        steps = state_dict["num_steps"]
+        if isinstance(steps, bool) or not isinstance(steps, int) or steps < 0:
+            raise ValueError(f"state_dict['num_steps'] must be an int >= 0, got {steps!r}")
+        le = _check_number("state_dict['last_entropy']", state_dict["last_entropy"], allow_none=True)
+        ws = _check_number("state_dict['window_entropy_sum']", state_dict["window_entropy_sum"])
+        wc = _check_number("state_dict['window_token_count']", state_dict["window_token_count"], min_value=0.0)
+        fields = {}
         for f in self._STATE_FIELDS:
             v = state_dict[f]
-            setattr(self, "_" + f, v if v is None or isinstance(v, bool) else float(v))
+            fields[f] = v if v is None or isinstance(v, bool) else _check_number(f"state_dict[{f!r}]", v)
+        self.num_steps = steps
+        self.last_entropy = le
+        self._window_sum = ws
+        self._window_count = wc
+        for f, v in fields.items():
+            setattr(self, "_" + f, v)
 
     def __repr__(self) -> str:
         cfg = ", ".join(f"{k}={v!r}" for k, v in self._config().items())
