@@ -1,4 +1,5 @@
-"""Shared by the benchmark files: the cases and the timing of one provider (see conftest.py)."""
+"""Shared by the benchmark files: the timing of one provider (see conftest.py). The cases are the
+presets of ``fused_entropy.tools.bench_providers.PRESETS``, the list ``fused-entropy bench`` uses."""
 from __future__ import annotations
 
 import importlib.util
@@ -8,11 +9,7 @@ import torch
 
 from fused_entropy.tools.bench_providers import PROVIDERS, Case
 
-CASES = {
-    "cpu": Case(n=512, h=256, v=8192, dtype="float32", seq_len=128),
-    "cuda": Case(n=4096, h=4096, v=65536, dtype="bfloat16", seq_len=512),
-}
-ROUNDS = {"cpu": 5, "cuda": 20}
+ROUNDS = {"cpu": 6, "cuda": 20}
 # rows of another family shown in a family's group: clamped entropy next to plain entropy
 COMPARE_WITH = {"clamped_entropy": ["floor", "fused"]}
 
@@ -32,6 +29,8 @@ def run_benchmark(benchmark, name: str, case: Case, device: torch.device, family
     gemms = p.gemms(case, device)
     benchmark.group = f"{family} N={case.n} H={case.h} V={case.v} {case.dtype}"
     benchmark.extra_info.update(provider=p.label, gemms=gemms, gflop=case.gemm_flops(gemms) / 1e9)
+    benchmark.extra_info.update({k: (v if not isinstance(v, dict) else {str(a): b for a, b in v.items()})
+                                 for k, v in run.info.items()})  # a floor's chunking
     if p.full_warmup:
         run.step()
     if cuda and p.kind != "floor":

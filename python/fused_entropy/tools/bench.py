@@ -1,27 +1,39 @@
 """``fused-entropy bench``: speed and working memory of this package next to the tools people use today.
 
-Every row is one provider (see :mod:`fused_entropy.tools.bench_providers`) measured in its own process
-(:mod:`fused_entropy.tools.bench_worker`, which documents how time and memory are taken). Rows are
-grouped by what they compute; in each group every row's time is divided by
+Method. For each case, every provider (see :mod:`fused_entropy.tools.bench_providers`) gets a warm
+worker process of its own (:mod:`fused_entropy.tools.bench_worker`, which documents how time and
+memory are taken); then the providers are timed in rounds, one step each per round (A B C, A B C,
+... at least 6 rounds), so a change in the machine's load lands on every provider alike. A row's time
+is the median over the rounds with its 95% confidence interval, the distribution-free interval of a
+median from order statistics (``scipy.stats.quantile_test``; with 6-8 rounds it is the range of the
+samples). Ratios divide medians; a ratio's interval runs from the lowest to the highest quotient of
+the two intervals, and it is marked ``ns`` (not significant) when the two intervals overlap.
 
-- the matrix-multiply floor measured in the same run (``xfloor``): the GEMMs the fused algorithm must
-  do, alone, at the same chunking (4 for ``linear_logprobs``: forward, recompute, dX, dW; 3 for the
-  single-pass GRPO loss),
+Rows are grouped by what they compute; in each group every row's time is divided by
+
+- the matrix-multiply floor measured in the same rounds (``xfloor``): the GEMMs the fused algorithm
+  must do, alone, at the fastest of several row chunkings (4 for ``linear_logprobs``: forward,
+  recompute, dX, dW; 3 for the single-pass GRPO loss),
 - the eager materialized reference (``xeager``; for clamped entropy: the plain-entropy fused row),
-- each peer library's row (``xTRL``, ``xLiger``...),
+- each peer library's row (``xTRL``, ``xLiger``...).
 
-so that ratios, not absolute times, carry the result. Working memory is printed as a fraction of one
-fp32 ``[N, V]`` buffer.
+Working memory is printed in MiB and as a fraction of one fp32 ``[N, V]`` buffer.
 
-Presets: ``quick`` (default): one case (CPU: N=2048, H=512, V=32768, fp32; CUDA: N=8192, H=4096,
-V=131072, bf16), the main rows, two timed runs per row on CPU (about 2 minutes on a quiet 2-core CPU). ``sweep``: N from 1k to 16k at the
-default V, and V from 32k to 256k at the default N, every provider; rows that would not fit in free
-memory are skipped. ``--out DIR`` writes ``bench_<preset>_<device>.csv`` and ``.png``.
+Presets (:data:`bench_providers.PRESETS`, the case list the pytest-benchmark suite uses too):
+``quick`` (default): one case (CPU: N=2048, H=512, V=32768, fp32; CUDA: N=8192, H=4096, V=131072,
+bf16), the main rows, 6 rounds (about 6 minutes on a quiet 2-core CPU). ``sweep``: N from 1k to 32k
+at the base V and V from 32k to 256k at the base N (``--sweep-n``, ``--sweep-v`` to choose others),
+every provider; rows that would not fit in free memory are skipped. ``small``: the suite's case.
+``--out DIR`` writes ``bench_<preset>_<device>.csv``, ``.txt`` and ``.png``.
+
+Exit status: 0 when every row that could run was measured, 1 when any row failed, 2 for invalid
+arguments.
 """
 from __future__ import annotations
 
 import argparse
 import csv
+import datetime
 import json
 import os
 import platform
@@ -29,26 +41,14 @@ import subprocess
 import sys
 import time
 from dataclasses import dataclass, field, replace
-from typing import Dict, List, Optional, Sequence
+from typing import Dict, List, Optional, Sequence, Tuple
 
-from .bench_providers import FAMILIES, FAMILY_TITLES, PROVIDERS, Case, unavailable
+from .bench_providers import FAMILIES, FAMILY_TITLES, PRESETS, PROVIDERS, Case, unavailable
 
 H100_BF16_PEAK_TFLOPS = 989.0  # H100 SXM dense bf16
-
-QUICK = (
-    "floor", "fused", "fused-torch", "fused-logp", "reference", "trl", "liger-ce",
-    "fused-topk64", "fused-clamp0.3",
-    "floor-grpo", "fused-grpo", "liger-grpo", "trl-grpo",
-    "fused-logits", "reference-logits", "trl-logits",
-)
-SWEEP = tuple(PROVIDERS)
-
-DEFAULT_CASE = {
-    "cpu": Case(n=2048, h=512, v=32768, dtype="float32", seq_len=256),
-    "cuda": Case(n=8192, h=4096, v=131072, dtype="bfloat16", seq_len=1024),
-}
-SWEEP_N = (1024, 2048, 4096, 8192, 16384)
-SWEEP_V = (32768, 65536, 131072, 262144)
+CONFIDENCE = 0.95
+MIN_ROUNDS = 6  # the fewest samples whose median has a 95% distribution-free interval
+DEFAULT_ROUNDS = 6
 
 # the column each family divides by (xeager); the clamped rows are compared with plain entropy
 BASELINE = {"linear_logprobs": ("reference", "eager"), "clamped_entropy": ("fused", "plain H"),
@@ -57,21 +57,65 @@ FLOOR = {"linear_logprobs": "floor", "clamped_entropy": "floor", "grpo": "floor-
 PEER_SHORT = {"trl": "TRL", "liger-ce": "Liger", "liger-grpo": "Liger", "trl-grpo": "TRL", "trl-logits": "TRL"}
 
 
+# ---------------------------------------------------------------------------------------------
+# statistics: medians, their intervals, ratios
+# ---------------------------------------------------------------------------------------------
+
+
+def median_ci(times: Sequence[float], confidence: float = CONFIDENCE) -> Tuple[float, float, float]:
+    """(median, low, high): the sample median and its distribution-free confidence interval
+    (``scipy.stats.quantile_test(...).confidence_interval``, from order statistics)."""
+    import numpy as np
+    from scipy import stats
+
+    x = np.asarray(times, dtype=float)
+    med = float(np.median(x))
+    ci = stats.quantile_test(x, q=med, p=0.5).confidence_interval(confidence_level=confidence)
+    return med, float(ci.low), float(ci.high)
+
+
+@dataclass(frozen=True)
+class Ratio:
+    value: float
+    low: float
+    high: float
+    significant: bool  # the two intervals do not overlap
+
+    def __str__(self) -> str:
+        return f"{self.value:.2f} [{self.low:.2f}-{self.high:.2f}]" + ("" if self.significant else " ns")
+
+
+def ratio(a: "Row", b: "Row") -> Ratio:
+    (ma, la, ha), (mb, lb, hb) = a.stats, b.stats
+    return Ratio(ma / mb, la / hb, ha / lb, ha < lb or hb < la)
+
+
+# ---------------------------------------------------------------------------------------------
+# rows
+# ---------------------------------------------------------------------------------------------
+
+
 @dataclass
 class Row:
     provider: str
     case: Case
-    result: Dict = field(default_factory=dict)  # the worker's JSON
+    result: Dict = field(default_factory=dict)  # the worker's close() JSON, times_s over the rounds
     skipped: Optional[str] = None
     error: Optional[str] = None
 
     @property
     def ok(self) -> bool:
-        return not self.skipped and not self.error and "time_s" in self.result
+        return not self.skipped and not self.error and bool(self.result.get("times_s"))
+
+    @property
+    def stats(self) -> Tuple[float, float, float]:
+        if "_stats" not in self.result:
+            self.result["_stats"] = median_ci(self.result["times_s"])
+        return self.result["_stats"]
 
     @property
     def time(self) -> float:
-        return self.result["time_s"]
+        return self.stats[0]
 
     @property
     def working(self) -> Optional[float]:
@@ -80,7 +124,7 @@ class Row:
 
 
 # ---------------------------------------------------------------------------------------------
-# running the rows
+# workers
 # ---------------------------------------------------------------------------------------------
 
 
@@ -106,105 +150,166 @@ def _needed_bytes(name: str, case: Case) -> int:
     return int(2 * inputs + p.mem_nv * case.nv_bytes)
 
 
-def _row_from(name: str, case: Case, result: Optional[dict]) -> Row:
-    if result is None:
-        return Row(name, case, error="no result from the worker")
-    if "error" in result:
-        return Row(name, case, error=result["error"])
-    return Row(name, case, result=result)
+class _Lines:
+    """A JSON-lines conversation with a process (the fork server, or one spawned worker)."""
 
+    def __init__(self, cmd: List[str], verbose: bool):
+        self.proc = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                                     stderr=None if verbose else subprocess.DEVNULL, text=True, bufsize=1)
 
-def run_spawned(name: str, case: Case, device, repeats: int, timeout: float, verbose: bool = False) -> Row:
-    """One row in a new ``python -m fused_entropy.tools.bench_worker`` process."""
-    cmd = [sys.executable, "-m", "fused_entropy.tools.bench_worker", "--provider", name,
-           "--n", str(case.n), "--h", str(case.h), "--v", str(case.v), "--dtype", case.dtype,
-           "--seq-len", str(case.seq_len), "--device", str(device), "--repeats", str(repeats)]
-    try:
-        proc = subprocess.run(cmd, stdout=subprocess.PIPE, stderr=None if verbose else subprocess.PIPE,
-                              text=True, timeout=timeout)
-    except subprocess.TimeoutExpired:
-        return Row(name, case, error=f"timed out after {timeout:.0f} s")
-    lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("{")]
-    if proc.returncode == 0 and lines:
-        return _row_from(name, case, json.loads(lines[-1]))
-    if proc.returncode < 0:
-        return Row(name, case, error=f"killed by signal {-proc.returncode} (out of memory?)")
-    tail = [ln for ln in (proc.stderr or "").splitlines() if ln.strip()]
-    return Row(name, case, error=(tail[-1] if tail else f"exit status {proc.returncode}")[:200])
-
-
-class ForkServer:
-    """``bench_worker --serve``: imports the packages once and forks a fresh process per row (CPU)."""
-
-    def __init__(self, names: Sequence[str], verbose: bool = False):
-        mods = ["fused_entropy", "fused_entropy.modules"]
-        for n in names:
-            mods += [m for m in PROVIDERS[n].preload if m not in mods]
-        self.proc = subprocess.Popen(
-            [sys.executable, "-m", "fused_entropy.tools.bench_worker", "--serve", "--preload", ",".join(mods)],
-            stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=None if verbose else subprocess.DEVNULL,
-            text=True, bufsize=1)
-        if self.proc.stdout.readline().strip() != "ready":
-            self.close()
-            raise RuntimeError("bench fork server did not start")
-
-    def run(self, name: str, case: Case, device, repeats: int, timeout: float) -> Optional[Row]:
-        """The row, or None when the server itself has gone (the caller then spawns)."""
-        from .bench_worker import request
-
+    def ask(self, req: dict) -> Optional[dict]:
+        """The reply, or None when the process has gone."""
         try:
-            self.proc.stdin.write(json.dumps(request(name, case, str(device), repeats, timeout)) + "\n")
+            self.proc.stdin.write(json.dumps(req) + "\n")
             self.proc.stdin.flush()
             line = self.proc.stdout.readline()
         except OSError:
             return None
-        return _row_from(name, case, json.loads(line)) if line.strip() else None
+        return json.loads(line) if line.strip() else None
 
     def close(self) -> None:
         if self.proc.poll() is None:
             try:
                 self.proc.stdin.close()
-                self.proc.wait(timeout=30)
+                self.proc.wait(timeout=60)
             except (OSError, subprocess.TimeoutExpired):
                 self.proc.kill()
+                self.proc.wait()
 
 
-def run_rows(names: Sequence[str], cases: Sequence[Case], device, repeats: int, timeout: float,
-             spawn: bool = False, verbose: bool = False, log=sys.stderr) -> List[Row]:
-    """Measure every (case, provider) in a process of its own: forked from a fork server on CPU,
-    spawned (``python -m``) on CUDA (a CUDA context does not survive fork) or with ``spawn``."""
-    rows: List[Row] = []
-    todo = [(c, n) for c in cases for n in names]
-    server = None
-    if not spawn and getattr(device, "type", device) == "cpu" and hasattr(os, "fork"):
-        server = ForkServer([n for n in names if unavailable(PROVIDERS[n], device) is None], verbose)
-    for i, (case, name) in enumerate(todo, 1):
-        tag = f"[{i:2d}/{len(todo)}] {name} N={case.n} V={case.v}"
-        reason = unavailable(PROVIDERS[name], device)
-        if reason is None:
-            need, have = _needed_bytes(name, case), _available_bytes(device)
-            if need > 0.85 * have:
-                reason = f"needs about {need / 2**30:.1f} GiB, {have / 2**30:.1f} GiB free"
-        if reason is not None:
-            rows.append(Row(name, case, skipped=reason))
-            print(f"{tag}: skipped ({reason})", file=log, flush=True)
-            continue
-        t0 = time.perf_counter()
-        row = server.run(name, case, device, repeats, timeout) if server is not None else None
-        if row is None:
-            if server is not None:
-                print("bench fork server stopped; starting the remaining rows with python -m", file=log)
-                server.close()
-                server = None
-            row = run_spawned(name, case, device, repeats, timeout, verbose)
-        rows.append(row)
-        if row.ok:
-            mem = "" if row.working is None else f", {row.working:.3f} x [N,V]"
-            print(f"{tag}: {row.time:.4g} s{mem} ({time.perf_counter() - t0:.0f} s)", file=log, flush=True)
+class ForkServer(_Lines):
+    """``bench_worker --serve``: imports the packages once; forks and relays one worker per provider (CPU)."""
+
+    def __init__(self, names: Sequence[str], verbose: bool = False):
+        mods = ["fused_entropy", "fused_entropy.modules"]
+        for n in names:
+            mods += [m for m in PROVIDERS[n].preload if m not in mods]
+        super().__init__([sys.executable, "-m", "fused_entropy.tools.bench_worker", "--serve",
+                          "--preload", ",".join(mods)], verbose)
+        if self.proc.stdout.readline().strip() != "ready":
+            self.close()
+            raise RuntimeError("bench fork server did not start")
+        self.next_id = 0
+
+
+class Worker:
+    """One provider's warm process: through the fork server (CPU) or spawned (CUDA, ``--spawn``)."""
+
+    def __init__(self, name: str, case: Case, device, timeout: float, server: Optional[ForkServer], verbose: bool):
+        from .bench_worker import open_request
+
+        self.server, self.spawned = server, None
+        req = open_request(name, case, str(device), timeout)
+        if server is not None:
+            server.next_id += 1
+            self.id = server.next_id
+            req["id"] = self.id
+            reply = server.ask(req)
         else:
-            print(f"{tag}: failed ({row.error})", file=log, flush=True)
-    if server is not None:
-        server.close()
+            self.spawned = _Lines([sys.executable, "-m", "fused_entropy.tools.bench_worker", "--session"], verbose)
+            reply = self.spawned.ask(req)
+        self.error = _reply_error(reply)
+        self.info = (reply or {}).get("info", {})
+        self.closed = self.error is not None
+        if self.closed and self.spawned is not None:
+            self.spawned.close()
+
+    def _ask(self, op: str) -> Optional[dict]:
+        if self.server is not None:
+            return self.server.ask({"op": op, "id": self.id})
+        return self.spawned.ask({"op": op})
+
+    def step(self) -> Tuple[Optional[float], Optional[str]]:
+        reply = self._ask("step")
+        err = _reply_error(reply)
+        return (None, err) if err else (float(reply["time_s"]), None)
+
+    def close(self) -> Tuple[dict, Optional[str]]:
+        self.closed = True
+        reply = self._ask("close")
+        if self.spawned is not None:
+            self.spawned.close()
+        err = _reply_error(reply)
+        return (reply or {}), err
+
+
+def _reply_error(reply: Optional[dict]) -> Optional[str]:
+    if reply is None:
+        return "the worker process has gone (out of memory?)"
+    return reply.get("error")
+
+
+def _load() -> str:
+    try:
+        with open("/proc/loadavg") as f:
+            return " ".join(f.read().split()[:3])
+    except OSError:
+        return "n/a"
+
+
+def run_rows(names: Sequence[str], cases: Sequence[Case], device, rounds: int, timeout: float,
+             spawn: bool = False, verbose: bool = False, log=sys.stderr) -> List[Row]:
+    """Measure every (case, provider): per case, one warm worker per provider, then ``rounds`` rounds
+    of one timed step per provider in turn. Workers are forked from a fork server on CPU, spawned
+    (``python -m``) on CUDA (a CUDA context does not survive fork) or with ``spawn``."""
+    rows: List[Row] = []
+    cpu = getattr(device, "type", device) == "cpu"
+    server = None
+    if not spawn and cpu and hasattr(os, "fork"):
+        server = ForkServer([n for n in names if unavailable(PROVIDERS[n], device) is None], verbose)
+    try:
+        for ci, case in enumerate(cases, 1):
+            head = f"[case {ci}/{len(cases)}: N={case.n} H={case.h} V={case.v} {case.dtype}]"
+            print(f"{head} load average {_load()}", file=log, flush=True)
+            workers: Dict[str, Worker] = {}
+            case_rows: Dict[str, Row] = {}
+            for name in names:
+                reason = unavailable(PROVIDERS[name], device)
+                if reason is None:
+                    need, have = _needed_bytes(name, case), _available_bytes(device)
+                    if need > 0.85 * have:
+                        reason = f"needs about {need / 2**30:.1f} GiB, {have / 2**30:.1f} GiB free"
+                if reason is not None:
+                    case_rows[name] = Row(name, case, skipped=reason)
+                    print(f"{head} {name}: skipped ({reason})", file=log, flush=True)
+                    continue
+                t0 = time.perf_counter()
+                w = Worker(name, case, device, timeout, server, verbose)
+                if w.error:
+                    case_rows[name] = Row(name, case, error=w.error)
+                    print(f"{head} {name}: failed to start ({w.error})", file=log, flush=True)
+                    continue
+                workers[name] = w
+                case_rows[name] = Row(name, case, result={"times_s": []})
+                print(f"{head} {name}: ready ({time.perf_counter() - t0:.0f} s)", file=log, flush=True)
+            for r in range(1, rounds + 1):
+                got = []
+                for name, w in workers.items():
+                    if w.closed:
+                        continue
+                    t, err = w.step()
+                    if err:
+                        case_rows[name].error = f"round {r}: {err}"
+                        w.close()
+                        got.append(f"{name} failed")
+                        continue
+                    case_rows[name].result["times_s"].append(t)
+                    got.append(f"{name} {t:.3g}")
+                print(f"{head} round {r}/{rounds}: " + ", ".join(got), file=log, flush=True)
+            for name, w in workers.items():
+                if w.closed:
+                    continue
+                res, err = w.close()
+                row = case_rows[name]
+                if err:
+                    row.error = f"close: {err}"
+                else:
+                    res["times_s"] = row.result["times_s"]
+                    row.result = res
+            rows += [case_rows[n] for n in names]
+    finally:
+        if server is not None:
+            server.close()
     return rows
 
 
@@ -223,23 +328,16 @@ def _find(rows: List[Row], name: Optional[str], case: Case) -> Optional[Row]:
 def _label(row: Row, device) -> str:
     p = PROVIDERS[row.provider]
     label = p.label
+    cuda = getattr(device, "type", device) == "cuda"
     if p.kind == "floor":
-        from .bench_providers import grpo_floor_rows, linear_floor_rows
-
-        import torch
-
-        dev = torch.device(device)
-        rows = (grpo_floor_rows if p.family == "grpo" else linear_floor_rows)(row.case, dev)
-        label += f" @ {rows}-row chunks" if rows < row.case.n else " (unchunked)"
+        chunk = (row.result.get("info") or {}).get("chunk_rows")
+        if chunk is not None:
+            label += f", best chunking: {chunk} rows" if chunk < row.case.n else ", best: unchunked"
     elif p.name in ("fused", "fused-logp", "fused-topk64", "fused-clamp0.3", "fused-logits"):
-        label += " [triton]" if getattr(device, "type", device) == "cuda" else " [torch]"
+        label += " [triton]" if cuda else " [torch]"
+    if p.cpu_note and not cuda:
+        label += " (CPU fallback)"
     return label
-
-
-def _ratio(a: Optional[Row], b: Optional[Row]) -> str:
-    if a is None or b is None:
-        return "-"
-    return f"{a.time / b.time:.2f}"
 
 
 def _table(headers: List[str], body: List[List[str]], align: str) -> List[str]:
@@ -282,8 +380,8 @@ def family_table(rows: List[Row], family: str, case: Case, device) -> List[str]:
     base_name, base_tag = BASELINE[family]
     base = _find(rows, base_name, case)
     peers = [r for r in measured if PROVIDERS[r.provider].kind == "peer"]
-    headers = ["provider", "GEMMs", "GFLOP", "time ms" if cuda else "time s", "spread",
-               "TFLOP/s" if cuda else "GFLOP/s"]
+    unit, uname = (1e3, "ms") if cuda else (1.0, "s")
+    headers = ["provider", "GEMMs", "GFLOP", f"median {uname}", "95% CI", "TFLOP/s" if cuda else "GFLOP/s"]
     align = "lrrrrr"
     if cuda:
         # % of H100 bf16 peak, and bound/time: the fraction of the roofline lower bound reached
@@ -299,34 +397,34 @@ def family_table(rows: List[Row], family: str, case: Case, device) -> List[str]:
         else:
             headers.append("x" + PEER_SHORT.get(ref.provider, ref.provider))
         align += "r"
-    headers += ["mem/[N,V]", "MiB"]
+    headers += ["MiB", "mem/[N,V]"]
     align += "rr"
     body = []
     for r in measured:
         gemms = r.result["gemms"]
         flops = case.gemm_flops(gemms)
-        t = r.time
-        spread = (r.result["time_hi_s"] - r.result["time_lo_s"]) / 2 / t if t > 0 else 0.0
+        t, lo, hi = r.stats
         rate = flops / t / (1e12 if cuda else 1e9) if gemms else None
         cells = [_label(r, device), str(gemms) if gemms else "-", f"{flops / 1e9:.1f}" if gemms else "-",
-                 f"{t * 1e3:.2f}" if cuda else f"{t:.3f}", f"±{spread * 100:.0f}%",
-                 "-" if rate is None else f"{rate:.1f}"]
+                 f"{t * unit:.4g}", f"{lo * unit:.4g}-{hi * unit:.4g}", "-" if rate is None else f"{rate:.1f}"]
         if cuda:
             cells.append("-" if rate is None else f"{100 * rate / H100_BF16_PEAK_TFLOPS:.1f}")
             bound = _roofline_bound(r, family, case)
             cells.append("-" if bound is None else f"{100 * bound / t:.1f}")
-        cells += [_ratio(r, ref) for ref in ratio_to]
+        cells += ["1" if ref is r else str(ratio(r, ref)) for ref in ratio_to]
         w = r.working
-        cells += ["-" if w is None else f"{w:.3f}", "-" if w is None else f"{w * case.nv_bytes / 2**20:.0f}"]
+        cells += ["-" if w is None else f"{w * case.nv_bytes / 2**20:.0f}", "-" if w is None else f"{w:.3f}"]
         body.append(cells)
     out = [FAMILY_TITLES[family]]
     if family == "clamped_entropy":
         out[0] += f" (x{base_tag}: time / the plain-entropy fused row)"
     if body:
         out += ["  " + ln for ln in _table(headers, body, align)]
+    notes = {PROVIDERS[r.provider].cpu_note for r in measured if PROVIDERS[r.provider].cpu_note and not cuda}
+    out += [f"  note: {n}" for n in sorted(notes)]
     for r in mine:
         if not r.ok:
-            why = f"skipped: {r.skipped}" if r.skipped else f"failed: {r.error}"
+            why = f"skipped: {r.skipped}" if r.skipped else f"FAILED: {r.error}"
             out.append(f"  - {PROVIDERS[r.provider].label} ({r.provider}): {why}")
     return out
 
@@ -348,18 +446,25 @@ def _machine(device) -> str:
     return f"CPU {cpu}, {os.cpu_count()} cores, {torch.get_num_threads()} torch threads, torch {torch.__version__}"
 
 
-def report(rows: List[Row], cases: Sequence[Case], device, preset: str, repeats: int) -> List[str]:
+def report(rows: List[Row], cases: Sequence[Case], device, preset: str, rounds: int,
+           context: Sequence[str] = ()) -> List[str]:
     from .. import __version__
 
     cuda = getattr(device, "type", device) == "cuda"
     out = [f"fused-entropy {__version__} bench, preset {preset}: {_machine(device)}"]
+    out += list(context)
+    step = ("one triton.testing.do_bench median per provider per round" if cuda
+            else "one fwd+bwd step per provider per round")
+    out.append(f"time: {rounds} interleaved rounds (A B C, A B C, ...; {step}), each provider in a warm "
+               f"process of its own; median over the rounds and its {CONFIDENCE:.0%} distribution-free interval "
+               "(scipy.stats.quantile_test)")
+    out.append("ratios: this row's median / that row's, [lowest-highest quotient of the two intervals]; "
+               "ns = not significant (the two intervals overlap)")
     if cuda:
-        out.append("time: triton.testing.do_bench, median and half the p20-p80 range; memory: "
-                   "max_memory_allocated growth beyond inputs and their gradients")
+        out.append("memory: max_memory_allocated growth beyond inputs and their gradients, one step")
     else:
-        out.append(f"time: fwd+bwd, median of {repeats} runs, spread = half the min-max range; memory: "
-                   "peak RSS growth beyond inputs and their gradients; one process per row")
-    out.append("ratios divide this row's time by that row's; GFLOP counts the [N,H]x[H,V] products only")
+        out.append("memory: peak RSS growth beyond inputs and their gradients, over every round")
+    out.append("GFLOP counts the [N,H]x[H,V] products only")
     for case in cases:
         b, t = case.seq
         out.append("")
@@ -378,9 +483,11 @@ def report(rows: List[Row], cases: Sequence[Case], device, preset: str, repeats:
 # ---------------------------------------------------------------------------------------------
 
 CSV_FIELDS = ["preset", "device", "family", "provider", "label", "kind", "n", "h", "v", "dtype", "seq_len",
-              "gemms", "gflop", "time_s", "time_lo_s", "time_hi_s", "spread", "x_floor", "x_baseline",
+              "gemms", "gflop", "rounds", "time_s", "time_ci_lo_s", "time_ci_hi_s", "times_s",
+              "x_floor", "x_floor_lo", "x_floor_hi", "x_floor_significant",
+              "x_baseline", "x_baseline_lo", "x_baseline_hi", "x_baseline_significant",
               "working_bytes", "working_frac_nv", "peak_bytes", "baseline_bytes", "grad_bytes",
-              "memory_method", "status"]
+              "memory_method", "info", "status"]
 
 
 def write_csv(path: str, rows: List[Row], preset: str, device) -> None:
@@ -390,27 +497,30 @@ def write_csv(path: str, rows: List[Row], preset: str, device) -> None:
         for r in rows:
             p = PROVIDERS[r.provider]
             rec = {"preset": preset, "device": str(device), "family": p.family, "provider": r.provider,
-                   "label": p.label, "kind": p.kind, "n": r.case.n, "h": r.case.h, "v": r.case.v,
+                   "label": _label(r, device), "kind": p.kind, "n": r.case.n, "h": r.case.h, "v": r.case.v,
                    "dtype": r.case.dtype, "seq_len": r.case.seq_len}
             if r.ok:
-                floor = _find(rows, FLOOR[p.family], r.case)
-                base = _find(rows, BASELINE[p.family][0], r.case)
+                t, lo, hi = r.stats
                 gemms = r.result["gemms"]
-                rec.update({k: r.result.get(k) for k in ("time_s", "time_lo_s", "time_hi_s", "spread",
-                                                        "working_bytes", "peak_bytes", "baseline_bytes",
+                rec.update({k: r.result.get(k) for k in ("working_bytes", "peak_bytes", "baseline_bytes",
                                                         "grad_bytes", "memory_method")})
-                rec.update(gemms=gemms, gflop=r.case.gemm_flops(gemms) / 1e9,
-                           x_floor=None if floor is None else r.time / floor.time,
-                           x_baseline=None if base is None else r.time / base.time,
-                           working_frac_nv=r.working, status="ok")
+                rec.update(gemms=gemms, gflop=r.case.gemm_flops(gemms) / 1e9, rounds=len(r.result["times_s"]),
+                           time_s=t, time_ci_lo_s=lo, time_ci_hi_s=hi, times_s=json.dumps(r.result["times_s"]),
+                           working_frac_nv=r.working, info=json.dumps(r.result.get("info") or {}), status="ok")
+                for key, ref in (("x_floor", _find(rows, FLOOR[p.family], r.case)),
+                                 ("x_baseline", _find(rows, BASELINE[p.family][0], r.case))):
+                    if ref is not None:
+                        q = ratio(r, ref)
+                        rec.update({key: q.value, f"{key}_lo": q.low, f"{key}_hi": q.high,
+                                    f"{key}_significant": q.significant})
             else:
                 rec["status"] = f"skipped: {r.skipped}" if r.skipped else f"failed: {r.error}"
             w.writerow(rec)
 
 
 def write_plot(path: str, rows: List[Row], cases: Sequence[Case], sweep: bool, device, base: Case) -> bool:
-    """Quick: time and memory bars per provider. Sweep: time and memory vs N (at the base V) and vs V
-    (at the base N), one line per provider, one row of panels per family."""
+    """Quick: time (median and interval) and memory bars per provider. Sweep: time and memory vs N (at
+    the base V) and vs V (at the base N), one line per provider, one row of panels per family."""
     try:
         import matplotlib
 
@@ -425,27 +535,30 @@ def write_plot(path: str, rows: List[Row], cases: Sequence[Case], sweep: bool, d
     tunit = "ms" if unit == 1e3 else "s"
     if not sweep:
         case = cases[0]
-        fig, axes = plt.subplots(len(fams), 2, figsize=(13, 2.2 + 0.45 * len(rows)), squeeze=False)
+        n_rows = sum(1 for r in rows if r.ok)
+        fig, axes = plt.subplots(len(fams), 2, figsize=(13, 2.2 + 0.45 * n_rows), squeeze=False)
         for ax_row, fam in zip(axes, fams):
             rs = [r for r in rows if r.ok and PROVIDERS[r.provider].family == fam and r.case == case]
             if fam == "clamped_entropy":  # next to the plain-entropy row it is compared with
                 rs = [r for r in [_find(rows, BASELINE[fam][0], case)] if r is not None] + rs
             ys = list(range(len(rs)))
             times = [r.time * unit for r in rs]
-            ax_row[0].barh(ys, times, color="tab:blue")
-            ax_row[0].set_xlabel(f"fwd+bwd time ({tunit})")
-            mem = [(y, r.working) for y, r in zip(ys, rs) if r.working is not None]
+            err = [[(r.stats[0] - r.stats[1]) * unit for r in rs], [(r.stats[2] - r.stats[0]) * unit for r in rs]]
+            ax_row[0].barh(ys, times, xerr=err, color="tab:blue", capsize=3)
+            ax_row[0].set_xlabel(f"fwd+bwd time ({tunit}): median, {CONFIDENCE:.0%} interval")
+            mem = [(y, r.working * r.case.nv_bytes / 2**20) for y, r in zip(ys, rs) if r.working is not None]
             ax_row[1].barh([m[0] for m in mem], [m[1] for m in mem], color="tab:orange")
-            ax_row[1].set_xlabel("working memory / one fp32 [N, V] buffer")
+            ax_row[1].set_xlabel("working memory (MiB)")
             for y, t in zip(ys, times):
-                ax_row[0].text(t, y, f" {t:.3g}", va="center", fontsize=8)
+                ax_row[0].text(t, y, f" {t:.3g}", va="bottom", fontsize=8)
             for y, m in mem:
-                ax_row[1].text(m, y, f" {m:.2g}", va="center", fontsize=8)
+                ax_row[1].text(m, y, f" {m:.0f}", va="center", fontsize=8)
             for y, r in zip(ys, rs):
                 if r.working is None:
                     ax_row[1].text(0, y, " n/a", va="center", fontsize=8, color="gray")
             ax_row[0].set_yticks(ys, [_label(r, device) for r in rs])
             ax_row[1].set_yticks(ys, [""] * len(ys))
+            ax_row[1].set_xscale("symlog", linthresh=10)
             ax_row[0].set_title(FAMILY_TITLES[fam].split(":")[0], loc="left", fontsize=10)
             for ax in ax_row:
                 ax.set_ylim(len(ys) - 0.5, -0.5)
@@ -459,21 +572,24 @@ def write_plot(path: str, rows: List[Row], cases: Sequence[Case], sweep: bool, d
             for col, (axis, fixed) in enumerate((("n", "v"), ("v", "n"))):
                 for idx, name in enumerate(names):
                     color = f"C{idx % 10}"  # one color per provider in both panels
-                    pts = sorted((getattr(r.case, axis), r) for r in rows if r.ok and r.provider == name
-                                 and getattr(r.case, fixed) == getattr(base, fixed))
-                    if len(pts) < 1:
+                    pts = sorted(((getattr(r.case, axis), r) for r in rows if r.ok and r.provider == name
+                                  and getattr(r.case, fixed) == getattr(base, fixed)), key=lambda p: p[0])
+                    if not pts:
                         continue
                     xs = [x for x, _ in pts]
-                    ax_row[2 * col].plot(xs, [r.time * unit for _, r in pts], "o-", color=color,
-                                         label=_label(pts[0][1], device))
-                    mem = [(x, r.working) for x, r in pts if r.working is not None]
+                    med = [r.stats[0] * unit for _, r in pts]
+                    err = [[(r.stats[0] - r.stats[1]) * unit for _, r in pts],
+                           [(r.stats[2] - r.stats[0]) * unit for _, r in pts]]
+                    ax_row[2 * col].errorbar(xs, med, yerr=err, fmt="o-", color=color, capsize=2,
+                                             label=_label(pts[0][1], device).split(", best")[0])
+                    mem = [(x, r.working * r.case.nv_bytes / 2**20) for x, r in pts if r.working is not None]
                     if mem:
-                        ax_row[2 * col + 1].plot([m[0] for m in mem], [max(m[1], 1e-4) for m in mem], "o-",
+                        ax_row[2 * col + 1].plot([m[0] for m in mem], [max(m[1], 0.1) for m in mem], "o-",
                                                  color=color)
                 ax_row[2 * col].set_xlabel(f"{axis.upper()} ({fixed.upper()}={getattr(base, fixed)})")
                 ax_row[2 * col + 1].set_xlabel(f"{axis.upper()} ({fixed.upper()}={getattr(base, fixed)})")
                 ax_row[2 * col].set_ylabel(f"time ({tunit})")
-                ax_row[2 * col + 1].set_ylabel("memory / fp32 [N,V]")
+                ax_row[2 * col + 1].set_ylabel("working memory (MiB)")
             for ax in ax_row:
                 ax.set_xscale("log", base=2)
                 ax.set_yscale("log")
@@ -491,9 +607,9 @@ def write_plot(path: str, rows: List[Row], cases: Sequence[Case], sweep: bool, d
 # ---------------------------------------------------------------------------------------------
 
 
-def _select(spec: Optional[str], preset: str) -> List[str]:
+def _select(spec: Optional[str], preset: str, ap: argparse.ArgumentParser) -> List[str]:
     if not spec:
-        return list(QUICK if preset == "quick" else SWEEP)
+        return list(PRESETS[preset].providers)
     names: List[str] = []
     for item in (s.strip() for s in spec.split(",") if s.strip()):
         if item == "all":
@@ -503,33 +619,61 @@ def _select(spec: Optional[str], preset: str) -> List[str]:
         elif item in PROVIDERS:
             names.append(item)
         else:
-            raise SystemExit(f"fused-entropy bench: unknown provider or family {item!r}; "
-                             f"choose from {', '.join(FAMILIES + tuple(PROVIDERS))}")
+            ap.error(f"unknown provider or family {item!r}; choose from {', '.join(FAMILIES + tuple(PROVIDERS))}")
+    if not names:
+        ap.error("--providers names no provider")
     return list(dict.fromkeys(names))
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be a positive integer, got {value}")
+    return value
+
+
+def _positive_ints(text: str) -> Tuple[int, ...]:
+    return tuple(_positive_int(t) for t in text.split(",") if t.strip())
+
+
+def _positive_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive number, got {text!r}") from None
+    if not value > 0:
+        raise argparse.ArgumentTypeError(f"must be positive, got {text}")
+    return value
 
 
 def build_parser(prog: str = "fused-entropy bench") -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog=prog, description=__doc__.split("\n\n")[0],
                                  formatter_class=argparse.RawDescriptionHelpFormatter,
                                  epilog="providers: " + ", ".join(PROVIDERS) + "\nfamilies: " + ", ".join(FAMILIES))
-    ap.add_argument("--preset", choices=("quick", "sweep"), default="quick",
-                    help="quick: one default case, main rows (default); sweep: N and V sweeps, every row")
+    ap.add_argument("--preset", choices=tuple(PRESETS), default="quick",
+                    help="; ".join(f"{p.name}: {p.about}" for p in PRESETS.values()) + " (default quick)")
     ap.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto",
                     help="auto: cuda when a GPU is visible, else cpu")
     ap.add_argument("--providers", help="comma-separated provider names or families, or 'all' "
                                         "(default: the preset's rows)")
-    ap.add_argument("--n", type=int, help="tokens (overrides the preset's case)")
-    ap.add_argument("--h", type=int, help="hidden size")
-    ap.add_argument("--v", type=int, help="vocabulary size")
+    ap.add_argument("--n", type=_positive_int, help="tokens (overrides the preset's base case)")
+    ap.add_argument("--h", type=_positive_int, help="hidden size")
+    ap.add_argument("--v", type=_positive_int, help="vocabulary size")
     ap.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), help="input dtype")
-    ap.add_argument("--seq-len", type=int, help="tokens per sequence in the GRPO rows")
-    ap.add_argument("--repeats", type=int,
-                    help="timed fwd+bwd runs per row on CPU (default: 2 for quick, to stay under 2 minutes "
-                         "on a 2-core CPU; 3 for sweep)")
-    ap.add_argument("--timeout", type=float, default=1800.0, help="seconds per row before it is abandoned")
-    ap.add_argument("--out", help="directory for bench_<preset>_<device>.csv and .png")
+    ap.add_argument("--seq-len", type=_positive_int, help="tokens per sequence in the GRPO rows")
+    ap.add_argument("--sweep-n", type=_positive_ints, help="sweep: comma-separated N values (at the base V)")
+    ap.add_argument("--sweep-v", type=_positive_ints, help="sweep: comma-separated V values (at the base N)")
+    ap.add_argument("--rounds", "--repeats", dest="rounds", type=_positive_int, default=DEFAULT_ROUNDS,
+                    help=f"interleaved rounds, one timed step per provider each (default {DEFAULT_ROUNDS}, "
+                         f"at least {MIN_ROUNDS})")
+    ap.add_argument("--timeout", type=_positive_float, default=1800.0,
+                    help="seconds a worker may take to start or to run one step before it is abandoned")
+    ap.add_argument("--out", help="directory for bench_<preset>_<device>.csv, .txt and .png")
     ap.add_argument("--spawn", action="store_true",
-                    help="start every CPU row with python -m instead of forking it from a server that "
+                    help="start every CPU worker with python -m instead of forking it from a server that "
                          "has imported the packages once (slower start, same measurement)")
     ap.add_argument("--verbose", action="store_true", help="show the workers' stderr (tracebacks, warnings)")
     ap.add_argument("--list", action="store_true", help="list the providers and whether each can run here")
@@ -537,45 +681,61 @@ def build_parser(prog: str = "fused-entropy bench") -> argparse.ArgumentParser:
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
-    args = build_parser().parse_args(argv)
+    ap = build_parser()
+    args = ap.parse_args(argv)
+    if args.rounds < MIN_ROUNDS:
+        ap.error(f"--rounds must be at least {MIN_ROUNDS} (the fewest samples whose median has a "
+                 f"{CONFIDENCE:.0%} distribution-free interval), got {args.rounds}")
+    if (args.sweep_n or args.sweep_v) and args.preset != "sweep":
+        ap.error("--sweep-n/--sweep-v need --preset sweep")
+    try:
+        import scipy.stats  # noqa: F401
+    except ImportError:
+        ap.error("the bench needs scipy for its confidence intervals: pip install 'fused-entropy[bench]'")
     import torch
 
     if args.device == "auto":
         args.device = "cuda" if torch.cuda.is_available() else "cpu"
     if args.device == "cuda" and not torch.cuda.is_available():
-        raise SystemExit("fused-entropy bench: --device cuda, but torch sees no CUDA device")
+        ap.error("--device cuda, but torch sees no CUDA device")
     device = torch.device(args.device)
+    names = _select(args.providers, args.preset, ap)
     if args.list:
         for name, p in PROVIDERS.items():
             why = unavailable(p, device)
             print(f"{name:20s} {p.family:16s} {p.label:48s} {'ok' if why is None else why}")
         return 0
-    base = DEFAULT_CASE[device.type]
-    over = {k: getattr(args, k) for k in ("n", "h", "v", "dtype") if getattr(args, k) is not None}
-    if args.seq_len is not None:
-        over["seq_len"] = args.seq_len
-    base = replace(base, **over)
-    if args.preset == "sweep":
-        cases = list(dict.fromkeys([replace(base, n=n) for n in SWEEP_N] + [replace(base, v=v) for v in SWEEP_V]))
-    else:
-        cases = [base]
-    names = _select(args.providers, args.preset)
-    if args.repeats is None:
-        args.repeats = 2 if args.preset == "quick" else 3
-    if args.repeats < 1:
-        raise SystemExit("fused-entropy bench: --repeats must be at least 1")
+    preset = PRESETS[args.preset]
+    over = {k: getattr(args, k) for k in ("n", "h", "v", "dtype", "seq_len") if getattr(args, k) is not None}
+    base = replace(preset.base[device.type], **over)
+    cases = preset.cases(device.type, base, args.sweep_n, args.sweep_v)
+    started = datetime.datetime.now().astimezone()
+    load_before = _load()
     t0 = time.perf_counter()
-    rows = run_rows(names, cases, device, args.repeats, args.timeout, spawn=args.spawn, verbose=args.verbose)
-    lines = report(rows, cases, device, args.preset, args.repeats)
-    lines += ["", f"total wall time {time.perf_counter() - t0:.0f} s"]
+    rows = run_rows(names, cases, device, args.rounds, args.timeout, spawn=args.spawn, verbose=args.verbose)
+    wall = time.perf_counter() - t0
+    context = [f"run {started:%Y-%m-%d %H:%M %Z}, {wall / 60:.1f} min; load average (1/5/15 min) "
+               f"before {load_before}, after {_load()}"]
+    if preset.sweep_n or preset.sweep_v:
+        context.append("sweep grid: N " + ",".join(map(str, args.sweep_n or preset.sweep_n)) + f" at V={base.v}; V "
+                       + ",".join(map(str, args.sweep_v or preset.sweep_v)) + f" at N={base.n}")
+    context.append("command: fused-entropy bench " + " ".join(sys.argv[1:] if argv is None else argv))
+    lines = report(rows, cases, device, args.preset, args.rounds, context)
+    failed = [r for r in rows if r.error]
     if args.out:
         os.makedirs(args.out, exist_ok=True)
         stem = os.path.join(args.out, f"bench_{args.preset}_{device.type}")
         write_csv(stem + ".csv", rows, args.preset, device)
-        lines.append(f"wrote {stem}.csv")
+        with open(stem + ".txt", "w") as f:
+            f.write("\n".join(lines) + "\n")
+        lines.append(f"wrote {stem}.csv, {stem}.txt")
         if write_plot(stem + ".png", rows, cases, args.preset == "sweep", device, base):
             lines.append(f"wrote {stem}.png")
     print("\n".join(lines))
+    if failed:
+        print(f"fused-entropy bench: {len(failed)} row(s) failed: "
+              + "; ".join(f"{r.provider} (N={r.case.n}, V={r.case.v}): {r.error}" for r in failed), file=sys.stderr)
+        return 1
     return 0
 
 

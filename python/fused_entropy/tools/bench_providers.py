@@ -9,18 +9,26 @@ forward + backward pass. Providers are grouped in families; rows of a family com
     grpo              DAPO loss with an entropy bonus (Liger's GRPO loss has no entropy)
     logits            log-prob + entropy of logits already in memory (``logprobs_from_logits``)
 
-Every family also has a ``floor`` row: the matrix products the fused algorithm must do, timed alone at
-the same chunking (4 GEMMs for ``linear_logprobs``: forward, recompute, dX, dW; 3 for the single-pass
-GRPO loss: forward, dX, dW). ``gemms`` is the number of ``[N, H] x [H, V]``-sized products a provider
+Every family also has a ``floor`` row: the matrix products the fused algorithm must do, timed alone
+at the fastest of several row chunkings (:data:`FLOOR_CHUNKS`; 4 GEMMs for ``linear_logprobs``:
+forward, recompute, dX, dW; 3 for the single-pass GRPO loss: forward, dX, dW), so "x floor" is the
+distance from the real limit of these products on this machine, not from the fused path's own
+chunking. ``gemms`` is the number of ``[N, H] x [H, V]``-sized products a provider
 performs, so its FLOPs are ``gemms * 2 * N * H * V`` (the elementwise softmax work is not counted).
+
+The problem sizes of both harnesses (``fused-entropy bench`` and the pytest-benchmark suite under
+``bench/``) are the presets of :data:`PRESETS`, one list for both.
 
 Third-party providers import their package inside ``build``, so a missing package costs nothing
 until that row is asked for; :func:`unavailable` gives the reason a row is skipped.
 """
 from __future__ import annotations
 
+import dataclasses
 import importlib
 import importlib.util
+import statistics
+import time
 from dataclasses import dataclass, field
 from typing import Callable, Dict, FrozenSet, List, Optional, Tuple
 
@@ -78,6 +86,7 @@ class Run:
 
     step: Callable[[], object]
     leaves: List[torch.Tensor] = field(default_factory=list)
+    info: Dict[str, object] = field(default_factory=dict)  # reported with the row (a floor's chunking)
 
     def reset(self) -> None:
         for t in self.leaves:
@@ -103,6 +112,7 @@ class Provider:
     full_warmup: bool = False  # warm up at full size (torch.compile specializes on shapes)
     mem_nv: float = 0.5  # rough working memory in fp32 [N, V] buffers, to skip cases that cannot fit
     preload: Tuple[str, ...] = ()  # modules a fork server imports once for this row (see bench_worker)
+    cpu_note: str = ""  # what the row runs on CPU when that is not what it runs on a GPU (table note)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -225,55 +235,79 @@ def _liger_ce(case, device):
 
 
 def torch_chunk_rows(case: Case) -> int:
+    """Rows per chunk of the torch backend's ``linear_logprobs`` on this case (its workspace bound)."""
     from fused_entropy.backends.torch_chunked import chunk_rows
 
-    return chunk_rows(case.n, case.v)
+    return chunk_rows(case.n, case.v, itemsize=8 if case.dtype == "float64" else 4)
 
 
-def linear_floor_rows(case: Case, device: torch.device) -> int:
-    """Row chunk of the fused algorithm: the torch backend's chunking; the Triton kernels tile the
-    vocabulary without row chunks, so on CUDA the floor is the unchunked products."""
-    return torch_chunk_rows(case) if device.type != "cuda" else case.n
+# Row chunkings a floor tries on CPU, up to FLOOR_SELECT_ROWS rows and a block of at most
+# FLOOR_MAX_BLOCK_BYTES; it chooses on the first FLOOR_SELECT_ROWS rows (time per row does not depend
+# on N) by the median of FLOOR_SELECT_PASSES interleaved passes. On CUDA: 1024 rows to N, on all N.
+FLOOR_CHUNKS = (32, 128, 256, 512, 1024)
+FLOOR_SELECT_ROWS = 1024
+FLOOR_SELECT_PASSES = 3
+FLOOR_MAX_BLOCK_BYTES = {"cpu": 1 << 30, "cuda": 16 << 30}
 
 
-def grpo_floor_rows(case: Case, device: torch.device) -> int:
-    """Row chunk of ``LinearGRPOLoss``'s single pass for a token-level loss (its default
-    ``rows_per_chunk``: ``SINGLE_PASS_ELEMENTS // V`` rows); unchunked on CUDA like the linear floor."""
+def floor_plan(case: Case, device: torch.device) -> Tuple[List[int], int]:
+    """(candidate rows per chunk, rows the choice is timed on)."""
+    elt = torch.empty((), dtype=case.torch_dtype).element_size()
     if device.type == "cuda":
-        return case.n
-    try:
-        from fused_entropy import modules
-
-        elements = getattr(modules, "SINGLE_PASS_ELEMENTS", None)
-        if elements is not None:
-            return max(1, min(case.n, int(elements) // case.v))
-    except ImportError:
-        pass
-    return linear_floor_rows(case, device)
+        sel = case.n
+        cands = [1024 << i for i in range(12) if (1024 << i) < sel] + [sel]
+    else:
+        sel = min(case.n, FLOOR_SELECT_ROWS)
+        cands = [c for c in FLOOR_CHUNKS if c < sel] + [sel]
+    fit = [c for c in cands if c * case.v * elt <= FLOOR_MAX_BLOCK_BYTES.get(device.type, 1 << 30)]
+    return (fit or cands[:1]), sel
 
 
-def _gemm_floor(gemms: int, rows_fn: Callable[[Case, torch.device], int]):
-    """The products alone: per row chunk ``z = x W^T`` (twice with a recompute), ``dX = dz W``,
-    ``dW += dz^T x``, into preallocated buffers."""
+def _gemm_products(x, w, z, gx, gw, gemms: int, rows: int, n: int) -> None:
+    """Per chunk of ``rows`` rows: ``z = x W^T`` (``gemms - 2`` times), ``dX = z W``, ``dW += z^T x``."""
+    gw.zero_()
+    for start in range(0, n, rows):
+        sl = slice(start, min(start + rows, n))
+        xc, zc = x[sl], z[: sl.stop - sl.start]
+        for _ in range(gemms - 2):
+            torch.mm(xc, w.T, out=zc)
+        torch.mm(zc, w, out=gx[sl])
+        gw.addmm_(zc.T, xc)
+
+
+def _wall(fn, device: torch.device) -> float:
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    fn()
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    return time.perf_counter() - t0
+
+
+def _gemm_floor(gemms: int):
+    """The products alone, into preallocated buffers, at the fastest row chunking of
+    :func:`floor_plan`: chosen by the median of ``FLOOR_SELECT_PASSES`` interleaved passes on the
+    first ``FLOOR_SELECT_ROWS`` rows (CPU), then timed on all N rows. ``info``: the chunking chosen
+    and the candidates' median seconds per row."""
 
     def build(case, device):
         x, w, _ = linear_inputs(case, device, grad=False)
-        rows = rows_fn(case, device)
-        z = torch.empty(min(rows, case.n), case.v, device=device, dtype=x.dtype)
-        gx = torch.empty_like(x)
-        gw = torch.empty_like(w)
-
-        def step():
-            gw.zero_()
-            for start in range(0, case.n, rows):
-                sl = slice(start, min(start + rows, case.n))
-                xc, zc = x[sl], z[: sl.stop - sl.start]
-                for _ in range(gemms - 2):
-                    torch.mm(xc, w.T, out=zc)
-                torch.mm(zc, w, out=gx[sl])
-                gw.addmm_(zc.T, xc)
-
-        return Run(step, [])
+        x, w = x.detach(), w.detach()
+        cands, sel_n = floor_plan(case, device)
+        gx, gw = torch.empty_like(x), torch.empty_like(w)
+        times: Dict[int, List[float]] = {c: [] for c in cands}
+        for _ in range(FLOOR_SELECT_PASSES):
+            for c in cands:
+                z = torch.empty(c, case.v, device=device, dtype=x.dtype)
+                _gemm_products(x, w, z, gx, gw, gemms, c, c)  # touch the block before timing
+                times[c].append(_wall(lambda: _gemm_products(x, w, z, gx, gw, gemms, c, sel_n), device) / sel_n)
+                del z
+        per_row = {c: statistics.median(t) for c, t in times.items()}
+        best = min(per_row, key=per_row.get)
+        z = torch.empty(min(best, case.n), case.v, device=device, dtype=x.dtype)
+        return Run(lambda: _gemm_products(x, w, z, gx, gw, gemms, best, case.n), [],
+                   info={"chunk_rows": best, "candidates_s_per_row": per_row})
 
     return build
 
@@ -435,6 +469,11 @@ def _check_triton_backend(device) -> Optional[str]:
     return None
 
 
+# TRL's ChunkedLogProbFunction runs its Triton row kernel on CUDA/XPU only; elsewhere a torch fallback
+# folds [4096 x 32768] logit tiles with whole-tile temporaries, i.e. every logit of N <= 4096 tokens at
+# V = 32768 at once
+TRL_CPU_NOTE = ("on CPU TRL runs its torch fallback: [4096 x 32768] logit tiles plus whole-tile temporaries, "
+                "so all N x V logits of up to 4096 tokens are materialized at once")
 # TRL's backward imports trl.trainer.utils (and with it transformers) on its first call
 _TRL = ("trl.kernels", "trl.trainer.utils")
 
@@ -447,7 +486,7 @@ def _add(p: Provider) -> None:
 
 
 # linear_logprobs
-_add(Provider("floor", "linear_logprobs", "GEMM floor: 4 GEMMs", "floor", _gemm_floor(4, linear_floor_rows), _const(4), mem_nv=0.3))
+_add(Provider("floor", "linear_logprobs", "GEMM floor: 4 GEMMs", "floor", _gemm_floor(4), _const(4), mem_nv=0.3))
 _add(Provider("fused", "linear_logprobs", "fused_entropy.linear_logprobs", "fused", _fused_linear("auto"), _const(4),
               check=lambda d: _check_triton_backend(d) if d.type == "cuda" else None))
 _add(Provider("fused-torch", "linear_logprobs", "fused_entropy.linear_logprobs [torch]", "fused", _fused_linear("torch"),
@@ -460,7 +499,7 @@ _add(Provider("reference", "linear_logprobs", "reference (materialized, eager)",
 _add(Provider("reference-compile", "linear_logprobs", "reference (materialized, torch.compile)", "reference",
               _reference_linear(compiled=True), _const(3), full_warmup=True, mem_nv=6))
 _add(Provider("trl", "linear_logprobs", "TRL ChunkedLogProbFunction", "peer", _trl_linear, _const(4),
-              needs=("trl", "transformers"), mem_nv=2.5, preload=_TRL))
+              needs=("trl", "transformers"), mem_nv=2.5, preload=_TRL, cpu_note=TRL_CPU_NOTE))
 _add(Provider("liger-ce", "linear_logprobs", "Liger FusedLinearScaledCE(return_entropy)", "peer", _liger_ce, _const(4),
               needs=("liger_kernel",), mem_nv=2.5, preload=("liger_kernel.ops.fused_linear_scaled_cross_entropy",)))
 
@@ -477,7 +516,7 @@ _add(Provider("reference-clamp0.3", "clamped_entropy", f"reference clamp_p={CLAM
               _reference_linear(clamp_p=CLAMP_P), _const(3), mem_nv=7))
 
 # GRPO
-_add(Provider("floor-grpo", "grpo", "GEMM floor: 3 GEMMs", "floor", _gemm_floor(3, grpo_floor_rows), _const(3), mem_nv=0.3))
+_add(Provider("floor-grpo", "grpo", "GEMM floor: 3 GEMMs", "floor", _gemm_floor(3), _const(3), mem_nv=0.3))
 _add(Provider("fused-grpo", "grpo", f"LinearGRPOLoss, entropy_coef={GRPO_ENTROPY_COEF}", "fused",
               _fused_grpo(GRPO_ENTROPY_COEF), _const(3), check=_check_linear_grpo))
 _add(Provider("fused-grpo-noent", "grpo", "LinearGRPOLoss, no entropy", "fused", _fused_grpo(0.0), _const(3),
@@ -485,7 +524,7 @@ _add(Provider("fused-grpo-noent", "grpo", "LinearGRPOLoss, no entropy", "fused",
 _add(Provider("liger-grpo", "grpo", "Liger LigerFusedLinearGRPOLoss (no entropy)", "peer", _liger_grpo, _const(4),
               needs=("liger_kernel",), mem_nv=1, preload=("liger_kernel.chunked_loss",)))
 _add(Provider("trl-grpo", "grpo", "TRL ChunkedLogProbFunction + DAPO + bonus", "peer", _trl_grpo, _const(4),
-              needs=("trl", "transformers"), mem_nv=2.5, preload=_TRL))
+              needs=("trl", "transformers"), mem_nv=2.5, preload=_TRL, cpu_note=TRL_CPU_NOTE))
 _add(Provider("reference-grpo", "grpo", "reference + DAPO + bonus (eager)", "reference", _reference_grpo, _const(3),
               mem_nv=7))
 
@@ -512,3 +551,49 @@ def unavailable(p: Provider, device: torch.device) -> Optional[str]:
 
 def family_providers(family: str) -> List[str]:
     return [name for name, p in PROVIDERS.items() if p.family == family]
+
+
+# ---------------------------------------------------------------------------------------------
+# presets: the one case list of `fused-entropy bench` and of the pytest-benchmark suite (bench/)
+# ---------------------------------------------------------------------------------------------
+
+QUICK_PROVIDERS = (
+    "floor", "fused", "fused-torch", "fused-logp", "reference", "trl", "liger-ce",
+    "fused-topk64", "fused-clamp0.3",
+    "floor-grpo", "fused-grpo", "liger-grpo", "trl-grpo",
+    "fused-logits", "reference-logits", "trl-logits",
+)
+
+
+@dataclass(frozen=True)
+class Preset:
+    """Cases (per device type) and providers. A sweep varies N at the base V and V at the base N."""
+
+    name: str
+    about: str
+    base: Dict[str, Case]
+    providers: Tuple[str, ...]
+    sweep_n: Tuple[int, ...] = ()
+    sweep_v: Tuple[int, ...] = ()
+
+    def cases(self, device_type: str, base: Optional[Case] = None, sweep_n=None, sweep_v=None) -> List[Case]:
+        base = base or self.base[device_type]
+        ns = self.sweep_n if sweep_n is None else tuple(sweep_n)
+        vs = self.sweep_v if sweep_v is None else tuple(sweep_v)
+        if not ns and not vs:
+            return [base]
+        out = [dataclasses.replace(base, n=n) for n in ns] + [dataclasses.replace(base, v=v) for v in vs]
+        return list(dict.fromkeys(out))
+
+
+_CPU_CASE = Case(n=2048, h=512, v=32768, dtype="float32", seq_len=256)
+_CUDA_CASE = Case(n=8192, h=4096, v=131072, dtype="bfloat16", seq_len=1024)
+PRESETS: Dict[str, Preset] = {
+    "quick": Preset("quick", "one case, the main rows", {"cpu": _CPU_CASE, "cuda": _CUDA_CASE}, QUICK_PROVIDERS),
+    "sweep": Preset("sweep", "N 1k-32k at the base V, V 32k-256k at the base N, every row",
+                    {"cpu": _CPU_CASE, "cuda": _CUDA_CASE}, tuple(PROVIDERS),
+                    sweep_n=(1024, 2048, 4096, 8192, 16384, 32768), sweep_v=(32768, 65536, 131072, 262144)),
+    "small": Preset("small", "one smaller case, every row (the pytest-benchmark suite's default)",
+                    {"cpu": Case(n=512, h=256, v=8192, dtype="float32", seq_len=128),
+                     "cuda": Case(n=4096, h=4096, v=65536, dtype="bfloat16", seq_len=512)}, tuple(PROVIDERS)),
+}
