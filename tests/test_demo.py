@@ -43,3 +43,31 @@ def test_demo_rejects_unknown_run(capsys):
     with pytest.raises(SystemExit):
         demo.main(["--runs", "grpo,nope"])
     assert "nope" in capsys.readouterr().err
+
+
+def test_demo_seed_spread_and_restored_state(tmp_path, capsys):
+    """--seeds: one training per (run, seed), median [min-max] cells; the process's torch settings come back."""
+    threads = torch.get_num_threads()
+    assert demo.main(["--steps", "2", "--runs", "grpo,static", "--seeds", "0,1", "--out", str(tmp_path)]) == 0
+    out = capsys.readouterr().out
+    assert "median [min-max] over seeds 0,1" in out
+    table = out[out.index("median [min-max]"):]
+    row = next(line for line in table.splitlines() if line.startswith("grpo "))
+    assert row.count("[") == 4 and row.count("-") >= 4
+    data = json.loads((tmp_path / "entropy_demo.json").read_text())
+    assert [(r["name"], r["seed"]) for r in data["runs"]] == [("grpo", 0), ("static", 0), ("grpo", 1), ("static", 1)]
+    assert data["config"]["dtype"] == "float64" and data["config"]["seeds"] == [0, 1]
+    assert torch.get_num_threads() == threads and not torch.are_deterministic_algorithms_enabled()
+
+
+def test_demo_run_is_reproducible():
+    """The same seed gives the same curves, bit for bit (float64, one thread, deterministic algorithms)."""
+    spec = demo.run_specs()["kl_cov"]
+    cfg = demo.DemoConfig(steps=3)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        a, b = demo.train_run(spec, cfg), demo.train_run(spec, cfg)
+    finally:
+        torch.set_num_threads(threads)
+    assert a["curve"] == b["curve"]

@@ -27,6 +27,14 @@ It prints a table (reward, fraction of correct answers and entropy averaged over
 steps, and the number of distinct correct answers in the last batch of 128) and writes
 ``entropy_demo.png`` (entropy and reward per step, one line per run) and ``entropy_demo.json`` (the
 curves) under ``--out``. The entropy is that of the sampling policy, measured the same way for every run.
+With ``--seeds 0,1,2`` every run trains once per seed and the table shows the median over the seeds
+and the range ``[min-max]``; the plot shows the first seed.
+
+Reproducibility: RL training amplifies rounding differences, so a float32 run on another CPU (other
+vector kernels, other BLAS code paths) can end in another regime. The demo therefore computes in
+float64 on one thread with ``torch.use_deterministic_algorithms(True)`` (``--dtype float32`` and
+``--threads`` to change), which makes rounding differences between CPUs ~1e-16 instead of ~1e-7,
+and the table states the seed spread when asked for it.
 """
 from __future__ import annotations
 
@@ -34,6 +42,7 @@ import argparse
 import json
 import math
 import os
+import statistics
 import time
 from dataclasses import dataclass, field
 from typing import Any, Callable, Dict, List, Optional, Sequence
@@ -80,7 +89,7 @@ class TinyPolicy(nn.Module):
         inp, state = prompts[:, None], None
         for _ in range(length):
             h, state = self.hidden_states(inp, state)
-            logits = self.lm_head(h[:, -1]).float()
+            logits = self.lm_head(h[:, -1])
             logp_all = torch.log_softmax(logits, dim=-1)
             tok = torch.multinomial(logp_all.exp(), 1, generator=generator)
             tokens.append(tok)
@@ -136,6 +145,7 @@ class DemoConfig:
     lr: float = 1e-2
     seed: int = 0
     prompt_pool: int = 16
+    dtype: str = "float64"
 
 
 def _make_loss(spec: RunSpec, controller):
@@ -152,7 +162,7 @@ def _make_loss(spec: RunSpec, controller):
 def train_run(spec: RunSpec, cfg: DemoConfig) -> Dict[str, Any]:
     """Train one run; return per-step curves and last-batch statistics."""
     torch.manual_seed(cfg.seed)
-    policy = TinyPolicy()
+    policy = TinyPolicy().to(getattr(torch, cfg.dtype))
     opt = torch.optim.Adam(policy.parameters(), lr=cfg.lr)
     controller = spec.controller() if spec.controller is not None else None
     loss_fn = _make_loss(spec, controller)
@@ -206,14 +216,37 @@ def train_run(spec: RunSpec, cfg: DemoConfig) -> Dict[str, Any]:
 # output
 # --------------------------------------------------------------------------------------------------
 def format_table(results: Sequence[Dict[str, Any]], steps: int) -> str:
+    """One line per run. ``results`` holds one entry per (run, seed); with several seeds a cell is the
+    median over the seeds and its range ``[min-max]``."""
     tail = max(1, steps // 10)
-    head = (f"{'run':<10} {'method':<38} {'reward':>7} {'correct':>8} {'entropy':>8} {'distinct correct':>17}")
-    lines = [f"final = mean of the last {tail} step(s); distinct correct = distinct correct answers in the last "
-             f"batch of {results[0]['batch'] if results else 0}", head, "-" * len(head)]
+    by_run: Dict[str, List[Dict[str, Any]]] = {}
     for res in results:
-        lines.append(f"{res['name']:<10} {res['label']:<38} {res['final_reward']:>7.3f} {res['final_correct']:>8.3f} "
-                     f"{res['final_entropy']:>8.3f} {res['distinct_correct']:>17d}")
-    return "\n".join(lines)
+        by_run.setdefault(res["name"], []).append(res)
+    seeds = sorted({res.get("seed", 0) for res in results})
+    many = len(seeds) > 1
+    keys = (("final_reward", "reward", "{:.3f}"), ("final_correct", "correct", "{:.3f}"),
+            ("final_entropy", "entropy", "{:.3f}"), ("distinct_correct", "distinct correct", "{:.0f}"))
+
+    def cell(runs, key, fmt):
+        vals = sorted(r[key] for r in runs)
+        if not many:
+            return fmt.format(vals[0])
+        return f"{fmt.format(statistics.median(vals))} [{fmt.format(vals[0])}-{fmt.format(vals[-1])}]"
+
+    body = [[runs[0]["name"], runs[0]["label"]] + [cell(runs, k, f) for k, _, f in keys] for runs in by_run.values()]
+    heads = ["run", "method"] + [h for _, h, _ in keys]
+    widths = [max(len(h), *(len(r[i]) for r in body)) for i, h in enumerate(heads)]
+    line = lambda cells: " ".join(c.ljust(w) if i < 2 else c.rjust(w)  # noqa: E731
+                                  for i, (c, w) in enumerate(zip(cells, widths))).rstrip()
+    batch = results[0]["batch"] if results else 0
+    note = (f"final = mean of the last {tail} step(s); distinct correct = distinct correct answers in the last "
+            f"batch of {batch}")
+    if many:
+        note += f"; median [min-max] over seeds {','.join(map(str, seeds))}"
+    else:
+        note += f"; seed {seeds[0] if seeds else 0}"
+    head = line(heads)
+    return "\n".join([note, head, "-" * len(head)] + [line(r) for r in body])
 
 
 def plot(results: Sequence[Dict[str, Any]], path: str) -> None:
@@ -223,7 +256,8 @@ def plot(results: Sequence[Dict[str, Any]], path: str) -> None:
     import matplotlib.pyplot as plt
 
     fig, axes = plt.subplots(1, 2, figsize=(12, 4.2))
-    for res in results:
+    first = min(res.get("seed", 0) for res in results)
+    for res in (r for r in results if r.get("seed", 0) == first):
         axes[0].plot(res["curve"]["entropy"], label=res["label"], lw=1.4)
         axes[1].plot(res["curve"]["reward"], label=res["label"], lw=1.4)
     axes[0].axhline(math.log(VOCAB // MODULUS), color="gray", ls=":", lw=1)
@@ -245,7 +279,11 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     p.add_argument("--steps", type=int, default=DemoConfig.steps, help="rollout steps per run (default %(default)s)")
     p.add_argument("--out", default="entropy_demo", help="output directory for the plot and curves (default %(default)s)")
     p.add_argument("--runs", default=",".join(specs), help="comma-separated subset of: " + ", ".join(specs))
-    p.add_argument("--seed", type=int, default=DemoConfig.seed)
+    p.add_argument("--seed", type=int, default=DemoConfig.seed, help="seed of every run (default %(default)s)")
+    p.add_argument("--seeds", help="comma-separated seeds: every run once per seed, the table shows the median "
+                                   "and [min-max] over them (overrides --seed)")
+    p.add_argument("--dtype", choices=("float64", "float32"), default=DemoConfig.dtype,
+                   help="policy and loss dtype (default %(default)s: the same table on any CPU)")
     p.add_argument("--threads", type=int, default=1, help="torch CPU threads (default %(default)s)")
     args = p.parse_args(argv)
     names = [n.strip() for n in args.runs.split(",") if n.strip()]
@@ -254,23 +292,41 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         p.error(f"--runs: unknown run(s) {unknown}; choose from {', '.join(specs)}")
     if args.steps < 1:
         p.error(f"--steps must be >= 1, got {args.steps}")
-    torch.set_num_threads(max(1, args.threads))
-    cfg = DemoConfig(steps=args.steps, seed=args.seed)
+    if args.threads < 1:
+        p.error(f"--threads must be >= 1, got {args.threads}")
+    try:
+        seeds = [int(t) for t in args.seeds.split(",") if t.strip()] if args.seeds else [args.seed]
+    except ValueError:
+        p.error(f"--seeds: expected comma-separated integers, got {args.seeds!r}")
+    if not seeds:
+        p.error("--seeds names no seed")
 
-    results = []
-    for name in names:
-        t0 = time.perf_counter()
-        res = train_run(specs[name], cfg)
-        res["seconds"] = time.perf_counter() - t0
-        print(f"{name:<10} done in {res['seconds']:.1f} s", flush=True)
-        results.append(res)
+    threads, deterministic = torch.get_num_threads(), torch.are_deterministic_algorithms_enabled()
+    torch.set_num_threads(args.threads)
+    torch.use_deterministic_algorithms(True)
+    try:
+        results = []
+        for seed in seeds:
+            cfg = DemoConfig(steps=args.steps, seed=seed, dtype=args.dtype)
+            for name in names:
+                t0 = time.perf_counter()
+                res = train_run(specs[name], cfg)
+                res["seconds"] = time.perf_counter() - t0
+                res["seed"] = seed
+                print(f"{name:<10} seed {seed} done in {res['seconds']:.1f} s", flush=True)
+                results.append(res)
+    finally:
+        torch.set_num_threads(threads)
+        torch.use_deterministic_algorithms(deterministic)
     print()
-    print(format_table(results, cfg.steps))
+    print(format_table(results, args.steps))
     os.makedirs(args.out, exist_ok=True)
     png = os.path.join(args.out, "entropy_demo.png")
     plot(results, png)
+    config = dict(DemoConfig(steps=args.steps, dtype=args.dtype).__dict__, seeds=seeds, threads=args.threads)
+    config.pop("seed")
     with open(os.path.join(args.out, "entropy_demo.json"), "w") as f:
-        json.dump({"config": cfg.__dict__, "runs": results}, f)
+        json.dump({"config": config, "runs": results}, f)
     print(f"\nwrote {png}")
     return 0
 
