@@ -551,3 +551,33 @@ def test_item10_entropy_flag_must_be_a_bool(value):
         linear_logprobs(h, w, y, entropy=value)
     with pytest.raises(TypeError, match="entropy must be a bool"):
         logprobs_from_logits(torch.randn(2, 5), y, entropy=value)
+
+
+# ---------------------------------------------------------------------------------------------
+# item 8: double backward raises torch's clear once_differentiable error
+# ---------------------------------------------------------------------------------------------
+
+
+def _second_backward(make_loss, leaf):
+    (g,) = torch.autograd.grad(make_loss(), leaf, create_graph=True)
+    with pytest.raises(RuntimeError, match="first derivatives only.*once_differentiable"):
+        g.pow(2).sum().backward()
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_item8_double_backward_is_a_clear_error(backend):
+    g = torch.Generator().manual_seed(0)
+    h = torch.randn(4, 8, generator=g).to(DEVICE).requires_grad_(True)
+    w = torch.randn(6, 8, generator=g).to(DEVICE)
+    y = torch.tensor([0, 1, 2, 5], device=DEVICE)
+    _second_backward(lambda: linear_logprobs(h, w, y, backend=backend).logprobs.sum(), h)
+    z = torch.randn(4, 6, generator=g).to(DEVICE).requires_grad_(True)
+    _second_backward(lambda: logprobs_from_logits(z, y, topk=2, backend=backend).clamped_entropy.sum(), z)
+    lp, old, adv, ent, mask = _tok_batch()
+    lp = lp.to(DEVICE).requires_grad_(True)
+    if backend == "triton":  # the objective kernel's Function
+        _second_backward(lambda: grpo_loss(lp, adv.to(DEVICE), mask.to(DEVICE), backend=backend)[0], lp)
+    x, w2, ids, m2, a2, _ = _head_batch()
+    x.requires_grad_(True)
+    mod = LinearGRPOLoss(beta=0.0, backend=backend, single_pass=True)
+    _second_backward(lambda: mod(x, w2, ids, m2, a2)[0], x)

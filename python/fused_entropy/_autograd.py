@@ -1,11 +1,57 @@
-"""autograd.Function classes. They save inputs and per-row statistics, never logits."""
+"""autograd.Function classes. They save inputs and per-row statistics, never logits.
+
+Every Function here (and the single-pass, objective and vocabulary-parallel ones) is
+``once_differentiable``: first derivatives are exact; differentiating a gradient taken with
+``create_graph=True`` raises a RuntimeError saying so (:data:`DOUBLE_BACKWARD_MESSAGE`) instead of
+an internal ``mm(): functions with out=...`` error or a silently wrong second derivative.
+"""
 from __future__ import annotations
 
 from typing import Optional
 
+import functools
+
 import torch
 
 from ._types import LogitTransform, RowStats
+
+DOUBLE_BACKWARD_MESSAGE = (
+    "fused_entropy computes first derivatives only: a gradient taken with create_graph=True through "
+    "linear_logprobs, logprobs_from_logits, grpo_loss or LinearGRPOLoss cannot be differentiated again "
+    "(their autograd Functions are once_differentiable)"
+)
+
+
+def once_differentiable(backward):
+    """``torch.autograd.function.once_differentiable`` that always arms the error.
+
+    torch's decorator only makes a second differentiation fail when an incoming gradient requires
+    grad; for ``loss.sum()`` it does not, and the user then sees "element 0 of tensors does not
+    require grad" (or, without any decorator, an internal ``mm(): functions with out=...`` error).
+    Under ``create_graph=True`` (grad mode on inside backward) every returned gradient here is an
+    alias whose own backward raises :data:`DOUBLE_BACKWARD_MESSAGE`.
+    """
+
+    @functools.wraps(backward)
+    def wrapper(ctx, *args):
+        with torch.no_grad():
+            outputs = backward(ctx, *args)
+        if not torch.is_grad_enabled():
+            return outputs
+        single = not isinstance(outputs, tuple)
+        outs = (outputs,) if single else outputs
+        idx = [i for i, o in enumerate(outs) if isinstance(o, torch.Tensor)]
+        if not idx:
+            return outputs
+        err = torch._C._functions.DelayedError(DOUBLE_BACKWARD_MESSAGE.encode(), len(idx))
+        aliased = err(*[outs[i].detach().requires_grad_(True) for i in idx])
+        aliased = aliased if isinstance(aliased, tuple) else (aliased,)
+        outs = list(outs)
+        for i, a in zip(idx, aliased):
+            outs[i] = a
+        return outs[0] if single else tuple(outs)
+
+    return wrapper
 
 
 def _stats_tensors(stats: RowStats):
@@ -51,6 +97,7 @@ class LinearLogprobsFunction(torch.autograd.Function):
         return _outputs(stats, entropy, k is not None)
 
     @staticmethod
+    @once_differentiable
     def backward(ctx, g_lp, g_ent, g_cl):
         x, weight, bias, targets, *saved = ctx.saved_tensors
         tf, ignore_index, entropy, k, backend = ctx.meta
@@ -82,6 +129,7 @@ class LogprobsFromLogitsFunction(torch.autograd.Function):
         return _outputs(stats, entropy, k is not None)
 
     @staticmethod
+    @once_differentiable
     def backward(ctx, g_lp, g_ent, g_cl):
         logits, targets, *saved = ctx.saved_tensors
         tf, ignore_index, entropy, k, backend = ctx.meta

@@ -62,6 +62,7 @@ from typing import NamedTuple, Optional, Sequence
 
 import torch
 
+from ._autograd import once_differentiable
 from ._types import LogitTransform, RowStats, clamp_p_to_k
 
 HIDDEN_GRADS = ("full", "partial")
@@ -443,6 +444,7 @@ class VocabParallelLinearLogprobsFunction(torch.autograd.Function):
         )
 
     @staticmethod
+    @once_differentiable
     def backward(ctx, g_lp, g_ent, g_cl):
         x, weight, bias, local, *saved = ctx.saved_tensors
         tf, ignore_index, entropy, k, backend, group, full = ctx.meta

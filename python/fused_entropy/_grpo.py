@@ -45,6 +45,7 @@ from typing import Any, Dict, NamedTuple, Optional, Tuple
 import torch
 
 from . import _validate as V
+from ._autograd import once_differentiable
 
 LOSS_TYPES = ("grpo", "bnpo", "dr_grpo", "dapo", "cispo", "sapo", "luspo", "vespo", "clip_cov", "kl_cov")
 IMPORTANCE_SAMPLING_LEVELS = ("token", "sequence")
@@ -628,6 +629,7 @@ class GRPOObjectiveFunction(torch.autograd.Function):
         return out.row_loss.sum(), kl, low, high
 
     @staticmethod
+    @once_differentiable
     def backward(ctx, g_loss, *_):
         (grad,) = ctx.saved_tensors
         if grad is None or g_loss is None:

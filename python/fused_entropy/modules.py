@@ -20,6 +20,7 @@ from torch import nn
 
 from . import _grpo as G
 from . import _validate as V
+from ._autograd import once_differentiable
 from ._types import LogitTransform
 from .backends import BACKENDS, get_backend
 from .functional import linear_logprobs
@@ -57,6 +58,7 @@ class _SinglePassFunction(torch.autograd.Function):
         return loss
 
     @staticmethod
+    @once_differentiable
     def backward(ctx, grad_loss):
         grads = ctx.saved_tensors
         if not bool(grad_loss == 1):
