@@ -581,3 +581,63 @@ def test_item8_double_backward_is_a_clear_error(backend):
     x.requires_grad_(True)
     mod = LinearGRPOLoss(beta=0.0, backend=backend, single_pass=True)
     _second_backward(lambda: mod(x, w2, ids, m2, a2)[0], x)
+
+
+# ---------------------------------------------------------------------------------------------
+# item 12: mixed precision (bf16 hidden, fp32 head), with and without torch.autocast
+# ---------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("autocast", [False, True], ids=["plain", "autocast"])
+@pytest.mark.parametrize("single_pass", [False, None], ids=["two", "auto"])
+def test_item12_bf16_hidden_fp32_head_runs_in_bf16(backend, autocast, single_pass):
+    x, w, ids, mask, adv, old = _head_batch(seed=4)
+    bias = torch.randn(VOCAB, device=DEVICE) * 0.1
+    xb = x.bfloat16()
+
+    def run(weight, b):
+        xx = xb.clone().requires_grad_(True)
+        ww, bb = weight.clone().requires_grad_(True), b.clone().requires_grad_(True)
+        with torch.autocast(DEVICE, dtype=torch.bfloat16, enabled=autocast):
+            loss, _ = LinearGRPOLoss(beta=0.0, entropy_coef=0.05, backend=backend, single_pass=single_pass)(
+                xx, ww, ids, mask, adv, bias=bb, old_per_token_logps=old)
+        loss.backward()
+        return loss, xx.grad, ww.grad, bb.grad
+
+    loss, gx, gw, gb = run(w, bias)  # fp32 head
+    want = run(w.bfloat16(), bias.bfloat16())  # the rule: the head runs in hidden's dtype
+    assert loss.dtype == torch.float32 and gx.dtype == torch.bfloat16 and gw.dtype == torch.float32 and gb.dtype == torch.float32
+    torch.testing.assert_close(loss, want[0], rtol=0, atol=0)
+    torch.testing.assert_close(gx, want[1], rtol=0, atol=0)
+    torch.testing.assert_close(gw, want[2].float(), rtol=0, atol=0)
+    st = linear_logprobs(xb.reshape(-1, H), w, ids.reshape(-1), bias=bias, backend=backend)
+    st_b = linear_logprobs(xb.reshape(-1, H), w.bfloat16(), ids.reshape(-1), bias=bias.bfloat16(), backend=backend)
+    torch.testing.assert_close(st.logprobs, st_b.logprobs, rtol=0, atol=0)
+
+
+def test_item12_matches_liger_under_autocast():
+    liger = pytest.importorskip("liger_kernel.chunked_loss.grpo_loss")
+    x, w, ids, mask, adv, old = (t.cpu() for t in _head_batch(seed=6))
+    xb = x.bfloat16()
+    out = []
+    for mod in (liger.LigerFusedLinearGRPOLoss(beta=0.0, compiled=False, use_ref_model=False),
+                LinearGRPOLoss(beta=0.0, backend="torch")):
+        xx, ww = xb.clone().requires_grad_(True), w.clone().requires_grad_(True)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            loss, _ = mod(xx, ww, ids, mask, adv, old_per_token_logps=old)
+        loss.backward()
+        out.append((loss.float(), xx.grad.float(), ww.grad.float()))
+    for a, b in zip(*out):
+        torch.testing.assert_close(a, b, rtol=2e-2, atol=2e-2 * float(b.abs().max()))
+
+
+def test_item12_other_dtype_mixtures_are_named():
+    h, w, y = torch.randn(2, 3), torch.randn(5, 3), torch.tensor([1, 2])
+    with pytest.raises(TypeError, match=r"weight dtype torch.float64 does not match hidden dtype torch.float32"):
+        linear_logprobs(h, w.double(), y)
+    with pytest.raises(TypeError, match=r"weight dtype torch.bfloat16 does not match hidden dtype torch.float16"):
+        linear_logprobs(h.half(), w.bfloat16(), y)
+    x, w2, ids, mask, adv, old = _head_batch()
+    with pytest.raises(TypeError, match="lin_weight dtype torch.float64 does not match _input dtype"):
+        LinearGRPOLoss(beta=0.0)(x, w2.double(), ids, mask, adv)

@@ -55,16 +55,41 @@ def _check_linear(hidden, weight, targets, bias, temperature, softcap, logit_sca
         raise ValueError(f"targets must have shape {tuple(hidden.shape[:-1])} (hidden.shape[:-1]), got {tuple(targets.shape)}")
     if bias is not None and tuple(bias.shape) != (vocab,):
         raise ValueError(f"bias must have shape [V]=({vocab},), got {tuple(bias.shape)}")
-    if weight.dtype != hidden.dtype:
-        raise TypeError(f"weight dtype {weight.dtype} does not match hidden dtype {hidden.dtype}")
-    if bias is not None and bias.dtype != hidden.dtype:
-        raise TypeError(f"bias dtype {bias.dtype} does not match hidden dtype {hidden.dtype}")
+    check_head_dtypes(hidden, weight, bias)
     if vocab == 0:
         raise ValueError("weight must have at least one vocabulary row (V >= 1)")
     V.check_ignore_index(ignore_index)
     V.check_bool("entropy", entropy)
     V.check_same_device(hidden=hidden, weight=weight, targets=targets, bias=bias)
     return vocab, h, _check_transform(temperature, softcap, logit_scale)
+
+
+_AMP_LOW = (torch.float16, torch.bfloat16)
+
+
+def check_head_dtypes(hidden, weight, bias, names=("hidden", "weight", "bias")) -> None:
+    """Same dtype, or the mixed-precision pair: fp32 ``weight``/``bias`` with fp16/bf16 ``hidden``."""
+    h_name, w_name, b_name = names
+    for name, t in ((w_name, weight), (b_name, bias)):
+        if not isinstance(t, torch.Tensor) or t.dtype == hidden.dtype or (t.dtype == torch.float32 and hidden.dtype in _AMP_LOW):
+            continue
+        raise TypeError(f"{name} dtype {t.dtype} does not match {h_name} dtype {hidden.dtype} (accepted: the same "
+                        f"dtype, or an fp32 {name} with fp16/bf16 {h_name}, the mixed-precision pair)")
+
+
+def head_in_hidden_dtype(hidden: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor]):
+    """The head runs in ``hidden``'s dtype: an fp32 ``weight``/``bias`` with bf16/fp16 ``hidden`` is cast.
+
+    Mixed precision (``torch.autocast`` with an fp32 master weight and a bf16/fp16 hidden state): like
+    Liger 0.8.5 (``weight.to(hidden.dtype)``) and autocast's own matmul, the GEMM runs in the low
+    precision; log-sum-exp, log-probs and entropies are fp32. The cast is differentiable, so the weight
+    gradient comes back fp32. Autocast itself changes nothing inside (fp32 inputs run in fp32).
+    """
+    if weight.dtype != hidden.dtype:
+        weight = weight.to(hidden.dtype)
+    if bias is not None and bias.dtype != hidden.dtype:
+        bias = bias.to(hidden.dtype)
+    return weight, bias
 
 
 def _check_vocab_size(vocab_size) -> None:
@@ -116,7 +141,9 @@ def linear_logprobs(
 
     Args:
         hidden: ``[..., H]`` hidden states (fp16, bf16, fp32 or fp64).
-        weight: ``[V, H]`` LM-head weight, same dtype and device as ``hidden``; with
+        weight: ``[V, H]`` LM-head weight on the device of ``hidden``, of ``hidden``'s dtype, or fp32
+            with a bf16/fp16 ``hidden`` (mixed precision: the head runs in ``hidden``'s dtype, as in
+            Liger and autocast; the weight gradient is fp32); with
             ``process_group``, this rank's contiguous vocabulary shard ``[V_r, H]``.
         targets: ``[...]`` integer token ids in ``[0, V)`` or ``ignore_index`` (global ids with
             ``process_group``).
@@ -167,6 +194,7 @@ def linear_logprobs(
     be = get_backend(backend, hidden.device)
     targets = V.token_ids("targets", targets)
     ignore_index = _resolve_ignore(targets, vocab, ignore_index)
+    weight, bias = head_in_hidden_dtype(hidden, weight, bias)
 
     lead = targets.shape
     x = hidden.reshape(-1, h).contiguous()
@@ -205,6 +233,7 @@ def _linear_logprobs_vocab_parallel(hidden, weight, targets, bias, temperature, 
     layout = D.agree(group, err, weight=weight, hidden=hidden, targets=targets, bias=bias, tf=tf,
                      ignore_index=ignore_index, entropy=entropy, topk=topk, clamp_p=clamp_p, vocab_size=vocab_size,
                      backend_name=be_name, hidden_grad=hidden_grad, grad_x=grad_x)
+    weight, bias = head_in_hidden_dtype(hidden, weight, bias)
     lead = targets.shape
     x = hidden.reshape(-1, h).contiguous()
     y = targets.reshape(-1).long().contiguous()

@@ -23,7 +23,7 @@ from . import _validate as V
 from ._autograd import once_differentiable
 from ._types import LogitTransform
 from .backends import BACKENDS, get_backend
-from .functional import linear_logprobs
+from .functional import check_head_dtypes, head_in_hidden_dtype, linear_logprobs
 
 # Rows per chunk of the single pass: about this many logits per chunk. Each chunk holds two fp32
 # [C, V] blocks (7 MiB each here). Measured on the bench's CPU case (V = 32768, so C = 56): smaller
@@ -372,6 +372,8 @@ class LinearGRPOLoss(nn.Module):
             _input, lin_weight, selected_token_ids, attention_mask, advantages, bias, ref_per_token_logps,
             old_per_token_logps, vllm_is_ratio,
         )
+        # the head runs in _input's dtype (Liger: weight.to(_input.dtype)); gradients keep each dtype
+        lin_weight, bias = head_in_hidden_dtype(_input, lin_weight, bias)
         k = V.resolve_k(self.topk, self.clamp_p, vocab)
         tf = LogitTransform(float(self.temperature), None if self.softcap is None else float(self.softcap), float(self.logit_scale))
         be = get_backend(self.backend, _input.device)
@@ -448,9 +450,8 @@ class LinearGRPOLoss(nn.Module):
             raise ValueError(f"lin_weight has H={w.shape[1]} (shape {tuple(w.shape)}) but _input has H={hidden} (shape {tuple(x.shape)})")
         if vocab == 0:
             raise ValueError("lin_weight must have at least one vocabulary row (V >= 1)")
-        if w.dtype != x.dtype:
-            raise TypeError(f"lin_weight dtype {w.dtype} does not match _input dtype {x.dtype}")
         bt = (bsz, seqlen)
+        check_head_dtypes(x, w, bias, names=("_input", "lin_weight", "bias"))
         if tuple(ids.shape) != bt:
             raise ValueError(f"selected_token_ids must have shape [B, T]={bt} (from _input {tuple(x.shape)}), got {tuple(ids.shape)}")
         V.check_mask("attention_mask", mask, bt, f" ([B, T] from _input {tuple(x.shape)})")
@@ -461,8 +462,6 @@ class LinearGRPOLoss(nn.Module):
             V.check_tensor("bias", bias, floating=True)
             if tuple(bias.shape) != (vocab,):
                 raise ValueError(f"bias must have shape [V]=({vocab},), got {tuple(bias.shape)}")
-            if bias.dtype != x.dtype:
-                raise TypeError(f"bias dtype {bias.dtype} does not match _input dtype {x.dtype}")
         for name, t in (("ref_per_token_logps", ref_lp), ("old_per_token_logps", old_lp)):
             if t is not None:
                 V.check_tensor(name, t, floating=True)
