@@ -641,3 +641,53 @@ def test_item12_other_dtype_mixtures_are_named():
     x, w2, ids, mask, adv, old = _head_batch()
     with pytest.raises(TypeError, match="lin_weight dtype torch.float64 does not match _input dtype"):
         LinearGRPOLoss(beta=0.0)(x, w2.double(), ids, mask, adv)
+
+
+# ---------------------------------------------------------------------------------------------
+# item 13: an FSDP2 (DTensor) LM head is gathered; its gradient goes back to the shards
+# ---------------------------------------------------------------------------------------------
+
+_DTENSOR_SCRIPT = r"""
+import os, socket, torch, torch.distributed as dist
+s = socket.socket(); s.bind(("127.0.0.1", 0)); port = s.getsockname()[1]; s.close()
+os.environ["MASTER_ADDR"], os.environ["MASTER_PORT"] = "127.0.0.1", str(port)
+dist.init_process_group("gloo", rank=0, world_size=1)
+from torch.distributed.tensor import DTensor, Shard, distribute_tensor
+from torch.distributed.device_mesh import init_device_mesh
+from fused_entropy import LinearGRPOLoss, linear_logprobs
+mesh = init_device_mesh("cpu", (1,))
+g = torch.Generator().manual_seed(0)
+w = torch.randn(11, 8, generator=g, dtype=torch.float64)
+b = torch.randn(11, generator=g, dtype=torch.float64)
+x = torch.randn(2, 3, 8, generator=g, dtype=torch.float64)
+ids = torch.randint(0, 11, (2, 3), generator=g)
+mask, adv = torch.ones(2, 3), torch.tensor([1.0, -1.0], dtype=torch.float64)
+def run(make, fn):
+    wp, bp = make(w), make(b)
+    out = fn(wp, bp)
+    out.backward()
+    grad = lambda p: p.grad.full_tensor() if isinstance(p.grad, DTensor) else p.grad
+    return out.detach(), grad(wp), grad(bp)
+plain = lambda t: torch.nn.Parameter(t.clone())
+dt = lambda t: torch.nn.Parameter(distribute_tensor(t.clone(), mesh, [Shard(0)]))
+fns = [lambda wp, bp: linear_logprobs(x.reshape(6, 8), wp, ids.reshape(6), bias=bp).logprobs.sum()]
+fns += [lambda wp, bp, sp=sp: LinearGRPOLoss(beta=0.0, backend="torch", single_pass=sp)(x, wp, ids, mask, adv, bias=bp)[0]
+        for sp in (False, None)]
+for fn in fns:
+    a, c = run(plain, fn), run(dt, fn)
+    for u, v in zip(a, c):
+        torch.testing.assert_close(u, v, rtol=1e-12, atol=1e-12)
+dist.destroy_process_group()
+print("DTENSOR_OK")
+"""
+
+
+def test_item13_dtensor_head_is_gathered():
+    import subprocess
+    import sys
+
+    pytest.importorskip("torch.distributed.tensor")
+    if not torch.distributed.is_available():
+        pytest.skip("torch.distributed is not available")
+    r = subprocess.run([sys.executable, "-c", _DTENSOR_SCRIPT], capture_output=True, text=True, timeout=120)
+    assert "DTENSOR_OK" in r.stdout, r.stderr[-3000:]

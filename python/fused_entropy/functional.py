@@ -77,6 +77,20 @@ def check_head_dtypes(hidden, weight, bias, names=("hidden", "weight", "bias")) 
                         f"dtype, or an fp32 {name} with fp16/bf16 {h_name}, the mixed-precision pair)")
 
 
+def _is_dtensor(t) -> bool:
+    return type(t).__name__ == "DTensor" and hasattr(t, "full_tensor")
+
+
+def gather_dtensor_head(weight, bias):
+    """FSDP2 heads: a ``DTensor`` weight/bias is gathered with ``full_tensor()`` (as TRL's fused head
+    does). The gather is differentiable, so the gradient goes back to the shards as a DTensor."""
+    if _is_dtensor(weight):
+        weight = weight.full_tensor()
+    if _is_dtensor(bias):
+        bias = bias.full_tensor()
+    return weight, bias
+
+
 def head_in_hidden_dtype(hidden: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor]):
     """The head runs in ``hidden``'s dtype: an fp32 ``weight``/``bias`` with bf16/fp16 ``hidden`` is cast.
 
@@ -143,7 +157,8 @@ def linear_logprobs(
         hidden: ``[..., H]`` hidden states (fp16, bf16, fp32 or fp64).
         weight: ``[V, H]`` LM-head weight on the device of ``hidden``, of ``hidden``'s dtype, or fp32
             with a bf16/fp16 ``hidden`` (mixed precision: the head runs in ``hidden``'s dtype, as in
-            Liger and autocast; the weight gradient is fp32); with
+            Liger and autocast; the weight gradient is fp32); a ``DTensor`` (FSDP2) is gathered with
+            ``full_tensor()``, its gradient returned to the shards; with
             ``process_group``, this rank's contiguous vocabulary shard ``[V_r, H]``.
         targets: ``[...]`` integer token ids in ``[0, V)`` or ``ignore_index`` (global ids with
             ``process_group``).
@@ -180,11 +195,17 @@ def linear_logprobs(
         shape ``targets.shape``, differentiable w.r.t. ``hidden``, ``weight`` and ``bias``.
         Working memory is ``O(N)`` statistics plus bounded tiles; no ``[N, V]`` buffer.
     """
+    if _is_dtensor(hidden):
+        raise TypeError("hidden must be a plain torch.Tensor, got a DTensor (only the LM head weight/bias may be "
+                        "DTensors: they are gathered with full_tensor())")
     if process_group is not None:
+        if _is_dtensor(weight) or _is_dtensor(bias):
+            raise TypeError("weight must be this rank's plain tensor shard with process_group, got a DTensor")
         return _linear_logprobs_vocab_parallel(
             hidden, weight, targets, bias, temperature, softcap, logit_scale, ignore_index, entropy, topk,
             clamp_p, backend, process_group, vocab_size, hidden_grad,
         )
+    weight, bias = gather_dtensor_head(weight, bias)
     vocab, h, tf = _check_linear(hidden, weight, targets, bias, temperature, softcap, logit_scale, ignore_index, entropy)
     _check_vocab_size(vocab_size)
     _check_hidden_grad(hidden_grad)

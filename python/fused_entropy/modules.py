@@ -23,7 +23,7 @@ from . import _validate as V
 from ._autograd import once_differentiable
 from ._types import LogitTransform
 from .backends import BACKENDS, get_backend
-from .functional import check_head_dtypes, head_in_hidden_dtype, linear_logprobs
+from .functional import check_head_dtypes, gather_dtensor_head, head_in_hidden_dtype, linear_logprobs
 
 # Rows per chunk of the single pass: about this many logits per chunk. Each chunk holds two fp32
 # [C, V] blocks (7 MiB each here). Measured on the bench's CPU case (V = 32768, so C = 56): smaller
@@ -368,6 +368,8 @@ class LinearGRPOLoss(nn.Module):
                 _input, lin_weight, selected_token_ids, attention_mask, advantages, bias, ref_per_token_logps,
                 old_per_token_logps, ref_input, ref_weight, ref_bias, vllm_is_ratio, num_items_in_batch,
             )
+        lin_weight, bias = gather_dtensor_head(lin_weight, bias)  # FSDP2: gathered, gradient to the shards
+        ref_weight, ref_bias = gather_dtensor_head(ref_weight, ref_bias)
         bsz, seqlen, vocab = self._check_inputs(
             _input, lin_weight, selected_token_ids, attention_mask, advantages, bias, ref_per_token_logps,
             old_per_token_logps, vllm_is_ratio,
