@@ -194,6 +194,13 @@ def linear_logprobs(
         ``TokenStats(logprobs, entropy, clamped_entropy)``: fp32 (fp64 for fp64 inputs) tensors of
         shape ``targets.shape``, differentiable w.r.t. ``hidden``, ``weight`` and ``bias``.
         Working memory is ``O(N)`` statistics plus bounded tiles; no ``[N, V]`` buffer.
+
+    Numeric guarantees and input rules: ``targets`` of any integer dtype (compared in int64);
+    ``ignore_index`` an int or None; ``temperature`` and ``softcap`` in ``[1e-30, 1e30]``,
+    ``logit_scale`` 0 or ``|logit_scale|`` in ``[1e-30, 1e30]``, ``|logit_scale| / temperature <= 1e30``
+    (every value in these ranges gives finite outputs and gradients for finite inputs); ``entropy`` a
+    bool. Anything else raises TypeError/ValueError naming the argument and the value. First
+    derivatives only: differentiating a ``create_graph=True`` gradient raises a RuntimeError.
     """
     if _is_dtensor(hidden):
         raise TypeError("hidden must be a plain torch.Tensor, got a DTensor (only the LM head weight/bias may be "
@@ -279,8 +286,10 @@ def logprobs_from_logits(
 ) -> TokenStats:
     """Per-token log-prob, entropy and clamped entropy from logits ``[..., V]`` already in memory.
 
-    ``z = logits / temperature``; same outputs and options as :func:`linear_logprobs`. The
-    backward pass writes the logits gradient directly and allocates nothing else of size ``[N, V]``.
+    ``z = logits / temperature``; same outputs and options as :func:`linear_logprobs` (and the same
+    input rules: any integer ``targets`` dtype, ``ignore_index`` an int or None, ``temperature`` in
+    ``[1e-30, 1e30]``). The backward pass writes the logits gradient directly and allocates nothing
+    else of size ``[N, V]``.
     """
     V.check_tensor("logits", logits, floating=True)
     targets = V.token_ids("targets", targets)

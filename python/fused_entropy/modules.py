@@ -149,6 +149,18 @@ class LinearGRPOLoss(nn.Module):
     With ``use_ref_model`` and ``beta != 0``, ``ref_per_token_logps`` is used when given, else the
     reference log-probs come from ``ref_input``/``ref_weight``/``ref_bias`` through the same fused path
     under ``no_grad``. Without ``use_ref_model`` the KL is taken to the current policy (0), as in Liger.
+
+    Numeric guarantees and input rules: ``attention_mask`` holds 0/1 only (bool, integer or floating;
+    Liger/TRL would weight by other values, here they raise); entries of ``[B, T]`` inputs outside the
+    mask may be anything (NaN/inf included). ``selected_token_ids`` of any integer dtype; inside the
+    mask they must be vocabulary ids; for ``loss_type="luspo"`` a masked position with an id outside
+    ``[0, V)`` (-100 padding) is scored with no target logit (``logp = -lse``), as Liger does (two-pass
+    path). ``lin_weight``/``bias`` fp32 with a bf16/fp16 ``_input`` (AMP) run in ``_input``'s dtype;
+    a ``DTensor`` head (FSDP2) is gathered. With ``num_items_in_batch`` the entropy bonus of dapo,
+    cispo and vespo is divided by the same ``N_items`` as the policy term (window-exact under
+    gradient accumulation); other loss types use the micro-batch mean (divide by the accumulation
+    steps yourself, as TRL does). Scalars: ``temperature``/``softcap`` in ``[1e-30, 1e30]``, loss
+    options ``|x| <= 1e30``. First derivatives only.
     """
 
     def __init__(
