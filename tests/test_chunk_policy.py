@@ -47,3 +47,12 @@ def test_results_do_not_depend_on_the_bound(monkeypatch):
     chunked = run()
     for a, b in zip(whole, chunked):
         torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
+
+
+def test_linear_grpo_loss_chunks_by_the_same_bound(monkeypatch):
+    """LinearGRPOLoss's single pass takes its rows from the torch backend: 4 blocks within the bound."""
+    monkeypatch.delenv(tc.WORKSPACE_ENV, raising=False)
+    assert tc.single_pass_rows(2048, 32768, torch.float32) == 128
+    assert tc.single_pass_rows(2048, 32768, torch.bfloat16) == 128  # computed in fp32
+    monkeypatch.setenv(tc.WORKSPACE_ENV, "32")
+    assert tc.single_pass_rows(2048, 32768, torch.float64) == 32

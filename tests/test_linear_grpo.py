@@ -371,8 +371,9 @@ class _LargestOutput(TorchDispatchMode):
     dict(single_pass=False, entropy_source="clamped", topk=8),
     dict(single_pass=False, top_entropy_quantile=0.5),
 ], ids=["single", "single-sequence", "two-clamped", "two-8020"])
-def test_no_full_logits_tensor_is_created(cfg):
-    # N*V = 4 * 2^21: larger than the torch backend's chunk budget, so a correct backend must chunk.
+def test_no_full_logits_tensor_is_created(cfg, monkeypatch):
+    # N*V = 4 * 2^21 (32 MiB in fp32): larger than a 16 MiB workspace bound, so a correct backend must chunk.
+    monkeypatch.setenv("FUSED_ENTROPY_WORKSPACE_MIB", "16")
     bsz, seqlen, hidden, vocab = 4, 128, 16, 16384
     n = bsz * seqlen
     g = torch.Generator().manual_seed(0)

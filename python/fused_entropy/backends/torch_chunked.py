@@ -79,6 +79,14 @@ def workspace_blocks(tf: LogitTransform) -> int:
     return 3 + (tf.softcap is not None)
 
 
+def single_pass_rows(n: int, vocab: int, dtype: torch.dtype) -> int:
+    """Rows per chunk ``linear_forward_backward`` is given by ``LinearGRPOLoss`` by default: the
+    workspace bound over the most blocks a single pass can hold (logits, probabilities, clamped
+    weights, softcap factor), so the bound holds for any transform. (It took 56 rows before: every
+    chunk streams W through two products and rewrites dW, about 3x the memory traffic of 128 rows.)"""
+    return chunk_rows(n, vocab, blocks=4, itemsize=_compute_dtype(dtype).itemsize)
+
+
 def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
