@@ -99,8 +99,9 @@ def linear_stats_kernel(
     UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr,
 ):
     """x [N, H], W [V, H], b [V], targets [N] -> part [4, SPLIT, N] (m, s, t, z_y per split), and
-    with ``z_ptr`` the transformed logits z [N, V] (row stride ``stride_z``; padded columns and rows
-    past N are not stored).
+    with ``z_ptr`` the transformed logits z (row stride ``stride_z``), stored tile by tile without a
+    mask: the buffer must hold ``cdiv(N, BLOCK_N) * BLOCK_N`` rows of ``cdiv(V, BLOCK_V) * BLOCK_V``
+    columns; padded columns get -inf, rows past N the logits of a clamped row (never read).
 
     ``softcap`` <= 0 means no softcap; scalars are runtime values (no recompilation per value).
     """
@@ -118,6 +119,8 @@ def linear_stats_kernel(
     m = s + float("-inf")
     t = s
     z_y = s
+    if STORE_Z:
+        z_rows = z_ptr + offs_n * stride_z
     v_start = pid_s.to(tl.int64) * tiles_per_split * BLOCK_V
     v_stop = tl.minimum(v_start + tiles_per_split * BLOCK_V, V)
     for v0 in range(v_start, v_stop, BLOCK_V):
@@ -133,8 +136,9 @@ def linear_stats_kernel(
         hit = tl.arange(0, BLOCK_V)[None, :] == y_local[:, None]
         z_y += tl.sum(tl.where(hit, z, 0.0), axis=1)
         if STORE_Z:
-            tl.store(z_ptr + offs_n[:, None] * stride_z + offs_v[None, :], z,
-                     mask=mask_n[:, None] & mask_v[None, :])
+            # unmasked: the buffer covers whole tiles (see the docstring); no mask or int64 offset
+            # tile in registers, which the fp64 epilogue on sm_80 could not spare
+            tl.store(z_rows[:, None] + v0 + tl.arange(0, BLOCK_V)[None, :], z)
         if TOPK:
             radix_count(z, mask_n[:, None] & mask_v[None, :], hist_ptr + pid_n.to(tl.int64) * BLOCK_N * NBINS,
                         0, RADIX_SHIFT, RADIX_BITS, NBINS, True)

@@ -38,7 +38,7 @@ def tiny(rows=None, vocab=None, dtype=torch.float32, with_dz=False, **kw):
     if rows is not None:
         acc, e = (8 if dtype == F64 else 4), torch.empty(0, dtype=dtype).element_size()
         dz = e if with_dz and e != acc else 0  # fp32/fp64: dz in place over z
-        kw["logits_buffer_bytes"] = rows * _launch._z_stride(vocab) * (acc + dz)
+        kw["logits_buffer_bytes"] = rows * _launch._z_stride(vocab, cfg.block_v) * (acc + dz)
     return C.override(linear_stats=cfg, linear_grad=cfg, linear_radix=cfg, logits_stats=C.Config(4, 16),
                       logits_radix=C.Config(4, 16), logits_grad=C.Config(4, 32), split=2, **kw)
 
@@ -235,7 +235,7 @@ def test_shipped_bf16_tile_just_over_one_tile(chunks):
     cfg = C.get("linear_stats", "bf16")
     kw = {}
     if chunks == "several":
-        kw["logits_buffer_bytes"] = cfg.block_n * _launch._z_stride(131) * 4
+        kw["logits_buffer_bytes"] = cfg.block_n * _launch._z_stride(131, cfg.block_v) * 4
     ctx = C.override(**kw)
     with ctx:
         assert _launch.buffer_rows(130, 131, torch.bfloat16) == (128 if chunks == "several" else 130)

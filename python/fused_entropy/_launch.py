@@ -148,9 +148,10 @@ def radix_buffer_passes(dtype: torch.dtype) -> int:
     return len(configs.RADIX_DIGITS[64 if dtype == torch.float64 else 32]) - 1
 
 
-def _z_stride(vocab: int) -> int:
-    """Row stride (elements) of the logits buffer: V rounded up to 16, so every row starts aligned."""
-    return triton.cdiv(vocab, 16) * 16
+def _z_stride(vocab: int, block_v: int) -> int:
+    """Row stride (elements) of the logits buffer: V rounded up to whole GEMM tiles (the forward stores
+    whole tiles, unmasked) and to 16, so every row starts aligned."""
+    return triton.cdiv(vocab, max(block_v, 16)) * max(block_v, 16)
 
 
 def logits_buffer_rows(n: int, row_bytes: int, block_n: int) -> int:
@@ -297,9 +298,10 @@ def buffer_rows(n: int, vocab: int, dtype: torch.dtype, with_dz: bool = False) -
     """Rows per chunk of the logits buffer for inputs of ``dtype``: z in fp32 (fp64), plus dz in the
     input dtype when ``with_dz`` and that is 16-bit (``_LogitsBuffer``); see ``logits_buffer_rows``."""
     acc = acc_dtype(dtype)
+    cfg = configs.get("linear_stats", dtype_key(dtype))
     item = lambda d: torch.empty(0, dtype=d).element_size()  # noqa: E731
-    row_bytes = _z_stride(vocab) * (item(acc) + (item(dtype) if with_dz and dtype != acc else 0))
-    return logits_buffer_rows(n, row_bytes, configs.get("linear_stats", dtype_key(dtype)).block_n)
+    row_bytes = _z_stride(vocab, cfg.block_v) * (item(acc) + (item(dtype) if with_dz and dtype != acc else 0))
+    return logits_buffer_rows(n, row_bytes, cfg.block_n)
 
 
 class _LogitsBuffer:
@@ -312,10 +314,13 @@ class _LogitsBuffer:
     def __init__(self, x, vocab: int, k: Optional[int], with_dz: bool = False, rows: Optional[int] = None):
         n = x.shape[0]
         acc = acc_dtype(x.dtype)
-        self.ld = _z_stride(vocab)
+        cfg = configs.get("linear_stats", dtype_key(x.dtype))
+        self.ld = _z_stride(vocab, cfg.block_v)
         self.vocab = vocab
         self.rows = max(1, min(n, rows)) if rows else buffer_rows(n, vocab, x.dtype, with_dz)
-        self.z = torch.empty(self.rows, self.ld, device=x.device, dtype=acc)
+        # the forward stores whole tiles: the last row block in full, the padded columns too
+        alloc = triton.cdiv(self.rows, cfg.block_n) * cfg.block_n
+        self.z = torch.empty(alloc, self.ld, device=x.device, dtype=acc)
         self.dz = None
         if with_dz:
             # fp32/fp64 inputs: dz in place over z (logits_grad_kernel reads a tile before writing it)
@@ -324,9 +329,8 @@ class _LogitsBuffer:
         self.hist = None
         if k is not None:
             # the GEMM's first pass counts whole row blocks; the buffer passes count their own blocks
-            block_n = configs.get("linear_stats", dtype_key(x.dtype)).block_n
             stream = configs.get("logits_radix", dtype_key(acc)).block_n
-            self.hist = _new_hist(max(triton.cdiv(self.rows, b) * b for b in (block_n, stream)), x.device)
+            self.hist = _new_hist(max(triton.cdiv(self.rows, b) * b for b in (cfg.block_n, stream)), x.device)
 
     def chunks(self, n: int):
         for r0 in range(0, n, self.rows):
