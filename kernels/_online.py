@@ -45,6 +45,22 @@ def tanh(u):
 
 
 @triton.jit
+def div_rn(a, b):
+    """a / b correctly rounded, bitwise torch's division.
+
+    A plain fp32 ``/`` compiles to the approximate ``div.full.f32`` on NVIDIA GPUs (within 2 ulp,
+    not correctly rounded), while torch and the interpreter divide exactly; a value compared with
+    torch's bit for bit (the top-k ``tie_frac``) must use this. fp64 ``/`` is already ``div.rn.f64``
+    (and ``tl.math.div_rn`` takes fp32 only).
+    """
+    if a.dtype == tl.float64:
+        q = a / b
+    else:
+        q = tl.math.div_rn(a, b)
+    return q
+
+
+@triton.jit
 def transform(a, logit_scale, softcap, inv_temperature, HAS_SOFTCAP: tl.constexpr):
     """z = softcap(logit_scale * a) / T, softcap(x) = c tanh(x / c) (MATH.md section 1)."""
     a = a * logit_scale

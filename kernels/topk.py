@@ -41,6 +41,7 @@ sums s_S, t_S (``SUMS``) for the caller to finish once they are summed over the 
 import triton
 import triton.language as tl
 
+from ._online import div_rn
 from ._radix import key_to_float, radix_count
 from .linear_stats import linear_logit_tile
 from .logits_stats import logits_tile
@@ -243,7 +244,9 @@ def radix_select_kernel(
         s_c += n_tie * e_t
         t_c += tl.where(e_t > 0.0, n_tie * dt * e_t, 0.0)
         tl.store(tau_ptr + offs_r, tau, mask=mask_r)
-        tl.store(frac_ptr + offs_r, n_tie / n_eq_d.to(m0.dtype), mask=mask_r)
+        # correctly rounded: tie_frac equals the torch backend's bit for bit (a plain fp32 / is
+        # approximate on NVIDIA GPUs)
+        tl.store(frac_ptr + offs_r, div_rn(n_tie, n_eq_d.to(m0.dtype)), mask=mask_r)
         if SUMS:
             tl.store(s_ptr + offs_r, s_c, mask=mask_r)
             tl.store(t_ptr + offs_r, t_c, mask=mask_r)
