@@ -113,6 +113,9 @@ def test_bad_patch_arguments():
         liger.patch(entropy_cof=0.1)
     with pytest.raises(ValueError, match="needs topk or clamp_p"):
         liger.patch(entropy_source="clamped")
+    # LinearGRPOLoss defers an unknown loss type to forward (as Liger); patch() defaults fail at once
+    with pytest.raises(ValueError, match="loss_type must be one of"):
+        liger.patch(loss_type="ppo")
     with pytest.raises(ValueError, match="has no LigerFusedLinearGRPOLoss"):
         liger.patch(modules=[types.ModuleType("empty")])
     with pytest.raises(TypeError, match="modules must hold"):

@@ -433,10 +433,6 @@ def test_triton_backend_equals_torch_backend(cfg):
 
 
 @pytest.mark.parametrize("kwargs,exc,match", [
-    (dict(loss_type="ppo"), ValueError, "loss_type"),
-    (dict(importance_sampling_level="batch"), ValueError, "importance_sampling_level"),
-    (dict(loss_type="cispo", importance_sampling_level="sequence"), ValueError, "importance_sampling_level"),
-    (dict(loss_type="dr_grpo"), ValueError, "max_completion_length"),
     (dict(delta=0.0), ValueError, "delta"),
     (dict(sapo_temperature_neg=-1.0), ValueError, "sapo_temperature_neg"),
     (dict(temperature=0.0), ValueError, "temperature"),
@@ -457,6 +453,20 @@ def test_triton_backend_equals_torch_backend(cfg):
 def test_bad_constructor_arguments(kwargs, exc, match):
     with pytest.raises(exc, match=match):
         LinearGRPOLoss(**kwargs)
+
+
+@pytest.mark.parametrize("kwargs,exc,match", [
+    # Liger 0.8.5 constructs these and rejects them in forward; so does LinearGRPOLoss
+    (dict(loss_type="ppo"), ValueError, "loss_type"),
+    (dict(importance_sampling_level="batch"), ValueError, "importance_sampling_level"),
+    (dict(loss_type="cispo", importance_sampling_level="sequence"), ValueError, "importance_sampling_level"),
+    (dict(loss_type="dr_grpo"), ValueError, "max_completion_length"),
+])
+def test_bad_configurations_liger_rejects_in_forward(kwargs, exc, match):
+    d = _data(torch.float32)
+    m = LinearGRPOLoss(beta=0.0, **kwargs)
+    with pytest.raises(exc, match=match):
+        m(d["x"], d["w"], d["ids"], d["mask"], d["adv"])
 
 
 def _bad_forward_cases():

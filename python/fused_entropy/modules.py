@@ -83,6 +83,11 @@ def _no_target_logit(x, w, bias, rows, tf: LogitTransform, dtype) -> torch.Tenso
     return torch.zeros(rows.shape, dtype=dtype, device=x.device).masked_scatter(rows, z0)
 
 
+class LigerAssertionError(AssertionError, ValueError):
+    """Where Liger 0.8.5 asserts (``AssertionError``) this package raises one that is also a
+    ``ValueError`` (its own contract for bad arguments): ``except`` clauses of either kind catch it."""
+
+
 class LinearGRPOLoss(nn.Module):
     """Fused LM head + GRPO-family loss + entropy bonus, without ``[N, V]`` logits.
 
@@ -161,6 +166,14 @@ class LinearGRPOLoss(nn.Module):
     gradient accumulation); other loss types use the micro-batch mean (divide by the accumulation
     steps yourself, as TRL does). Scalars: ``temperature``/``softcap`` in ``[1e-30, 1e30]``, loss
     options ``|x| <= 1e30``. First derivatives only.
+
+    Bad configurations fail where Liger 0.8.5's fail, with its exception type and words: ``delta`` or a
+    sapo temperature <= 0 in the constructor (``ValueError``); an unknown ``loss_type`` or
+    ``importance_sampling_level``, sequence level with cispo/sapo/vespo (``ValueError``), dr_grpo
+    without ``max_completion_length`` and ``use_ref_model`` (with ``beta != 0``) without reference
+    inputs (:class:`LigerAssertionError`, an ``AssertionError`` and a ``ValueError``) in ``forward``.
+    Values Liger accepts but cannot compute with (NaN, a temperature of 0, ``max_completion_length=0``
+    for dr_grpo) and this package's own options fail in the constructor.
     """
 
     def __init__(
@@ -206,10 +219,12 @@ class LinearGRPOLoss(nn.Module):
         cov_statistics: str = "local",
     ):
         super().__init__()
-        # Everything knowable without tensors is checked here, with the argument's name.
-        G._check_choice("loss_type", loss_type, G.LOSS_TYPES)
-        G._check_choice("importance_sampling_level", importance_sampling_level, G.IMPORTANCE_SAMPLING_LEVELS)
-        if importance_sampling_level == "sequence" and loss_type in ("cispo", "sapo", "vespo", "clip_cov", "kl_cov"):
+        # Everything knowable without tensors is checked here, with the argument's name, except what
+        # Liger 0.8.5 accepts here and rejects in forward (an unknown loss_type or
+        # importance_sampling_level, sequence level with cispo/sapo/vespo, dr_grpo without
+        # max_completion_length): those raise in forward, as Liger's, so code written against Liger
+        # catches them where it expects them (_check_liger_config).
+        if importance_sampling_level == "sequence" and loss_type in G.COV_TYPES:  # our loss types: fail early
             raise ValueError(
                 f"importance_sampling_level='sequence' is not supported for loss_type={loss_type!r}; "
                 "use importance_sampling_level='token'"
@@ -217,14 +232,19 @@ class LinearGRPOLoss(nn.Module):
         G._check_number("beta", beta)
         G._check_number("epsilon_low", epsilon_low, nonneg=True)
         G._check_number("epsilon_high", epsilon_high, nonneg=True)
-        G._check_number("delta", delta, positive=True, allow_none=True)
-        G._check_number("sapo_temperature_pos", sapo_temperature_pos, positive=True)
-        G._check_number("sapo_temperature_neg", sapo_temperature_neg, positive=True)
+        for name, value in (("delta", delta), ("sapo_temperature_pos", sapo_temperature_pos),
+                            ("sapo_temperature_neg", sapo_temperature_neg)):
+            # Liger's own constructor checks, with its words (a non-positive value, NaN aside)
+            if isinstance(value, (int, float)) and not isinstance(value, bool) and value <= 0:
+                raise ValueError(f"{name} must be positive, got {value}")
+            G._check_number(name, value, positive=True, allow_none=name == "delta")
         for name, value in (("vespo_k_pos", vespo_k_pos), ("vespo_k_neg", vespo_k_neg)):
             G._check_number(name, value)
         for name, value in (("vespo_lambda_pos", vespo_lambda_pos), ("vespo_lambda_neg", vespo_lambda_neg)):
             G._check_number(name, value, positive=True)
-        G._check_max_completion_length(loss_type, max_completion_length)
+        if loss_type == "dr_grpo" and max_completion_length is not None:
+            # the only loss type that reads it; Liger ignores it elsewhere, whatever it holds
+            G._check_max_completion_length(loss_type, max_completion_length)
         _check_bool("use_bias_correction_kl", use_bias_correction_kl)
         _check_bool("use_ref_model", use_ref_model)
         V.check_transform(temperature, softcap, logit_scale)
@@ -331,7 +351,7 @@ class LinearGRPOLoss(nn.Module):
             vespo_lambda_pos=self.vespo_lambda_pos,
             vespo_k_neg=self.vespo_k_neg,
             vespo_lambda_neg=self.vespo_lambda_neg,
-            max_completion_length=self.max_completion_length,
+            max_completion_length=self._used_max_completion_length(),
             top_entropy_quantile=self.top_entropy_quantile,
             entropy_source=self.entropy_source,
             luspo_normalization="liger",
@@ -344,6 +364,32 @@ class LinearGRPOLoss(nn.Module):
             dp_group=self.dp_group,
             cov_statistics=self.cov_statistics,
         )
+
+    def _check_liger_config(self) -> None:
+        """The configurations Liger 0.8.5's constructor accepts and its forward rejects, rejected here
+        in the same order, with Liger's exception type and words (this package's after them)."""
+        loss_type, level = self.loss_type, self.importance_sampling_level
+        if level == "sequence" and loss_type in ("cispo", "sapo", "vespo"):
+            raise ValueError(
+                f"Sequence-level importance sampling is not supported for loss_type='{loss_type}'. "
+                f"Use importance_sampling_level='token' instead. ({loss_type} weights tokens, not sequences)"
+            )
+        if loss_type == "dr_grpo" and self.max_completion_length is None:
+            raise LigerAssertionError(
+                "max_completion_length must be provided for loss_type 'dr_grpo' (the normalizer "
+                "B * max_completion_length)"
+            )
+        if level not in G.IMPORTANCE_SAMPLING_LEVELS:
+            raise ValueError(
+                f"Unknown importance sampling level: {level}. Possible values are 'token' and 'sequence'. "
+                f"(importance_sampling_level must be one of {G.IMPORTANCE_SAMPLING_LEVELS}, got {level!r})"
+            )
+        if loss_type not in G.LOSS_TYPES:
+            raise ValueError(f"Unknown loss type: {loss_type} (loss_type must be one of {G.LOSS_TYPES}, got {loss_type!r})")
+
+    def _used_max_completion_length(self):
+        # only dr_grpo reads it; Liger ignores it (whatever it holds) for the other loss types
+        return self.max_completion_length if self.loss_type == "dr_grpo" else None
 
     def _coef(self) -> float:
         ctrl = self.entropy_controller
@@ -375,6 +421,7 @@ class LinearGRPOLoss(nn.Module):
         vllm_is_ratio=None,
         num_items_in_batch=None,
     ) -> Tuple[torch.Tensor, Tuple[torch.Tensor, ...]]:
+        self._check_liger_config()
         if self.process_group is not None:
             return self._forward_vocab_parallel(
                 _input, lin_weight, selected_token_ids, attention_mask, advantages, bias, ref_per_token_logps,
@@ -509,8 +556,9 @@ class LinearGRPOLoss(nn.Module):
                 warnings.warn("Both ref_per_token_logps and ref_input are provided. Using ref_per_token_logps.")
             return ref_lp
         if ref_input is None:
-            raise ValueError(
-                "use_ref_model=True with beta != 0 needs ref_per_token_logps or ref_input (with ref_weight)"
+            raise LigerAssertionError(
+                "If use_ref_model is True, ref_per_token_logps or ref_input must be provided (with beta != 0 "
+                "the KL term needs the reference log-probs; ref_input with ref_weight)"
             )
         if ref_weight is None:
             raise ValueError("ref_input needs ref_weight (the reference model's LM head [V, H])")
@@ -635,7 +683,7 @@ class LinearGRPOLoss(nn.Module):
             step = seqlen * max(1, step // max(seqlen, 1))
         step = max(1, min(step, n_rows)) if n_rows > 0 else 1
         norms = G.grpo_normalizers(
-            mask, loss_type=self.loss_type, max_completion_length=self.max_completion_length,
+            mask, loss_type=self.loss_type, max_completion_length=self._used_max_completion_length(),
             num_items_in_batch=num_items_in_batch, luspo_normalization="liger", dtype=cdt, dp_group=self.dp_group,
         )
         has_k = k is not None

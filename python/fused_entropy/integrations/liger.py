@@ -30,6 +30,7 @@ import sys
 import types
 from typing import Dict, Iterable, Tuple, Union
 
+from .._grpo import IMPORTANCE_SAMPLING_LEVELS, LOSS_TYPES
 from ..modules import LinearGRPOLoss
 
 __all__ = ["patch", "unpatch", "is_patched", "patched", "LIGER_NAME"]
@@ -59,6 +60,11 @@ def _with_defaults(defaults: dict) -> type:
     if unknown:
         raise TypeError(f"patch() got arguments LinearGRPOLoss does not take: {unknown}")
     LinearGRPOLoss(**defaults)  # bad values fail here, at patch time, with LinearGRPOLoss's message
+    # LinearGRPOLoss defers these to forward as Liger does; a default of patch() has no Liger caller to
+    # match, so an unknown name fails now
+    for name, choices in (("loss_type", LOSS_TYPES), ("importance_sampling_level", IMPORTANCE_SAMPLING_LEVELS)):
+        if name in defaults and defaults[name] not in choices:
+            raise ValueError(f"{name} must be one of {choices}, got {defaults[name]!r}")
     frozen = dict(defaults)
 
     class PatchedLinearGRPOLoss(LinearGRPOLoss):
