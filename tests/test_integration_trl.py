@@ -252,6 +252,81 @@ def test_aent_controller_follows_band_rule_on_clamped_entropy(tokenizer, tmp_pat
     assert logs[-1]["entropy_coef"] > init
 
 
+# the entropy attributes stock GRPOTrainer 1.16 holds (public ones first); a callback reads them
+TRL_ENTROPY_ATTRS = ("entropy_coef", "use_adaptive_entropy", "top_entropy_quantile", "_last_world_entropy",
+                     "_entropy_bonus_enabled")
+
+
+class _AttrRecorder(TrainerCallback):
+    def __init__(self):
+        self.trainer, self.seen = None, []
+
+    def _record(self, when):
+        self.seen.append((when, {a: getattr(self.trainer, a) for a in TRL_ENTROPY_ATTRS}))
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        self._record("begin")
+
+    def on_step_end(self, args, state, control, **kwargs):
+        self._record(state.global_step)
+
+
+@pytest.mark.parametrize("ga", [1, 2], ids=["ga1", "ga2"])
+def test_train_with_adaptive_entropy_public_attributes_match_stock(tokenizer, tmp_path, ga):
+    """TRL's test_train_with_adaptive_entropy, with the trainer's attributes compared to stock TRL's
+    after every optimizer step: entropy (~log 64 = 4.16) stays below the target, so the coefficient
+    rises by delta each step (0.1 -> 0.13) and the gate opens after the first window."""
+    steps, runs = 3, {}
+    for name, trainer_cls, cfg_cls in (("stock", GRPOTrainer, GRPOConfig),
+                                       ("fused", FusedEntropyGRPOTrainer, FusedEntropyGRPOConfig)):
+        rec = _AttrRecorder()
+        args = cfg_cls(**dict(BASE, output_dir=str(tmp_path / name), max_steps=steps, gradient_accumulation_steps=ga,
+                              use_adaptive_entropy=True, entropy_coef=0.1, entropy_target=5.0,
+                              entropy_coef_delta=0.01, entropy_coef_max=0.5))
+        tr = trainer_cls(make_model(seed=3), reward_count_a, args, train_dataset=make_dataset(),
+                         processing_class=tokenizer, callbacks=[rec])
+        rec.trainer = tr
+        tr.train()
+        runs[name] = rec.seen
+    stock, fused = runs["stock"], runs["fused"]
+    assert [w for w, _ in fused] == [w for w, _ in stock] == ["begin", *range(1, steps + 1)]
+    for (when, want), (_, got) in zip(stock, fused):
+        for a in TRL_ENTROPY_ATTRS:
+            assert type(got[a]) is type(want[a]), (when, a, got[a], want[a])
+            assert got[a] == pytest.approx(want[a], rel=1e-5), (when, a, got[a], want[a])
+    assert stock[-1][1]["entropy_coef"] == pytest.approx(0.13) and stock[-1][1]["use_adaptive_entropy"] is True
+    assert math.isinf(stock[0][1]["_last_world_entropy"]) and stock[-1][1]["_last_world_entropy"] < 5.0
+
+
+def test_assigning_trl_entropy_attributes_drives_the_controller(tokenizer, tmp_path):
+    """What TRL's own resume code and user callbacks do: assign entropy_coef / _last_world_entropy."""
+    def build(**opts):
+        args = FusedEntropyGRPOConfig(**dict(BASE, output_dir=str(tmp_path)), **opts)
+        return FusedEntropyGRPOTrainer(make_model(), reward_count_a, args, train_dataset=make_dataset(),
+                                       processing_class=tokenizer)
+
+    tr = build(use_adaptive_entropy=True, entropy_target=0.5)
+    assert tr.use_adaptive_entropy is True and tr.entropy_coef == 0.0 and math.isinf(tr._last_world_entropy)
+    assert tr._entropy_ctrl.coef == 0.0  # TRL's gate: closed before the first window
+    tr.entropy_coef, tr._last_world_entropy = 0.07, 0.3
+    assert tr._entropy_ctrl.value == pytest.approx(0.07) and tr._entropy_ctrl.coef == pytest.approx(0.07)
+    tr._last_world_entropy = 0.9  # above the target: gate closed, value kept
+    assert tr._entropy_ctrl.coef == 0.0 and tr.entropy_coef == pytest.approx(0.07)
+    with pytest.raises(ValueError, match="value"):
+        tr.entropy_coef = float("nan")
+    with pytest.raises(AttributeError, match="fixed by the config"):
+        tr.use_adaptive_entropy = False
+
+    static = build(entropy_coef=0.02)
+    assert static.use_adaptive_entropy is False and static._entropy_bonus_enabled is True
+    static.entropy_coef = 0.05
+    assert static._entropy_ctrl.coef == pytest.approx(0.05) and static.entropy_coef == pytest.approx(0.05)
+    aent = build(entropy_controller="aent", entropy_low=1.0, entropy_high=2.0, entropy_coef_lr=0.1, entropy_coef=0.01)
+    assert aent.use_adaptive_entropy is False and aent.entropy_coef == pytest.approx(0.01)
+    off = build()
+    assert off.use_adaptive_entropy is False and off._entropy_bonus_enabled is False and off.entropy_coef == 0.0
+
+
 def test_resume_restores_controller(tokenizer, tmp_path):
     opts = dict(gradient_accumulation_steps=1, entropy_controller="adaptive", entropy_target=5.0,
                 entropy_coef_delta=0.01, save_strategy="steps", save_steps=2)

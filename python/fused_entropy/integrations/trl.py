@@ -351,6 +351,8 @@ class FusedEntropyGRPOTrainer(GRPOTrainer):
                              "lm_head.weight again in backward, after ZeRO-3 has re-partitioned it")
 
         self._entropy_ctrl = _build_controller(args)
+        # TRL's gate of its bonus code (constant for the run); here: a controller runs
+        self._entropy_bonus_enabled = self._entropy_ctrl is not None
         self._repo = _build_repo(args)
         self._entropy_source = _opt(args, "entropy_source")
         self._topk, self._clamp_p = _opt(args, "topk"), _opt(args, "clamp_p")
@@ -366,9 +368,76 @@ class FusedEntropyGRPOTrainer(GRPOTrainer):
         install_fused_head(policy, **head)
         if self.ref_model is not None:
             install_fused_head(self.accelerator.unwrap_model(self.ref_model), **head)
-        # TRL's own adaptive-entropy bookkeeping (and its checkpoint file handling) is replaced by the
-        # controller; the flag is cleared so the parent class never touches it.
-        self.use_adaptive_entropy = False
+
+    # --- TRL's public entropy attributes, read from and written to the controller -------------
+    # Stock GRPOTrainer keeps its adaptive-entropy state in entropy_coef, use_adaptive_entropy and
+    # _last_world_entropy (its checkpoint code reads and writes them, callbacks read them). Here the
+    # controller holds that state, so these are views of it: they read what stock TRL holds after
+    # every step, and assigning one (TRL's resume code does) updates the controller. Until the
+    # controller exists (GRPOTrainer.__init__ assigns them first) they are plain values.
+
+    def _built(self) -> bool:
+        return "_entropy_ctrl" in self.__dict__
+
+    @property
+    def entropy_coef(self) -> float:
+        """TRL's ``entropy_coef``: the controller's current (ungated) coefficient."""
+        ctrl = self.__dict__.get("_entropy_ctrl")
+        if ctrl is None:
+            return self.__dict__["_trl_entropy_coef"] if "_trl_entropy_coef" in self.__dict__ else self.args.entropy_coef
+        return float(ctrl.value)
+
+    @entropy_coef.setter
+    def entropy_coef(self, value) -> None:
+        ctrl = self.__dict__.get("_entropy_ctrl")
+        if ctrl is None:  # not built yet, or no bonus (then, as in TRL, the value is never applied)
+            self.__dict__["_trl_entropy_coef"] = value
+        elif isinstance(ctrl, StaticEntropyCoef):
+            new = StaticEntropyCoef(value)
+            new.load_state_dict(ctrl.state_dict())  # keeps the open window and the last entropy
+            self._entropy_ctrl = new
+        else:
+            sd = ctrl.state_dict()
+            sd["value"] = value
+            ctrl.load_state_dict(sd)  # checks the number
+
+    @property
+    def use_adaptive_entropy(self) -> bool:
+        """TRL's ``use_adaptive_entropy``: whether TRL's adaptive rule (``AdaptiveEntropyCoef``) runs."""
+        if not self._built():
+            if "_trl_use_adaptive_entropy" in self.__dict__:
+                return self.__dict__["_trl_use_adaptive_entropy"]
+            return self.args.use_adaptive_entropy
+        return isinstance(self._entropy_ctrl, AdaptiveEntropyCoef)
+
+    @use_adaptive_entropy.setter
+    def use_adaptive_entropy(self, value) -> None:
+        if self._built() and bool(value) != self.use_adaptive_entropy:
+            raise AttributeError("use_adaptive_entropy is fixed by the config once FusedEntropyGRPOTrainer is built "
+                                 "(use_adaptive_entropy / entropy_controller)")
+        self.__dict__["_trl_use_adaptive_entropy"] = value
+
+    @property
+    def _last_world_entropy(self) -> float:
+        """TRL's gate state: the last window's entropy, +inf before the first window (bonus off)."""
+        ctrl = self.__dict__.get("_entropy_ctrl")
+        if not isinstance(ctrl, AdaptiveEntropyCoef):
+            return self.__dict__.get("_trl_last_world_entropy", math.inf)
+        if ctrl.last_entropy is not None:
+            return float(ctrl.last_entropy)
+        return ctrl.target if ctrl.enabled else math.inf  # start_enabled: an open gate, in TRL's terms
+
+    @_last_world_entropy.setter
+    def _last_world_entropy(self, value) -> None:
+        ctrl = self.__dict__.get("_entropy_ctrl")
+        if not isinstance(ctrl, AdaptiveEntropyCoef):
+            self.__dict__["_trl_last_world_entropy"] = value
+            return
+        last = float(value)
+        sd = ctrl.state_dict()
+        sd["enabled"] = (last < ctrl.target) if ctrl.strict else (last <= ctrl.target)
+        sd["last_entropy"] = last if math.isfinite(last) else None
+        ctrl.load_state_dict(sd)
 
     # --- log-probs and entropies ------------------------------------------------------------
     def _fused_token_stats(self, model, input_ids, attention_mask, logits_to_keep, batch_size=None,
@@ -561,14 +630,10 @@ class FusedEntropyGRPOTrainer(GRPOTrainer):
         with open(os.path.join(out, STATE_FILE), "w") as f:
             json.dump(self.controller_state(), f)
         if isinstance(self._entropy_ctrl, AdaptiveEntropyCoef):
-            # TRL's file too, so stock GRPOTrainer can resume this run. TRL keeps the last window's
-            # entropy and gates on `entropy <= target`; +inf before the first window (bonus off).
-            c = self._entropy_ctrl
-            last = c.last_entropy if c.last_entropy is not None else math.inf
-            if c.last_entropy is None and c.enabled:
-                last = c.target
+            # TRL's file too (GRPOTrainer wrote it already; kept here should TRL stop), so stock
+            # GRPOTrainer can resume this run
             with open(os.path.join(out, TRL_STATE_FILE), "w") as f:
-                json.dump({"entropy_coef": c.value, "last_world_entropy": last}, f)
+                json.dump({"entropy_coef": self.entropy_coef, "last_world_entropy": self._last_world_entropy}, f)
 
     def _load_optimizer_and_scheduler(self, checkpoint):
         super()._load_optimizer_and_scheduler(checkpoint)
@@ -582,15 +647,5 @@ class FusedEntropyGRPOTrainer(GRPOTrainer):
                 if obj is not None and state.get(key) is not None:
                     obj.load_state_dict(state[key])
             return
-        trl_path = os.path.join(checkpoint, TRL_STATE_FILE)
-        if isinstance(self._entropy_ctrl, AdaptiveEntropyCoef) and os.path.exists(trl_path):
-            # A checkpoint written by stock GRPOTrainer with use_adaptive_entropy=True.
-            with open(trl_path) as f:
-                state = json.load(f)
-            c = self._entropy_ctrl
-            sd = c.state_dict()
-            last = float(state["last_world_entropy"])
-            sd["value"] = float(state["entropy_coef"])
-            sd["enabled"] = (last < c.target) if c.strict else (last <= c.target)
-            sd["last_entropy"] = last if math.isfinite(last) else None
-            c.load_state_dict(sd)
+        # Otherwise GRPOTrainer has loaded TRL's entropy_ctrl_state.json (a checkpoint of stock
+        # GRPOTrainer with use_adaptive_entropy=True) through the entropy_coef/_last_world_entropy setters.
