@@ -9,6 +9,12 @@ Online state of one row over vocabulary tiles (MATH.md section 2)::
 
     lse = m + log s,   H = log s - t/s
 
+The finished state is kept as ``(m, log s)``, never as ``lse``: rounded to fp32, ``m + log s`` loses
+``log s`` when ``|m|`` is large (at ``m = 1e8`` the fp32 spacing is 8, so ``lse == m`` and
+``z - lse`` is off by ``log s``). Every consumer forms ``logp = (z - m) - log s`` and
+``p = e^((z - m) - log s)``: ``z - m`` is exact near the max (Sterbenz) and ``log s`` is at most
+``log V``, so the error is that of plain torch's ``log_softmax`` at the same precision.
+
 Every kernel of the package updates this state through ``tile_state`` + ``merge_state`` (the merge
 is written once, here), and every backward kernel forms dL/dz through ``grad_z``.
 """
@@ -115,35 +121,37 @@ def merge_state(m_a, s_a, t_a, m_b, s_b, t_b):
 
 @triton.jit
 def finish_state(m, s, t):
-    """(lse, entropy) of a finished state; a row of only -inf logits gives (-inf, 0)."""
-    m0 = tl.where(m == float("-inf"), 0.0, m)
-    log_s = tl.log(s)
-    lse = m0 + log_s
+    """(log s, entropy) of a finished state; a row of only -inf logits (m = -inf, s = 0) gives (0, 0),
+    so that ``m + log s`` is -inf there and nothing downstream forms -inf - -inf."""
+    log_s = tl.where(s > 0.0, tl.log(s), 0.0)
     ent = tl.where(s > 0.0, log_s - t / s, 0.0)
-    return lse, ent
+    return log_s, ent
 
 
 @triton.jit
 def grad_z(
     z, offs_v, y, row_ok,
-    lse, ent, g_lp, g_ent,
-    tau, frac, lse_c, ent_c, g_cl,
+    m, log_s, ent, g_lp, g_ent,
+    tau, frac, log_s_c, ent_c, g_cl,
     HAS_G_LP: tl.constexpr, HAS_G_ENT: tl.constexpr, HAS_G_CL: tl.constexpr,
 ):
     """dL/dz of one tile, L = sum_rows g_lp logp + g_ent H + g_cl H~ (MATH.md sections 2-3).
 
         dlogp/dz_v = 1[v = y] - p_v
         dH/dz_v    = -p_v (log p_v + H)
-        dH~/dz_v   = -w_v pi_v (z_v - lse_S + H~),   w_v = 1 above tau, frac at tau, 0 below
+        dH~/dz_v   = -w_v pi_v (log pi_v + H~),   w_v = 1 above tau, frac at tau, 0 below
 
-    ``z``: [BLOCK_N, BLOCK_V] transformed logits (-inf at padded columns); per-row vectors [BLOCK_N].
-    ``row_ok``: row is not ignored and its lse is finite; other rows get 0. Only the flagged terms
-    are computed, so a gradient on one output costs nothing for the others.
+    with ``log p_v = (z_v - m) - log s`` and ``log pi_v = (z_v - m) - log s_S`` (never ``z - lse``:
+    see the module docstring). ``z``: [BLOCK_N, BLOCK_V] transformed logits (-inf at padded
+    columns); per-row vectors [BLOCK_N]. ``row_ok``: row is not ignored and its max is finite;
+    other rows get 0. Only the flagged terms are computed, so a gradient on one output costs
+    nothing for the others.
     """
     dz = tl.zeros(z.shape, dtype=z.dtype)
+    m0 = tl.where(m == float("-inf"), 0.0, m)
+    u = z - m0[:, None]
     if HAS_G_LP or HAS_G_ENT:
-        lse0 = tl.where(lse == float("-inf"), 0.0, lse)
-        logp_all = z - lse0[:, None]
+        logp_all = u - log_s[:, None]
         p = tl.exp(logp_all)
         if HAS_G_ENT:
             # p = 0 where z = -inf: take the product as 0 rather than 0 * -inf
@@ -152,24 +160,23 @@ def grad_z(
             dz -= p * g_lp[:, None]
             dz += tl.where(offs_v[None, :] == y[:, None], g_lp[:, None], 0.0)
     if HAS_G_CL:
-        lc0 = tl.where(lse_c == float("-inf"), 0.0, lse_c)
         w = tl.where(z > tau[:, None], 1.0, tl.where(z == tau[:, None], frac[:, None], 0.0))
-        pi = tl.exp(z - lc0[:, None]) * w
-        dz -= tl.where(pi > 0.0, pi * (z - lc0[:, None] + ent_c[:, None]), 0.0) * g_cl[:, None]
+        log_pi = u - log_s_c[:, None]
+        pi = tl.exp(log_pi) * w
+        dz -= tl.where(pi > 0.0, pi * (log_pi + ent_c[:, None]), 0.0) * g_cl[:, None]
     return tl.where(row_ok[:, None], dz, 0.0)
 
 
-@triton.heuristics({"ENTROPY": lambda a: a["ent_ptr"] is not None, "KEEP_MAX": lambda a: a["m_ptr"] is not None})
+@triton.heuristics({"ENTROPY": lambda a: a["ent_ptr"] is not None})
 @triton.jit
 def finish_stats_kernel(
-    part_ptr, y_ptr, lse_ptr, logp_ptr, ent_ptr, m_ptr, N, n_split, ignore_index,
-    ENTROPY: tl.constexpr, KEEP_MAX: tl.constexpr, BLOCK: tl.constexpr,
+    part_ptr, y_ptr, m_ptr, log_s_ptr, logp_ptr, ent_ptr, N, n_split, ignore_index,
+    ENTROPY: tl.constexpr, BLOCK: tl.constexpr,
 ):
-    """part [4, n_split, N] = (m, s, t, z_y) per vocabulary split -> lse, logprobs, entropy [N].
+    """part [4, n_split, N] = (m, s, t, z_y) per vocabulary split -> m, log s, logprobs, entropy [N].
 
-    logp = z_y - lse and H = log s - t/s on valid rows, 0 on ignored rows (as in torch_chunked);
-    a row of only -inf logits has lse = -inf and uses 0 in its place, so nothing is NaN.
-    ``m_ptr`` keeps the row max for the top-k passes.
+    logp = (z_y - m) - log s and H = log s - t/s on valid rows, 0 on ignored rows (as in
+    torch_chunked); a row of only -inf logits keeps m = -inf and gets log s = 0, so nothing is NaN.
     """
     offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
     mask = offs < N
@@ -189,13 +196,12 @@ def finish_stats_kernel(
             tl.load(p + 2 * plane, mask=mask, other=0.0),
         )
         z_y += tl.load(p + 3 * plane, mask=mask, other=0.0)
-    lse, ent = finish_state(m, s, t)
+    log_s, ent = finish_state(m, s, t)
     y = tl.load(y_ptr + offs, mask=mask, other=ignore_index)
     valid = y != ignore_index
-    lse0 = tl.where(lse == float("-inf"), 0.0, lse)
-    tl.store(lse_ptr + offs, lse, mask=mask)
-    tl.store(logp_ptr + offs, tl.where(valid, z_y - lse0, 0.0), mask=mask)
+    m0 = tl.where(m == float("-inf"), 0.0, m)
+    tl.store(m_ptr + offs, m, mask=mask)
+    tl.store(log_s_ptr + offs, log_s, mask=mask)
+    tl.store(logp_ptr + offs, tl.where(valid, (z_y - m0) - log_s, 0.0), mask=mask)
     if ENTROPY:
         tl.store(ent_ptr + offs, tl.where(valid, ent, 0.0), mask=mask)
-    if KEEP_MAX:
-        tl.store(m_ptr + offs, m, mask=mask)

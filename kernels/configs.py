@@ -285,7 +285,8 @@ def aot_specs():
             opt = pacc if flags else "constexpr"
             sig = {
                 "x_ptr": ptr, "w_ptr": ptr, "b_ptr": ptr if flags else "constexpr", "y_ptr": "*i64",
-                "lse_ptr": pacc, "ent_ptr": opt, "tau_ptr": opt, "frac_ptr": opt, "lse_c_ptr": opt, "ent_c_ptr": opt,
+                "m_ptr": pacc, "log_s_ptr": pacc, "ent_ptr": opt, "tau_ptr": opt, "frac_ptr": opt, "log_s_c_ptr": opt,
+                "ent_c_ptr": opt,
                 "g_lp_ptr": pacc, "g_ent_ptr": opt, "g_cl_ptr": opt,
                 "dx_ptr": pacc, "dw_ptr": pacc, "db_ptr": opt,
                 "N": "i32", "V": "i32", "H": "i32", "stride_x": "i32", "stride_w": "i32", "ignore_index": "i32",
@@ -303,7 +304,8 @@ def aot_specs():
             # --- linear_dz (chunked backward; the linear_grad config) ---------------------
             sig = {
                 "x_ptr": ptr, "w_ptr": ptr, "b_ptr": ptr if flags else "constexpr", "y_ptr": "*i64",
-                "lse_ptr": pacc, "ent_ptr": opt, "tau_ptr": opt, "frac_ptr": opt, "lse_c_ptr": opt, "ent_c_ptr": opt,
+                "m_ptr": pacc, "log_s_ptr": pacc, "ent_ptr": opt, "tau_ptr": opt, "frac_ptr": opt, "log_s_c_ptr": opt,
+                "ent_c_ptr": opt,
                 "g_lp_ptr": pacc, "g_ent_ptr": opt, "g_cl_ptr": opt,
                 "dz_ptr": ptr, "db_ptr": opt,
                 "N": "i32", "V": "i32", "H": "i32", "v_lo": "i32", "stride_x": "i32", "stride_w": "i32",
@@ -337,8 +339,8 @@ def aot_specs():
             # --- logits_grad -------------------------------------------------------------
             c = get("logits_grad", dt)
             sig = {
-                "l_ptr": ptr, "y_ptr": "*i64", "lse_ptr": pacc, "ent_ptr": opt, "tau_ptr": opt, "frac_ptr": opt,
-                "lse_c_ptr": opt, "ent_c_ptr": opt, "g_lp_ptr": pacc, "g_ent_ptr": opt, "g_cl_ptr": opt, "dl_ptr": ptr,
+                "l_ptr": ptr, "y_ptr": "*i64", "m_ptr": pacc, "log_s_ptr": pacc, "ent_ptr": opt, "tau_ptr": opt,
+                "frac_ptr": opt, "log_s_c_ptr": opt, "ent_c_ptr": opt, "g_lp_ptr": pacc, "g_ent_ptr": opt, "g_cl_ptr": opt, "dl_ptr": ptr,
                 "N": "i32", "V": "i32", "stride_l": "i32", "stride_dl": "i32", "ignore_index": "i32",
                 "logit_scale": "fp32", "softcap": "fp32", "temperature": "fp32", "inv_temperature": "fp32",
             }
@@ -352,15 +354,15 @@ def aot_specs():
             if not flags:
                 const.update({k: None for k, v in sig.items() if v == "constexpr"})
             out.append(("logits_grad", logits_stats.logits_grad_kernel.fn, sig, const, c.num_warps, c.num_stages))
-        # --- finish_stats (flags: entropy and row max kept or not) ---------------------------
+        # --- finish_stats (flags: entropy or not) ------------------------------------------
         c = get("finish_stats", dt)
         for flags in (True, False):
             opt = pacc if flags else "constexpr"
-            sig = {"part_ptr": pacc, "y_ptr": "*i64", "lse_ptr": pacc, "logp_ptr": pacc, "ent_ptr": opt,
-                   "m_ptr": opt, "N": "i32", "n_split": "i32", "ignore_index": "i32"}
-            const = {"ENTROPY": flags, "KEEP_MAX": flags, "BLOCK": c.block_n}
+            sig = {"part_ptr": pacc, "y_ptr": "*i64", "m_ptr": pacc, "log_s_ptr": pacc, "logp_ptr": pacc,
+                   "ent_ptr": opt, "N": "i32", "n_split": "i32", "ignore_index": "i32"}
+            const = {"ENTROPY": flags, "BLOCK": c.block_n}
             if not flags:
-                const.update(ent_ptr=None, m_ptr=None)
+                const.update(ent_ptr=None)
             out.append(("finish_stats", _online.finish_stats_kernel.fn, sig, const, c.num_warps, c.num_stages))
         out.extend(topk.aot_specs(dt, get))
 

@@ -44,7 +44,7 @@ from .linear_stats import linear_logit_tile
 @triton.jit
 def tile_grad(
     z, offs_n, offs_v, mask_n, mask_v, y_ptr,
-    lse_ptr, ent_ptr, tau_ptr, frac_ptr, lse_c_ptr, ent_c_ptr,
+    m_ptr, log_s_ptr, ent_ptr, tau_ptr, frac_ptr, log_s_c_ptr, ent_c_ptr,
     g_lp_ptr, g_ent_ptr, g_cl_ptr, ignore_index,
     logit_scale, softcap, temperature, inv_temperature,
     HAS_SOFTCAP: tl.constexpr, HAS_G_LP: tl.constexpr, HAS_G_ENT: tl.constexpr, HAS_G_CL: tl.constexpr,
@@ -53,10 +53,11 @@ def tile_grad(
     loads the rows' statistics and upstream gradients, ``grad_z`` then ``transform_grad``.
     0 on ignored rows, rows past N and padded columns; ``offs_v`` are global vocabulary columns."""
     y = tl.load(y_ptr + offs_n, mask=mask_n, other=ignore_index)
-    lse = tl.load(lse_ptr + offs_n, mask=mask_n, other=0.0)
-    row_ok = mask_n & (y != ignore_index) & (lse > float("-inf"))
+    m = tl.load(m_ptr + offs_n, mask=mask_n, other=0.0)
+    log_s = tl.load(log_s_ptr + offs_n, mask=mask_n, other=0.0)
+    row_ok = mask_n & (y != ignore_index) & (m > float("-inf"))
     # placeholders for the terms that are switched off (never read then)
-    ent, g_lp, g_ent, tau, frac, lse_c, ent_c, g_cl = lse, lse, lse, lse, lse, lse, lse, lse
+    ent, g_lp, g_ent, tau, frac, log_s_c, ent_c, g_cl = m, m, m, m, m, m, m, m
     if HAS_G_LP:
         g_lp = tl.load(g_lp_ptr + offs_n, mask=mask_n, other=0.0)
     if HAS_G_ENT:
@@ -65,10 +66,10 @@ def tile_grad(
     if HAS_G_CL:
         tau = tl.load(tau_ptr + offs_n, mask=mask_n, other=0.0)
         frac = tl.load(frac_ptr + offs_n, mask=mask_n, other=0.0)
-        lse_c = tl.load(lse_c_ptr + offs_n, mask=mask_n, other=0.0)
+        log_s_c = tl.load(log_s_c_ptr + offs_n, mask=mask_n, other=0.0)
         ent_c = tl.load(ent_c_ptr + offs_n, mask=mask_n, other=0.0)
         g_cl = tl.load(g_cl_ptr + offs_n, mask=mask_n, other=0.0)
-    dz = grad_z(z, offs_v, y, row_ok, lse, ent, g_lp, g_ent, tau, frac, lse_c, ent_c, g_cl,
+    dz = grad_z(z, offs_v, y, row_ok, m, log_s, ent, g_lp, g_ent, tau, frac, log_s_c, ent_c, g_cl,
                 HAS_G_LP, HAS_G_ENT, HAS_G_CL)
     dz = transform_grad(dz, z, logit_scale, softcap, temperature, inv_temperature, HAS_SOFTCAP)
     # padded columns hold z = -inf, where the softcap factor is -inf: drop them explicitly
@@ -89,7 +90,7 @@ def tile_grad(
 @triton.jit
 def linear_dz_kernel(
     x_ptr, w_ptr, b_ptr, y_ptr,
-    lse_ptr, ent_ptr, tau_ptr, frac_ptr, lse_c_ptr, ent_c_ptr,
+    m_ptr, log_s_ptr, ent_ptr, tau_ptr, frac_ptr, log_s_c_ptr, ent_c_ptr,
     g_lp_ptr, g_ent_ptr, g_cl_ptr,
     dz_ptr, db_ptr,
     N, V, H, v_lo, stride_x, stride_w, stride_dz, ignore_index,
@@ -120,7 +121,7 @@ def linear_dz_kernel(
     )
     dz = tile_grad(
         z, offs_n, offs_v, mask_n, mask_v, y_ptr,
-        lse_ptr, ent_ptr, tau_ptr, frac_ptr, lse_c_ptr, ent_c_ptr,
+        m_ptr, log_s_ptr, ent_ptr, tau_ptr, frac_ptr, log_s_c_ptr, ent_c_ptr,
         g_lp_ptr, g_ent_ptr, g_cl_ptr, ignore_index,
         logit_scale, softcap, temperature, inv_temperature,
         HAS_SOFTCAP, HAS_G_LP, HAS_G_ENT, HAS_G_CL,
@@ -148,7 +149,7 @@ def linear_dz_kernel(
 @triton.jit
 def linear_grad_kernel(
     x_ptr, w_ptr, b_ptr, y_ptr,
-    lse_ptr, ent_ptr, tau_ptr, frac_ptr, lse_c_ptr, ent_c_ptr,
+    m_ptr, log_s_ptr, ent_ptr, tau_ptr, frac_ptr, log_s_c_ptr, ent_c_ptr,
     g_lp_ptr, g_ent_ptr, g_cl_ptr,
     dx_ptr, dw_ptr, db_ptr,
     N, V, H, stride_x, stride_w, ignore_index,
@@ -159,7 +160,7 @@ def linear_grad_kernel(
     BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_H: tl.constexpr,
     UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr,
 ):
-    """Row statistics [N] (lse; entropy when g_ent; tau, frac, lse_c, ent_c when g_cl) and upstream
+    """Row statistics [N] (m, log s; entropy when g_ent; tau, frac, log s_S, ent_c when g_cl) and upstream
     gradients [N] -> atomically adds into dx [N, H], dw [V, H], db [V] (fp32, or fp64 for fp64).
 
     ``dx``/``dw`` are contiguous with row stride H; ``x``/``W`` have row strides stride_x/stride_w.
@@ -177,7 +178,7 @@ def linear_grad_kernel(
     )
     dz = tile_grad(
         z, offs_n, offs_v, mask_n, mask_v, y_ptr,
-        lse_ptr, ent_ptr, tau_ptr, frac_ptr, lse_c_ptr, ent_c_ptr,
+        m_ptr, log_s_ptr, ent_ptr, tau_ptr, frac_ptr, log_s_c_ptr, ent_c_ptr,
         g_lp_ptr, g_ent_ptr, g_cl_ptr, ignore_index,
         logit_scale, softcap, temperature, inv_temperature,
         HAS_SOFTCAP, HAS_G_LP, HAS_G_ENT, HAS_G_CL,

@@ -87,7 +87,7 @@ def logits_stats_kernel(
 )
 @triton.jit
 def logits_grad_kernel(
-    l_ptr, y_ptr, lse_ptr, ent_ptr, tau_ptr, frac_ptr, lse_c_ptr, ent_c_ptr,
+    l_ptr, y_ptr, m_ptr, log_s_ptr, ent_ptr, tau_ptr, frac_ptr, log_s_c_ptr, ent_c_ptr,
     g_lp_ptr, g_ent_ptr, g_cl_ptr, dl_ptr,
     N, V, stride_l, stride_dl, ignore_index, logit_scale, softcap, temperature, inv_temperature,
     HAS_SOFTCAP: tl.constexpr, HAS_G_LP: tl.constexpr, HAS_G_ENT: tl.constexpr, HAS_G_CL: tl.constexpr,
@@ -112,10 +112,11 @@ def logits_grad_kernel(
         z = logits_tile(l_ptr, offs_n, offs_v, mask_n, mask_v, stride_l, logit_scale, softcap, inv_temperature,
                         HAS_SOFTCAP)
     y = tl.load(y_ptr + offs_n, mask=mask_n, other=ignore_index)
-    lse = tl.load(lse_ptr + offs_n, mask=mask_n, other=0.0)
-    row_ok = mask_n & (y != ignore_index) & (lse > float("-inf"))
+    m = tl.load(m_ptr + offs_n, mask=mask_n, other=0.0)
+    log_s = tl.load(log_s_ptr + offs_n, mask=mask_n, other=0.0)
+    row_ok = mask_n & (y != ignore_index) & (m > float("-inf"))
     # placeholders for the terms that are switched off (never read then)
-    ent, g_lp, g_ent, tau, frac, lse_c, ent_c, g_cl = lse, lse, lse, lse, lse, lse, lse, lse
+    ent, g_lp, g_ent, tau, frac, log_s_c, ent_c, g_cl = m, m, m, m, m, m, m, m
     if HAS_G_LP:
         g_lp = tl.load(g_lp_ptr + offs_n, mask=mask_n, other=0.0)
     if HAS_G_ENT:
@@ -124,10 +125,10 @@ def logits_grad_kernel(
     if HAS_G_CL:
         tau = tl.load(tau_ptr + offs_n, mask=mask_n, other=0.0)
         frac = tl.load(frac_ptr + offs_n, mask=mask_n, other=0.0)
-        lse_c = tl.load(lse_c_ptr + offs_n, mask=mask_n, other=0.0)
+        log_s_c = tl.load(log_s_c_ptr + offs_n, mask=mask_n, other=0.0)
         ent_c = tl.load(ent_c_ptr + offs_n, mask=mask_n, other=0.0)
         g_cl = tl.load(g_cl_ptr + offs_n, mask=mask_n, other=0.0)
-    dz = grad_z(z, offs_v, y, row_ok, lse, ent, g_lp, g_ent, tau, frac, lse_c, ent_c, g_cl,
+    dz = grad_z(z, offs_v, y, row_ok, m, log_s, ent, g_lp, g_ent, tau, frac, log_s_c, ent_c, g_cl,
                 HAS_G_LP, HAS_G_ENT, HAS_G_CL)
     dz = transform_grad(dz, z, logit_scale, softcap, temperature, inv_temperature, HAS_SOFTCAP)
     mask = mask_n[:, None] & mask_v[None, :]

@@ -17,9 +17,10 @@ and the last select resolves every bin of the final digit to one exact float, so
     tau          = the k-th largest z                  (exact; -0.0 and +0.0 are one value)
     tie_frac     = (k - #{z > tau}) / #{z == tau}
     s_S          = s_above + sum_{bins above tau} count e^(v - m) + (k - #{z > tau}) e^(tau - m)
-    lse_clamped  = m + log s_S,   H~ = log s_S - t_S / s_S      (t_S likewise, shifted by m)
+    log_s_clamped = log s_S,   H~ = log s_S - t_S / s_S     (t_S likewise, shifted by m)
 
-exactly as the torch backend defines them, for every k in [1, V], any ties, and -inf logits.
+exactly as the torch backend defines them, for every k in [1, V], any ties, and -inf logits. The
+clamped log-sum-exp stays split as (m, log s_S) like the full one (``_online.py``).
 
 Cost (linear head, ``_launch.linear_stats``): one GEMM pass, as for plain entropy. Per chunk of
 rows the forward kernel also stores the chunk's logits z in the row-chunk logits buffer
@@ -35,7 +36,7 @@ only.
 Vocabulary parallelism (``_distributed.py``, ``_launch.linear_topk_select``): the same kernels on
 each rank's shard, with the first digit counted by ``linear_radix_kernel`` itself (``FIRST``: the
 forward there runs without top-k), each histogram summed over the ranks before every select, the
-sums shifted by the global lse instead of the local max (``m``), and the last select writing the
+sums shifted by the global row max instead of the local one (``m``), and the last select writing the
 sums s_S, t_S (``SUMS``) for the caller to finish once they are summed over the ranks too.
 """
 import triton
@@ -95,7 +96,7 @@ def linear_radix_kernel(
 
     prefix [N] (int32/int64 holding the key bits chosen so far; None: the first digit, for a
     forward that ran without top-k, i.e. the vocabulary-parallel one), m [N] the shift of the sums
-    (the row max in one process, the global lse across a vocabulary split), hist [*, NBINS] int32
+    (the row max in one process, the global row max across a vocabulary split), hist [*, NBINS] int32
     (zeroed), above [2, SPLIT, N] (s_above, t_above) on the last pass.
     """
     pid_n = tl.program_id(0)
@@ -172,7 +173,7 @@ def logits_radix_kernel(
 @triton.jit
 def radix_select_kernel(
     hist_ptr, prefix_ptr, krem_ptr, m_ptr, above_ptr, y_ptr,
-    tau_ptr, frac_ptr, lse_c_ptr, ent_c_ptr, s_ptr, t_ptr,
+    tau_ptr, frac_ptr, log_s_c_ptr, ent_c_ptr, s_ptr, t_ptr,
     N, k, ignore_index, n_split, pad_digit, n_pad,
     FIRST: tl.constexpr, LAST: tl.constexpr, SUMS: tl.constexpr,
     BITS: tl.constexpr, NBINS: tl.constexpr, BLOCK_R: tl.constexpr,
@@ -183,7 +184,7 @@ def radix_select_kernel(
     bin d satisfies sum_{j>d} c_j < k' <= sum_{j>=d} c_j; then prefix <- prefix * 2^BITS + d and
     k' <- k' - sum_{j>d} c_j. The histogram rows are zeroed for the next pass. On the first pass
     the ``n_pad`` padded columns counted in bin ``pad_digit`` (their key is -inf's) are removed.
-    The last pass writes tau, tie_frac and either lse_clamped and the clamped entropy (0 on
+    The last pass writes tau, tie_frac and either log s_S and the clamped entropy (0 on
     ignored rows) or, with ``SUMS`` (the vocabulary-parallel select, whose caller finishes the
     rows), the shifted sums s_S, t_S. Sums and results are relative to ``m`` (see the kernels above).
     """
@@ -251,11 +252,11 @@ def radix_select_kernel(
             tl.store(s_ptr + offs_r, s_c, mask=mask_r)
             tl.store(t_ptr + offs_r, t_c, mask=mask_r)
         else:
-            log_s = tl.log(s_c)
-            lse_c = m0 + log_s
+            # log s_S, relative to the row max m like log s (never m + log s_S: see _online.py)
+            log_s = tl.where(s_c > 0.0, tl.log(s_c), 0.0)
             ent_c = tl.where(s_c > 0.0, log_s - t_c / s_c, 0.0)
             y = tl.load(y_ptr + offs_r, mask=mask_r, other=ignore_index)
-            tl.store(lse_c_ptr + offs_r, lse_c, mask=mask_r)
+            tl.store(log_s_c_ptr + offs_r, log_s, mask=mask_r)
             tl.store(ent_c_ptr + offs_r, tl.where(y != ignore_index, ent_c, 0.0), mask=mask_r)
 
 
@@ -308,7 +309,7 @@ def aot_specs(dt: str, get):
         fin = acc if last and not sums else "constexpr"
         raw = acc if sums else "constexpr"
         sig = {"hist_ptr": "*i32", "prefix_ptr": pre, "krem_ptr": "*i32", "m_ptr": acc, "above_ptr": opt,
-               "y_ptr": "constexpr" if sums else "*i64", "tau_ptr": opt, "frac_ptr": opt, "lse_c_ptr": fin,
+               "y_ptr": "constexpr" if sums else "*i64", "tau_ptr": opt, "frac_ptr": opt, "log_s_c_ptr": fin,
                "ent_c_ptr": fin, "s_ptr": raw, "t_ptr": raw,
                "N": "i32", "k": "i32", "ignore_index": "i32", "n_split": "i32", "pad_digit": "i32", "n_pad": "i32"}
         const = {"FIRST": first, "LAST": last, "SUMS": sums,

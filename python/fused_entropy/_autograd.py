@@ -60,11 +60,11 @@ def _stats_tensors(stats: RowStats):
 
 def _stats_from(saved, entropy: bool, has_k: bool) -> RowStats:
     it = iter(saved)
-    lse, logp = next(it), next(it)
+    m, log_s, logp = next(it), next(it), next(it)
     ent = next(it) if entropy else None
     if not has_k:
-        return RowStats(lse, logp, ent)
-    return RowStats(lse, logp, ent, next(it), next(it), next(it), next(it))
+        return RowStats(m, log_s, logp, ent)
+    return RowStats(m, log_s, logp, ent, next(it), next(it), next(it), next(it))
 
 
 def _masked_grad(g: Optional[torch.Tensor], valid: torch.Tensor) -> Optional[torch.Tensor]:
@@ -74,7 +74,7 @@ def _masked_grad(g: Optional[torch.Tensor], valid: torch.Tensor) -> Optional[tor
 
 
 def _outputs(stats: RowStats, entropy: bool, has_k: bool):
-    empty = stats.lse.new_empty(0)
+    empty = stats.logprobs.new_empty(0)
     return (
         stats.logprobs,
         stats.entropy if entropy else empty,

@@ -6,15 +6,19 @@ ids are the same on every rank. A rank runs the backend's forward on its shard w
 ids (a row whose target lies in another shard gets an id outside ``[0, V_r)``: it is computed in
 full, its target logit counts as 0 and its gradient has no one-hot term), which gives per row
 
-    lse_r = log sum_{v in r} e^{z_v},   H_r = entropy of the softmax over the shard,
-    zy_r  = z_y if y is in the shard else 0.
+    m_r   = max_{v in r} z_v,   log s_r = log sum_{v in r} e^{z_v - m_r},
+    H_r   = entropy of the softmax over the shard,
+    d_r   = z_y - m_r (= logp_r + log s_r) on the shard that holds y.
 
-Those ``[N]`` statistics are gathered and merged identically on every rank (MATH.md section 2)::
+Those ``[N]`` statistics are gathered and merged identically on every rank (MATH.md section 2),
+keeping the log-sum-exp split as (max, log-sum) like every backend (``RowStats``; ``lse = m + log s``
+rounded to fp32 loses ``log s`` at large ``|m|``)::
 
-    lse  = log sum_r e^{lse_r}
-    pi_r = e^{lse_r - lse}                       (the probability mass of shard r)
-    logp = sum_r zy_r - lse
-    H    = sum_r pi_r (H_r - log pi_r)           (= lse - sum_v p_v z_v, with no cancellation)
+    m     = max_r m_r,   a_r = (m_r - m) + log s_r   (log of shard r's share of s)
+    log s = log sum_r e^{a_r}
+    pi_r  = e^{a_r - log s}                       (the probability mass of shard r)
+    logp  = (d_r + (m_r - m)) - log s             (r: the shard that holds y)
+    H     = sum_r pi_r (H_r - log pi_r)           (= lse - sum_v p_v z_v, with no cancellation)
 
 Clamped entropy (MATH.md section 3) needs the k-th largest logit ``tau`` of the whole row. It is
 found exactly by a radix select on order-preserving integer keys of the logits: per digit, every
@@ -23,15 +27,16 @@ rank counts the digits of its logits that share the prefix chosen so far into a 
 rank picks the same bin. The
 last digit's bins are single floats, so ``tau``, ``#{z > tau}`` and ``#{z == tau}`` are exact and
 global, the tie weight is ``tie_frac = (k - #{z > tau}) / #{z == tau}`` over the whole vocabulary,
-and the clamped sums (shifted by the global lse ``c``)::
+and the clamped sums (shifted by the global row max ``m``)::
 
-    s_S = s_above + sum_{bins above tau} count_b e^{v_b - c} + (k - #{z > tau}) e^{tau - c}
+    s_S = s_above + sum_{bins above tau} count_b e^{v_b - m} + (k - #{z > tau}) e^{tau - m}
 
 (``s_above``: the logits above the last digit's range, summed in the last pass and all-reduced)
-give ``lse_S = c + log s_S`` and ``H~ = log s_S - t_S / s_S`` (``t_S`` likewise with ``(z - c)``).
+give ``log s_S`` (the clamped log-sum-exp is ``m + log s_S``) and ``H~ = log s_S - t_S / s_S``
+(``t_S`` likewise with ``(z - m)``).
 
-Backward: the backend's gradient formulas only need the row's global statistics (``lse``, ``H``,
-``tau``, ``tie_frac``, ``lse_S``, ``H~``), so each rank calls the backend's backward on its shard
+Backward: the backend's gradient formulas only need the row's global statistics (``m``, ``log s``,
+``H``, ``tau``, ``tie_frac``, ``log s_S``, ``H~``), so each rank calls the backend's backward on its shard
 with the global statistics substituted: that gives the exact gradient of its weight (and bias)
 shard and its share of the hidden gradient, which is all-reduced into the full one in the compute
 dtype (fp32; fp64 for fp64 inputs; for 16-bit inputs each rank's share is rounded to the input dtype
@@ -41,7 +46,7 @@ Collectives per call (``process_group`` of any ``torch.distributed`` backend):
 
 - 1 ``all_gather`` of a small int64 vector: shard sizes (offsets), and every check that must fail
   on all ranks together (H, N, options, targets equal on every rank and in the global vocabulary);
-- forward: 1 ``all_gather`` of ``[2 or 3, N]`` row statistics; with clamped entropy also
+- forward: 1 ``all_gather`` of ``[4 or 5, N]`` row statistics; with clamped entropy also
   ``R`` ``all_reduce`` of the ``[N, 2048]`` int32 digit histograms and 1 of ``[2, N]`` sums
   (``R`` = 3 digits for fp32 logits, i.e. fp16/bf16/fp32 inputs; 6 for fp64);
 - backward: 1 ``all_reduce`` of the ``[N, H]`` hidden gradient (none with ``hidden_grad="partial"``).
@@ -51,12 +56,11 @@ Local work with clamped entropy: the forward plus ``R`` passes that recompute th
 :func:`radix_topk_stats`; the Triton backend provides ``linear_topk_select``, which follows the same
 protocol with its radix kernels (``kernels/topk.py``: a first-digit pass of its own because the
 forward runs without top-k, each rank's padded columns taken out before the histograms are summed,
-the last pass's sums shifted by the global lse) and makes the same collectives. No ``[N, V]``
+the last pass's sums shifted by the global row max) and makes the same collectives. No ``[N, V]``
 buffer on any rank.
 """
 from __future__ import annotations
 
-import math
 import struct
 from typing import NamedTuple, Optional, Sequence
 
@@ -258,26 +262,32 @@ def _safe(t: torch.Tensor) -> torch.Tensor:
     return torch.where(torch.isfinite(t), t, torch.zeros_like(t))
 
 
-def merge_row_stats(lse_r: torch.Tensor, zy_r: torch.Tensor, ent_r: Optional[torch.Tensor]):
-    """``[W, N]`` per-shard statistics -> global ``(lse, z_y, entropy | None)``, each ``[N]``.
+def merge_row_stats(m_r: torch.Tensor, log_s_r: torch.Tensor, d_r: torch.Tensor, here_r: torch.Tensor,
+                    ent_r: Optional[torch.Tensor]):
+    """``[W, N]`` per-shard statistics -> global ``(m, log_s, z_y - m, entropy | None)``, each ``[N]``.
 
-    ``lse = log sum_r e^{lse_r}``; ``z_y = sum_r zy_r`` (one shard holds the target, the others give 0);
-    ``H = sum_r pi_r (H_r - log pi_r)`` with ``pi_r = e^{lse_r - lse}``. A row whose logits are all
-    ``-inf`` gets ``lse = -inf`` and ``H = 0``.
+    ``m_r``/``log_s_r``: each shard's row max and log-sum (``-inf``/0 on a shard of only ``-inf``
+    logits); ``d_r = z_y - m_r`` where ``here_r`` (the shard holds the target), else ignored.
+    ``m = max_r m_r``, ``log s = log sum_r e^{a_r}`` with ``a_r = (m_r - m) + log s_r``,
+    ``z_y - m = d_r + (m_r - m)`` on the target's shard, ``H = sum_r pi_r (H_r - log pi_r)`` with
+    ``log pi_r = a_r - log s``. Never ``lse = m + log s`` as one number (see ``RowStats``). A row
+    whose logits are all ``-inf`` gets ``m = -inf``, ``log_s = 0``, ``H = 0``.
     """
-    m = lse_r.amax(0)
+    m = m_r.amax(0)
     live = torch.isfinite(m)
     m0 = _safe(m)
-    s = torch.exp(lse_r - m0).sum(0)
-    lse = torch.where(live, m0 + torch.log(torch.where(live, s, torch.ones_like(s))), torch.full_like(m, -math.inf))
-    zy = zy_r.sum(0)
+    zero = torch.zeros((), dtype=m_r.dtype, device=m_r.device)
+    a_r = (m_r - m0) + log_s_r  # -inf on a shard of only -inf logits
+    s = torch.exp(a_r).sum(0)
+    log_s = torch.where(live, torch.log(torch.where(live, s, torch.ones_like(s))), zero)
+    dy = torch.where(here_r, d_r + (m_r - m0), zero).sum(0)
     ent = None
     if ent_r is not None:
-        log_pi = lse_r - _safe(lse)
+        log_pi = a_r - log_s
         pi = torch.exp(log_pi)
         term = torch.where(pi > 0, pi * (ent_r - torch.where(pi > 0, log_pi, torch.zeros_like(log_pi))), torch.zeros_like(pi))
         ent = torch.where(live, term.sum(0), torch.zeros_like(m))
-    return lse, zy, ent
+    return m, log_s, dy, ent
 
 
 # ---------------------------------------------------------------------------------------------
@@ -313,9 +323,9 @@ def radix_topk_stats(blocks, n: int, k: int, shift: torch.Tensor, dtype: torch.d
     """Global clamped-set statistics of every row from this rank's logit blocks.
 
     ``blocks()``: a fresh iterator of ``(rows slice, z [C, V_r])`` over this rank's shard (one pass
-    each). ``shift`` ``[N]``: the global lse (0 on rows whose logits are all ``-inf``), so every
-    ``e^{z - shift} <= 1``. Returns ``(tau, tie_frac, lse_clamped, s_S, t_S)`` as in the module
-    docstring; identical on every rank. Collectives: one all_reduce per digit, plus one of the
+    each). ``shift`` ``[N]``: the global row max (0 on rows whose logits are all ``-inf``), so every
+    ``e^{z - shift} <= 1``. Returns ``(tau, tie_frac, s_S, t_S)`` as in the module docstring;
+    identical on every rank. Collectives: one all_reduce per digit, plus one of the
     ``[2, N]`` sums.
     """
     bits = 64 if dtype == torch.float64 else 32
@@ -405,24 +415,24 @@ class VocabParallelLinearLogprobsFunction(torch.autograd.Function):
         local = torch.where(valid, local, targets)
         need_ent = entropy
         st = backend.linear_forward(x, weight, bias, local, tf, ignore_index, need_ent, None)
-        cdt = st.lse.dtype
-        zero = torch.zeros((), dtype=cdt, device=st.lse.device)
+        cdt = st.m.dtype
+        zero = torch.zeros((), dtype=cdt, device=st.m.device)
         n = x.shape[0]
         if n == 0:  # every rank has N = 0 (agreed): nothing to exchange
-            lse, logp, ent = st.lse, st.logprobs, st.entropy
-            stats = RowStats(lse, logp, ent, *([st.lse] * 4 if k is not None else []))
+            stats = RowStats(st.m, st.log_s, st.logprobs, st.entropy, *([st.m] * 4 if k is not None else []))
         else:
-            zy = torch.where(here, st.logprobs + _safe(st.lse), zero)
-            rows = [st.lse, zy] + ([st.entropy] if need_ent else [])
+            # z_y - m_r on the shard that holds the target (logp_r = (z_y - m_r) - log s_r)
+            d = torch.where(here, st.logprobs + st.log_s, zero)
+            rows = [st.m, st.log_s, d, here.to(cdt)] + ([st.entropy] if need_ent else [])
             g = _gather_rows(torch.stack(rows), group, layout.world)
-            lse, zy_all, ent = merge_row_stats(g[:, 0], g[:, 1], g[:, 2] if need_ent else None)
-            live = torch.isfinite(lse)
-            logp = torch.where(valid, zy_all - _safe(lse), zero)
+            m, log_s, dy, ent = merge_row_stats(g[:, 0], g[:, 1], g[:, 2], g[:, 3] > 0, g[:, 4] if need_ent else None)
+            live = torch.isfinite(m)
+            logp = torch.where(valid, dy - log_s, zero)
             if ent is not None:
                 ent = torch.where(valid, ent, zero)
-            stats = RowStats(lse, logp, ent)
+            stats = RowStats(m, log_s, logp, ent)
             if k is not None:
-                shift = _safe(lse)
+                shift = _safe(m)
                 select = getattr(backend, "linear_topk_select", None)
                 if select is not None:  # Triton: the same protocol over its fused radix passes
                     tau, frac, s_s, t_s = select(x, weight, bias, tf, k, shift, lambda t: _all_reduce(t, group))
@@ -430,13 +440,13 @@ class VocabParallelLinearLogprobsFunction(torch.autograd.Function):
                     tau, frac, s_s, t_s = radix_topk_stats(
                         lambda: backend.linear_logit_blocks(x, weight, bias, tf), n, k, shift, cdt, group)
                 s_safe = torch.where(live, s_s, torch.ones_like(s_s))
-                lse_c = torch.where(live, shift + torch.log(s_safe), torch.full_like(lse, -math.inf))
-                ent_c = torch.where(valid & live, torch.log(s_safe) - t_s / s_safe, zero)
-                stats = RowStats(lse, logp, ent, tau, frac, lse_c, ent_c)
+                log_s_c = torch.log(s_safe)  # relative to m, like log_s; 0 on rows of only -inf
+                ent_c = torch.where(valid & live, log_s_c - t_s / s_safe, zero)
+                stats = RowStats(m, log_s, logp, ent, tau, frac, log_s_c, ent_c)
         ctx.set_materialize_grads(False)
         ctx.save_for_backward(x, weight, bias, local, *_stats_tensors(stats))
         ctx.meta = (tf, ignore_index, entropy, k, backend, group, full_hidden_grad)
-        empty = stats.lse.new_empty(0)
+        empty = stats.logprobs.new_empty(0)
         return (
             stats.logprobs,
             stats.entropy if entropy else empty,
@@ -449,13 +459,14 @@ class VocabParallelLinearLogprobsFunction(torch.autograd.Function):
         x, weight, bias, local, *saved = ctx.saved_tensors
         tf, ignore_index, entropy, k, backend, group, full = ctx.meta
         it = iter(saved)
-        lse, logp = next(it), next(it)
+        m, log_s, logp = next(it), next(it), next(it)
         ent = next(it) if entropy else None
-        stats = RowStats(lse, logp, ent, *(list(it) if k is not None else []))
+        stats = RowStats(m, log_s, logp, ent, *(list(it) if k is not None else []))
+        cdt = m.dtype
         valid = local != ignore_index
         g_ent = g_ent if entropy else None
         g_cl = g_cl if k is not None else None
-        g_lp, g_ent, g_cl = (None if g is None else torch.where(valid, g.to(lse.dtype), torch.zeros((), dtype=lse.dtype, device=g.device))
+        g_lp, g_ent, g_cl = (None if g is None else torch.where(valid, g.to(cdt), torch.zeros((), dtype=cdt, device=g.device))
                              for g in (g_lp, g_ent, g_cl))
         need_x = ctx.needs_input_grad[0]
         gx = gw = gb = None
@@ -465,7 +476,7 @@ class VocabParallelLinearLogprobsFunction(torch.autograd.Function):
         # The all-reduce runs on every rank whose hidden needs a gradient (agreed on in the forward),
         # even one whose upstream gradients are all None, so no rank waits on another.
         if need_x and full and x.shape[0] > 0:
-            part = torch.zeros(x.shape, dtype=lse.dtype, device=x.device) if gx is None else gx.to(lse.dtype)
+            part = torch.zeros(x.shape, dtype=cdt, device=x.device) if gx is None else gx.to(cdt)
             gx = _all_reduce(part, group).to(x.dtype)
         return (
             gx if need_x else None,

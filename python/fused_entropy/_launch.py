@@ -98,23 +98,23 @@ def _run(name: str, dt: str, shape_key, cfg: configs.Config, launch, reset=None)
 # ---------------------------------------------------------------------------------------------
 
 
-def _finish(part, targets, ignore_index: int, entropy: bool, keep_max: bool, out=None):
-    """part [4, SPLIT, N] -> (lse, logprobs, entropy | None, row max | None); into ``out``, a tuple
-    of [N] views of that layout, when given (a row chunk's share of the whole batch's outputs)."""
+def _finish(part, targets, ignore_index: int, entropy: bool, out=None):
+    """part [4, SPLIT, N] -> (row max m, log s, logprobs, entropy | None); into ``out``, a tuple of
+    [N] views of that layout, when given (a row chunk's share of the whole batch's outputs)."""
     n = targets.shape[0]
     if out is not None:
-        lse, logp, ent, m = out
+        m, log_s, logp, ent = out
     else:
-        lse = torch.empty(n, device=part.device, dtype=part.dtype)
-        logp = torch.empty_like(lse)
-        ent = torch.empty_like(lse) if entropy else None
-        m = torch.empty_like(lse) if keep_max else None
+        m = torch.empty(n, device=part.device, dtype=part.dtype)
+        log_s = torch.empty_like(m)
+        logp = torch.empty_like(m)
+        ent = torch.empty_like(m) if entropy else None
     cfg = configs.get("finish_stats", "fp64" if part.dtype == torch.float64 else "fp32")
     finish_stats_kernel[(triton.cdiv(n, cfg.block_n),)](
-        part, targets, lse, logp, ent, m, n, part.shape[1], ignore_index,
+        part, targets, m, log_s, logp, ent, n, part.shape[1], ignore_index,
         BLOCK=cfg.block_n, num_warps=cfg.num_warps,
     )
-    return lse, logp, ent, m
+    return m, log_s, logp, ent
 
 
 def _new_hist(rows: int, device) -> torch.Tensor:
@@ -169,11 +169,12 @@ def _clamped(radix_pass, hist, m, k: int, split: int, n_pad: int, targets=None, 
 
     ``radix_pass(prefix, above, shift, bits)`` launches one counting pass over the logit tiles
     (``prefix`` None: the first digit). One process (``all_reduce`` None): the first digit was
-    counted by the forward; returns (tau, tie_frac, lse_clamped, clamped_entropy), each [N], with
-    ``m`` the row max. Vocabulary parallel: ``all_reduce(t)`` sums a tensor over the ranks (in place,
-    or returning the sum); the first digit gets a pass of its own, every histogram is summed before
-    its select, and the last pass's sums too; ``m`` is the global lse (0 on rows of only -inf) and
-    the result is (tau, tie_frac, s_S, t_S), the same on every rank.
+    counted by the forward; returns (tau, tie_frac, log_s_clamped, clamped_entropy), each [N], with
+    ``m`` the row max (``log_s_clamped`` relative to it). Vocabulary parallel: ``all_reduce(t)`` sums
+    a tensor over the ranks (in place, or returning the sum); the first digit gets a pass of its own,
+    every histogram is summed before its select, and the last pass's sums too; ``m`` is the shift
+    the caller chose (the global row max, 0 on rows of only -inf) and the result is
+    (tau, tie_frac, s_S, t_S), the same on every rank.
     """
     n = m.shape[0]
     key_bits = 64 if m.dtype == torch.float64 else 32
@@ -278,7 +279,7 @@ def _linear_stats_pass(x, weight, bias, targets, tf: LogitTransform, ignore_inde
 def _buffer_select(z, m, hist, targets, k: int, ignore_index: int, n_pad: int):
     """The radix digits after the first, read from the logits buffer ``z`` [N, V] (``logits_radix_kernel``
     with the identity transform: the buffer already holds z); the first digit is in ``hist``.
-    Returns (tau, tie_frac, lse_clamped, clamped_entropy) [N]."""
+    Returns (tau, tie_frac, log_s_clamped, clamped_entropy) [N]."""
     n, vocab = z.shape
     cfg = configs.get("logits_radix", dtype_key(z.dtype))
     n_blocks = triton.cdiv(n, cfg.block_n)
@@ -345,20 +346,19 @@ def _chunk_stats(x_c, weight, bias, y_c, tf: LogitTransform, ignore_index: int, 
     n = x_c.shape[0]
     z = buf.z[:n, : buf.vocab]
     part = _linear_stats_pass(x_c, weight, bias, y_c, tf, ignore_index, buf.hist, z)
-    m = torch.empty(n, device=x_c.device, dtype=part.dtype) if k is not None else None
-    _finish(part, y_c, ignore_index, entropy, k is not None, out=(out.lse, out.logprobs, out.entropy, m))
+    _finish(part, y_c, ignore_index, entropy, out=(out.m, out.log_s, out.logprobs, out.entropy))
     if k is not None:
         n_pad = _n_pad(buf.vocab, configs.get("linear_stats", dtype_key(x_c.dtype)).block_v)
-        clamped = _buffer_select(z, m, buf.hist, y_c, k, ignore_index, n_pad)
-        for dst, src in zip((out.tau, out.tie_frac, out.lse_clamped, out.clamped_entropy), clamped):
+        clamped = _buffer_select(z, out.m, buf.hist, y_c, k, ignore_index, n_pad)
+        for dst, src in zip((out.tau, out.tie_frac, out.log_s_clamped, out.clamped_entropy), clamped):
             dst.copy_(src)
 
 
 def _new_stats(n: int, device, dtype: torch.dtype, entropy: bool, k: Optional[int]) -> RowStats:
     e = lambda: torch.empty(n, device=device, dtype=dtype)  # noqa: E731
     if k is None:
-        return RowStats(e(), e(), e() if entropy else None)
-    return RowStats(e(), e(), e() if entropy else None, e(), e(), e(), e())
+        return RowStats(e(), e(), e(), e() if entropy else None)
+    return RowStats(e(), e(), e(), e() if entropy else None, e(), e(), e(), e())
 
 
 def _stats_rows(stats: RowStats, r0: int, r1: int) -> RowStats:
@@ -379,8 +379,7 @@ def linear_stats(x, weight, bias, targets, tf: LogitTransform, ignore_index: int
     n = x.shape[0]
     if k is None:
         part = _linear_stats_pass(x, weight, bias, targets, tf, ignore_index, None, None)
-        lse, logp, ent, _ = _finish(part, targets, ignore_index, entropy, False)
-        return RowStats(lse, logp, ent)
+        return RowStats(*_finish(part, targets, ignore_index, entropy))
     buf = _LogitsBuffer(x, weight.shape[0], k)
     out = _new_stats(n, x.device, acc_dtype(x.dtype), entropy, k)
     for r0, r1 in buf.chunks(n):
@@ -393,8 +392,9 @@ def linear_topk_select(x, weight, bias, tf: LogitTransform, k: int, shift, all_r
     """Clamped-set statistics over a vocabulary split across ranks, from this rank's shard.
 
     x [N, H], weight/bias this rank's shard [V_r, H] / [V_r] | None, ``k`` the global clamped-set
-    size, ``shift`` [N] the global lse (0 on rows of only -inf logits), ``all_reduce(t)`` sums an
-    int32 or float tensor over the ranks (in place, or returning the sum). Returns
+    size, ``shift`` [N] a finite per-row shift of the sums (``_distributed`` gives the global row
+    max, 0 on rows of only -inf logits), ``all_reduce(t)`` sums an int32 or float tensor over the
+    ranks (in place, or returning the sum). Returns
     ``(tau, tie_frac, s_S, t_S)`` [N], the same on every rank, as ``_distributed.radix_topk_stats``
     defines them: ``s_S = sum_{v in S} e^(z_v - shift)``, ``t_S = sum_{v in S} (z_v - shift) e^(z_v - shift)``.
     The logit tiles are those of ``linear_stats``/``linear_grad`` (same blocks), so the backward's
@@ -434,9 +434,9 @@ def logits_stats(logits, targets, tf: LogitTransform, ignore_index: int, entropy
 
     _run("logits_stats", dt, (vocab, configs.bucket(n), k is not None), cfg, launch,
          reset=None if hist is None else hist.zero_)
-    lse, logp, ent, m = _finish(part, targets, ignore_index, entropy, k is not None)
+    m, log_s, logp, ent = _finish(part, targets, ignore_index, entropy)
     if k is None:
-        return RowStats(lse, logp, ent)
+        return RowStats(m, log_s, logp, ent)
 
     def radix_pass(prefix, above, shift, bits):
         logits_radix_kernel[(n_blocks, split)](
@@ -447,7 +447,7 @@ def logits_stats(logits, targets, tf: LogitTransform, ignore_index: int, entropy
         )
 
     clamped = _clamped(radix_pass, hist, m, k, split, _n_pad(vocab, cfg.block_v), targets, ignore_index)
-    return RowStats(lse, logp, ent, *clamped)
+    return RowStats(m, log_s, logp, ent, *clamped)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -581,9 +581,9 @@ def linear_grad_chunked(x, weight, bias, targets, tf: LogitTransform, ignore_ind
         def launch(num_warps, num_stages):
             linear_dz_kernel[grid](
                 x, weight, bias, targets,
-                stats.lse, stats.entropy if g_ent is not None else None,
+                stats.m, stats.log_s, stats.entropy if g_ent is not None else None,
                 stats.tau if cl else None, stats.tie_frac if cl else None,
-                stats.lse_clamped if cl else None, stats.clamped_entropy if cl else None,
+                stats.log_s_clamped if cl else None, stats.clamped_entropy if cl else None,
                 g_lp, g_ent, g_cl, dz, db_part,
                 n, vocab, h, v_lo, x.stride(0), weight.stride(0), vc, ignore_index,
                 tf.logit_scale, tf.softcap or 0.0, tf.temperature, tf.inv_temperature,
@@ -632,9 +632,9 @@ def linear_grad_atomic(x, weight, bias, targets, tf: LogitTransform, ignore_inde
     def launch(num_warps, num_stages):
         linear_grad_kernel[grid](
             x, weight, bias, targets,
-            stats.lse, stats.entropy if g_ent is not None else None,
+            stats.m, stats.log_s, stats.entropy if g_ent is not None else None,
             stats.tau if cl else None, stats.tie_frac if cl else None,
-            stats.lse_clamped if cl else None, stats.clamped_entropy if cl else None,
+            stats.log_s_clamped if cl else None, stats.clamped_entropy if cl else None,
             g_lp, g_ent, g_cl, dx, dw, db,
             n, vocab, h, x.stride(0), weight.stride(0), ignore_index,
             tf.logit_scale, tf.softcap or 0.0, tf.temperature, tf.inv_temperature,
@@ -671,9 +671,9 @@ def _logits_grad_launch(logits, targets, tf: LogitTransform, ignore_index: int, 
 
     def launch(num_warps, num_stages):
         logits_grad_kernel[grid](
-            logits, targets, stats.lse, stats.entropy if g_ent is not None else None,
+            logits, targets, stats.m, stats.log_s, stats.entropy if g_ent is not None else None,
             stats.tau if cl else None, stats.tie_frac if cl else None,
-            stats.lse_clamped if cl else None, stats.clamped_entropy if cl else None,
+            stats.log_s_clamped if cl else None, stats.clamped_entropy if cl else None,
             g_lp, g_ent, g_cl, out,
             n, vocab, logits.stride(0), out.stride(0), ignore_index,
             tf.logit_scale, tf.softcap or 0.0, tf.temperature, tf.inv_temperature,

@@ -41,22 +41,40 @@ class LogitTransform:
 
 
 class RowStats(NamedTuple):
-    """What a backend's forward returns and its backward needs, per row (fp32, shape [N]).
+    """What a backend's forward returns and its backward needs, per row (fp32/fp64, shape [N]).
 
-    ``lse``: log-sum-exp of the transformed logits (``-inf`` for a row whose logits are all ``-inf``).
+    The log-sum-exp is kept as two numbers, never rounded into one (MATH.md section 2):
+    ``m`` the row max of the transformed logits (``-inf`` on a row whose logits are all ``-inf``)
+    and ``log_s = log sum_v e^(z_v - m)`` (0 on such a row), so that every consumer forms
+    ``(z - m) - log_s``. ``lse = m + log_s`` rounded in fp32 loses ``log_s`` entirely once
+    ``|m| >> 2^24 log_s`` (at ``m = 1e8`` the spacing of fp32 is 8) and ``z - lse`` is then wrong
+    by O(1); ``z - m`` is exact for the logits that matter (Sterbenz) and ``log_s`` is small.
     ``logprobs``/``entropy``: outputs (0 on ignored rows).  Clamped entropy (top-k set S):
     ``tau`` the k-th largest logit, ``tie_frac`` the weight of each logit equal to ``tau``
-    ((k - #{z > tau}) / #{z == tau}), ``lse_clamped`` = log sum over S, ``clamped_entropy``.
-    Fields not asked for are None.
+    ((k - #{z > tau}) / #{z == tau}), ``log_s_clamped = log sum_{v in S} e^(z_v - m)`` (relative
+    to the same ``m``: S holds the max), ``clamped_entropy``. Fields not asked for are None.
+    ``lse`` and ``lse_clamped`` are available as properties (rounded: for display and tests, not
+    for the math).
     """
 
-    lse: torch.Tensor
+    m: torch.Tensor
+    log_s: torch.Tensor
     logprobs: torch.Tensor
     entropy: Optional[torch.Tensor] = None
     tau: Optional[torch.Tensor] = None
     tie_frac: Optional[torch.Tensor] = None
-    lse_clamped: Optional[torch.Tensor] = None
+    log_s_clamped: Optional[torch.Tensor] = None
     clamped_entropy: Optional[torch.Tensor] = None
+
+    @property
+    def lse(self) -> torch.Tensor:
+        """log sum_v e^(z_v) = m + log_s (-inf on a row of only -inf logits)."""
+        return self.m + self.log_s
+
+    @property
+    def lse_clamped(self) -> Optional[torch.Tensor]:
+        """log sum_{v in S} e^(z_v) = m + log_s_clamped, or None without clamped entropy."""
+        return None if self.log_s_clamped is None else self.m + self.log_s_clamped
 
 
 def clamp_p_to_k(clamp_p: float, vocab_size: int) -> int:

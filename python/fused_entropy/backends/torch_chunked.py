@@ -105,7 +105,7 @@ class _Workspace:
         return buf[:rows]
 
 
-# Shifted logits (z - max, or z - lse) are clamped here: exp(-1e4) is 0 in every float format, so
+# Shifted logits (z - max, or (z - max) - log s) are clamped here: exp(-1e4) is 0 in every float format, so
 # such entries have p = 0 and contribute nothing, while u * g stays finite (-inf * g would not).
 U_MIN = -1e4
 
@@ -187,7 +187,11 @@ class _Fwd:
     """Forward statistics of one block, leaving what a gradient pass can reuse.
 
     After construction: ``u = z - m`` (in the z buffer), ``e = exp(u)`` (buffer p), and with k the
-    clamped weights times ``e`` (buffer w). Row vectors: m, s = sum e, lse, and the outputs.
+    clamped weights times ``e`` (buffer w). Row vectors: m (0 on a row of only -inf logits),
+    s = sum e, log s, and the outputs. The log-sum-exp stays split as (m, log s), never rounded
+    into ``lse = m + log s`` (see ``RowStats``): log p = (z - m) - log s. ``normalized``: False
+    here; a recompute from saved statistics (``_recompute``) shifts by m and log s at once, so
+    there ``u = log p`` and ``e = p``.
     """
 
     def __init__(self, z, ws, y, valid, entropy, k):
@@ -204,38 +208,41 @@ class _Fwd:
             self.tau = _threshold(z, k)
             # the p block is free until exp(u) is written into it below
             self.w, self.frac = _weights_into(z, self.tau, ws.get("w", c), ws.get("p", c), k=k)
+        self.row_max = m  # -inf on a row of only -inf logits, as RowStats keeps it
         self.m = torch.where(self.live, m, torch.zeros_like(m))
         z.sub_(self.m[:, None]).clamp_(min=U_MIN)
         self.u = z
         self.e = torch.exp(z, out=ws.get("p", c))
+        self.normalized = False
         s = self.e.sum(-1)
         self.s = torch.where(self.live, s, torch.ones_like(s))
-        log_s = torch.log(self.s)
-        self.lse = torch.where(self.live, self.m + log_s, torch.full_like(m, -torch.inf))
+        self.log_s = torch.log(self.s)
         zero = torch.zeros_like(m)
-        self.logprobs = torch.where(valid, torch.where(self.live, z_y - self.m - log_s, torch.full_like(m, -torch.inf)), zero)
+        logp = (z_y - self.m) - self.log_s
+        self.logprobs = torch.where(valid, torch.where(self.live, logp, torch.full_like(m, -torch.inf)), zero)
         self.entropy = None
         if entropy:
-            h = log_s - _rowdot(self.e, z) / self.s
+            h = self.log_s - _rowdot(self.e, z) / self.s
             self.entropy = torch.where(valid & self.live, h, zero)
-        self.lse_clamped = self.clamped_entropy = None
+        self.log_s_c = self.clamped_entropy = None
         if k is not None:
             self.w.mul_(self.e)
             s_c = self.w.sum(-1)
             self.s_c = torch.where(self.live, s_c, torch.ones_like(s_c))
-            log_sc = torch.log(self.s_c)
-            self.lse_clamped = torch.where(self.live, self.m + log_sc, torch.full_like(m, -torch.inf))
-            hc = log_sc - _rowdot(self.w, z) / self.s_c
+            self.log_s_c = torch.log(self.s_c)
+            hc = self.log_s_c - _rowdot(self.w, z) / self.s_c
             self.clamped_entropy = torch.where(valid & self.live, hc, zero)
 
     def stats(self):
-        return (self.lse, self.logprobs, self.entropy, self.tau, self.frac, self.lse_clamped, self.clamped_entropy)
+        return (self.row_max, self.log_s, self.logprobs, self.entropy, self.tau, self.frac, self.log_s_c,
+                self.clamped_entropy)
 
 
 def _grad_from_fwd(f: _Fwd, y, valid, ent, ent_c, g_lp, g_ent, g_cl, ws, factor, tf):
     """dL/d(h.W + b) for a block whose forward state ``f`` is live; returns a view of the z buffer.
 
-    dlogp/dz = onehot(y) - p,  dH/dz = -p (log p + H),  dHc/dz = -w pi (z - lse_S + Hc).
+    dlogp/dz = onehot(y) - p,  dH/dz = -p (log p + H),  dHc/dz = -w pi (log pi + Hc),
+    log p = (z - m) - log s,  log pi = (z - m) - log s_S.
     """
     u, e = f.u, f.e
     live = valid & f.live
@@ -243,14 +250,20 @@ def _grad_from_fwd(f: _Fwd, y, valid, ent, ent_c, g_lp, g_ent, g_cl, ws, factor,
     g_lp, g_ent, g_cl = (None if g is None else torch.where(live, g.to(u.dtype), zero) for g in (g_lp, g_ent, g_cl))
     d_cl = None
     if g_cl is not None:
-        # pi = w e / s_c; scratch (u + m - lse_S + Hc) goes through the p buffer, then e is rebuilt
-        d_cl = f.w.mul_((-g_cl / f.s_c)[:, None])
-        torch.add(u, (f.m - _safe(f.lse_clamped) + ent_c)[:, None], out=e)
+        # w holds weight * e. Shifted by the max (u = z - m): pi = w e / s_S and log pi = u - log s_S;
+        # normalized (u = log p, e = p): pi = w p s / s_S and log pi = u + log s - log s_S.
+        # The scratch log pi + Hc goes through the p buffer, then e is rebuilt.
+        if f.normalized:
+            scale, off = -g_cl * torch.exp(f.log_s - f.log_s_c), f.log_s - f.log_s_c + ent_c
+        else:
+            scale, off = -g_cl / f.s_c, ent_c - f.log_s_c
+        d_cl = f.w.mul_(scale[:, None])
+        torch.add(u, off[:, None], out=e)
         d_cl.mul_(e)
         torch.exp(u, out=e)
-    if f.s is not None:  # forward state shifted by the max: normalize (a recompute is shifted by lse)
-        e.div_(f.s[:, None])  # p
-        u.sub_(torch.log(f.s)[:, None])  # log p
+    if not f.normalized:
+        e.div_(f.s[:, None])  # p = e^(z - m) / s
+        u.sub_(f.log_s[:, None])  # log p = (z - m) - log s
     # dz = p * (-g_ent (log p + H) - g_lp), in as few passes over the block as possible
     if g_ent is not None:
         const = -(g_ent * ent) if g_lp is None else -(g_ent * ent + g_lp)
@@ -275,11 +288,11 @@ def _to_stats(parts, n, device, dtype, entropy, k) -> RowStats:
     def cat(i):
         return torch.cat([p[i] for p in parts]) if parts else torch.zeros(n, device=device, dtype=dtype)
 
-    lse, logp = cat(0), cat(1)
-    ent = cat(2) if entropy else None
+    m, log_s, logp = cat(0), cat(1), cat(2)
+    ent = cat(3) if entropy else None
     if k is None:
-        return RowStats(lse, logp, ent)
-    return RowStats(lse, logp, ent, cat(3), cat(4), cat(5), cat(6))
+        return RowStats(m, log_s, logp, ent)
+    return RowStats(m, log_s, logp, ent, cat(4), cat(5), cat(6), cat(7))
 
 
 def _logit_block(x_c, w_c, bias, tf, out):
@@ -333,22 +346,24 @@ def linear_logit_blocks(x, weight, bias, tf):
 
 
 def _recompute(z, ws, y, valid, stats_rows, k, tf):
-    """Rebuild a block's forward state from the saved row statistics (no second kthvalue)."""
+    """Rebuild a block's forward state from the saved row statistics (no second kthvalue), shifted
+    by the max and log s at once so that e = p directly: u = (z - m) - log s, two roundings as in
+    the forward (never z - (m + log s): the sum loses log s at large |m|)."""
     c = z.shape[0]
-    lse, tau, frac, lse_c = stats_rows
+    m, log_s, tau, frac, log_s_c = stats_rows
     factor = _softcap_factor(z, tf, ws.get("f", c)) if tf.softcap is not None else None
     f = _Fwd.__new__(_Fwd)
-    f.live = torch.isfinite(lse)
+    f.live = torch.isfinite(m)
     f.w = _weights_into(z, tau, ws.get("w", c), ws.get("p", c), frac=frac)[0] if k is not None else None
-    f.m = _safe(lse)  # shifting by lse instead of the max: e = p directly, s = 1
-    z.sub_(f.m[:, None]).clamp_(min=U_MIN)
+    f.m = _safe(m)
+    f.log_s = log_s
+    z.sub_(f.m[:, None]).sub_(log_s[:, None]).clamp_(min=U_MIN)
     f.u = z
     f.e = torch.exp(z, out=ws.get("p", c))
-    f.s = None  # e is already p
-    f.lse_clamped = lse_c
+    f.normalized = True
+    f.log_s_c = log_s_c
     if k is not None:
         f.w.mul_(f.e)
-        f.s_c = torch.where(f.live, torch.exp(_safe(lse_c) - f.m), torch.ones_like(lse))
     return f, factor
 
 
@@ -364,7 +379,7 @@ def linear_backward(x, weight, bias, targets, tf, ignore_index, stats: RowStats,
         y = targets[sl]
         valid = y != ignore_index
         z = _logit_block(x_c, plan.w, bias, tf, plan.ws.get("z", sl.stop - sl.start))
-        rows = [_rows(t, sl) for t in (stats.lse, stats.tau, stats.tie_frac, stats.lse_clamped)]
+        rows = [_rows(t, sl) for t in (stats.m, stats.log_s, stats.tau, stats.tie_frac, stats.log_s_clamped)]
         f, factor = _recompute(z, plan.ws, y, valid, rows, k if g_cl is not None else None, tf)
         dz = _grad_from_fwd(f, y, valid, _rows(stats.entropy, sl), _rows(stats.clamped_entropy, sl),
                             _rows(g_lp, sl), _rows(g_ent, sl), _rows(g_cl, sl), plan.ws, factor, tf)
@@ -462,7 +477,7 @@ def logits_backward(logits, targets, tf, ignore_index, stats: RowStats, g_lp, g_
         _apply_transform_(z, tf)
         y = targets[sl]
         valid = y != ignore_index
-        rows = [_rows(t, sl) for t in (stats.lse, stats.tau, stats.tie_frac, stats.lse_clamped)]
+        rows = [_rows(t, sl) for t in (stats.m, stats.log_s, stats.tau, stats.tie_frac, stats.log_s_clamped)]
         f, factor = _recompute(z, ws, y, valid, rows, k if g_cl is not None else None, tf)
         grad[sl] = _grad_from_fwd(f, y, valid, _rows(stats.entropy, sl), _rows(stats.clamped_entropy, sl),
                                   _rows(g_lp, sl), _rows(g_ent, sl), _rows(g_cl, sl), ws, factor, tf)

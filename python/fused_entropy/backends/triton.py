@@ -32,8 +32,8 @@ def _empty_stats(n_dtype: torch.dtype, device, entropy: bool, k) -> RowStats:
     dt = _launch.acc_dtype(n_dtype)
     e = lambda: torch.zeros(0, device=device, dtype=dt)
     if k is None:
-        return RowStats(e(), e(), e() if entropy else None)
-    return RowStats(e(), e(), e() if entropy else None, e(), e(), e(), e())
+        return RowStats(e(), e(), e(), e() if entropy else None)
+    return RowStats(e(), e(), e(), e() if entropy else None, e(), e(), e(), e())
 
 
 def linear_forward(x, weight, bias, targets, tf, ignore_index, entropy, k) -> RowStats:
