@@ -122,7 +122,7 @@ def main(argv=None) -> int:
         runs[name] = res = run_suite(root, swapped, args.backend, args.subset, args.timeout)
         print(f"liger-kernel {version} {SUITE} ({'subset' if args.subset else 'full'}), {name}"
               f"{' [' + args.backend + ']' if swapped else ''}: {res['counts']} in {res['seconds']} s"
-              + (" (TIMED OUT)" if res["rc"] is None else ""))
+              + (" (TIMED OUT)" if res["rc"] is None else ""), flush=True)  # a full run takes long: show each
         if res["rc"] not in (0, 1):
             print(res["tail"])
             return 3

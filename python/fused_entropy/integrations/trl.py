@@ -327,6 +327,11 @@ class FusedEntropyGRPOTrainer(GRPOTrainer):
     plus ``clamped_entropy`` (when computed), ``entropy_coef_applied`` (the coefficient used in the
     step), ``entropy_ctrl/window_entropy`` (the window mean that drove the update), ``cov/selected_mean``
     (Clip-Cov/KL-Cov) and ``repo/zeta``.
+
+    TRL's entropy attributes (``entropy_coef``, ``use_adaptive_entropy``, ``_last_world_entropy``,
+    ``_entropy_bonus_enabled``, ``top_entropy_quantile``) hold what stock ``GRPOTrainer`` holds after
+    every step: they are views of the controller (``use_adaptive_entropy``: TRL's adaptive rule runs),
+    and assigning ``entropy_coef`` or ``_last_world_entropy`` sets the controller's state.
     """
 
     def __init__(self, model, reward_funcs=None, args: Optional[GRPOConfig] = None, *rest, **kwargs):
