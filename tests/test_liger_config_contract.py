@@ -79,6 +79,8 @@ SAME = {
     "chunk_size-negative": (dict(chunk_size=-1), {}),
     "sequence-grpo": (dict(loss_type="grpo", importance_sampling_level="sequence"), {}),
     "token-vespo": (dict(loss_type="vespo"), {}),
+    # vespo lambdas below 1e-4 act as 1e-4 in Liger (and TRL): 0 and negative values are accepted
+    "vespo-lambda-0-and-negative": (dict(loss_type="vespo", vespo_lambda_pos=0.0, vespo_lambda_neg=-1.0), {}),
 }
 
 # Liger accepts these at construction and then produces no usable loss (NaN or inf, or a

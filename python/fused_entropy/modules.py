@@ -238,10 +238,10 @@ class LinearGRPOLoss(nn.Module):
             if isinstance(value, (int, float)) and not isinstance(value, bool) and value <= 0:
                 raise ValueError(f"{name} must be positive, got {value}")
             G._check_number(name, value, positive=True, allow_none=name == "delta")
-        for name, value in (("vespo_k_pos", vespo_k_pos), ("vespo_k_neg", vespo_k_neg)):
+        # vespo lambdas below 1e-4 act as 1e-4 (TRL/Liger clamp), so any finite value is accepted, as Liger
+        for name, value in (("vespo_k_pos", vespo_k_pos), ("vespo_k_neg", vespo_k_neg),
+                            ("vespo_lambda_pos", vespo_lambda_pos), ("vespo_lambda_neg", vespo_lambda_neg)):
             G._check_number(name, value)
-        for name, value in (("vespo_lambda_pos", vespo_lambda_pos), ("vespo_lambda_neg", vespo_lambda_neg)):
-            G._check_number(name, value, positive=True)
         if loss_type == "dr_grpo" and max_completion_length is not None:
             # the only loss type that reads it; Liger ignores it elsewhere, whatever it holds
             G._check_max_completion_length(loss_type, max_completion_length)
@@ -348,9 +348,10 @@ class LinearGRPOLoss(nn.Module):
             sapo_temperature_pos=self.sapo_temperature_pos,
             sapo_temperature_neg=self.sapo_temperature_neg,
             vespo_k_pos=self.vespo_k_pos,
-            vespo_lambda_pos=self.vespo_lambda_pos,
+            # below VESPO_LAMBDA_MIN a lambda acts as VESPO_LAMBDA_MIN (TRL/Liger clamp; grpo_loss wants > 0)
+            vespo_lambda_pos=max(self.vespo_lambda_pos, G.VESPO_LAMBDA_MIN),
             vespo_k_neg=self.vespo_k_neg,
-            vespo_lambda_neg=self.vespo_lambda_neg,
+            vespo_lambda_neg=max(self.vespo_lambda_neg, G.VESPO_LAMBDA_MIN),
             max_completion_length=self._used_max_completion_length(),
             top_entropy_quantile=self.top_entropy_quantile,
             entropy_source=self.entropy_source,
