@@ -38,9 +38,13 @@ SUBSET = ("sequence_level_rejects or num_items_in_batch or frozen or ref_per_tok
           "or (test_correctness and float32 and not bias and grpo)")
 # test id -> why it fails only when swapped, checked by hand
 KNOWN = {
-    # the suite's own bf16 reference is 0.22-0.34 off an fp64 recomputation at this size, this
-    # package within 0.004 (README, "Drop-in for Liger's fused GRPO loss")
-    r"test_correctness\[.*luspo.*sequence.*bfloat16.*": "the test's bf16 reference is the one off (fp64 check)",
+    # test_correctness ids read [delta-level-loss_type-refs-beta-eps_low-eps_high-T-bias-scalar-dtype-atol-
+    # rtol-B-T-H-V] with dtype0 = bf16: the 24 bf16 luspo sequence-level cases at 8x128x1024x4096 (the
+    # issue saw 6 of them fail; which ones depends on the suite's RNG order). Recomputed in fp64 with
+    # the suite's own TorchLMHeadGRPO, the test's bf16 reference gradient is 0.02-0.28 off (0.22-0.34 in
+    # the issue's run) while this package's is within 0.0035 (README, "Drop-in for Liger's fused GRPO loss")
+    r"test_correctness\[(None|2\.0)-sequence-luspo-.*-dtype0-0\.1-0\.5-8-128-1024-4096\]":
+        "the test's bf16 reference is the one off (fp64 check)",
 }
 
 PLUGIN = '''
