@@ -149,9 +149,16 @@ def grad_z(
     """
     dz = tl.zeros(z.shape, dtype=z.dtype)
     m0 = tl.where(m == float("-inf"), 0.0, m)
-    u = z - m0[:, None]
+    # the clamped term first: its tau/frac/log s_S/H~ row vectors die before log p and p are
+    # formed; the other order kept one more tile live and the fp32 atomic backward spilled on
+    # sm_90 (AOT gate), once log s came in as a row vector of its own
+    if HAS_G_CL:
+        w = tl.where(z > tau[:, None], 1.0, tl.where(z == tau[:, None], frac[:, None], 0.0))
+        log_pi = (z - m0[:, None]) - log_s_c[:, None]
+        pi = tl.exp(log_pi) * w
+        dz -= tl.where(pi > 0.0, pi * (log_pi + ent_c[:, None]), 0.0) * g_cl[:, None]
     if HAS_G_LP or HAS_G_ENT:
-        logp_all = u - log_s[:, None]
+        logp_all = (z - m0[:, None]) - log_s[:, None]
         p = tl.exp(logp_all)
         if HAS_G_ENT:
             # p = 0 where z = -inf: take the product as 0 rather than 0 * -inf
@@ -159,11 +166,6 @@ def grad_z(
         if HAS_G_LP:
             dz -= p * g_lp[:, None]
             dz += tl.where(offs_v[None, :] == y[:, None], g_lp[:, None], 0.0)
-    if HAS_G_CL:
-        w = tl.where(z > tau[:, None], 1.0, tl.where(z == tau[:, None], frac[:, None], 0.0))
-        log_pi = u - log_s_c[:, None]
-        pi = tl.exp(log_pi) * w
-        dz -= tl.where(pi > 0.0, pi * (log_pi + ent_c[:, None]), 0.0) * g_cl[:, None]
     return tl.where(row_ok[:, None], dz, 0.0)
 
 
