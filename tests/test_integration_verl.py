@@ -1,12 +1,12 @@
 """integrations.verl.linear_cross_entropy against a materialized-logits torch reference (verl semantics)."""
-import os
-import socket
 
 import pytest
 import torch
 import torch.nn.functional as F
 
 from fused_entropy.integrations.verl import linear_cross_entropy
+
+from _dist_utils import run_ranks
 
 
 def reference(hidden, weight, labels, temperature=1.0, reduction="none"):
@@ -121,34 +121,24 @@ def test_bad_input():
 # --- tensor parallelism over the vocabulary: 2 gloo ranks against the single-process result -------
 
 
-def _tp_worker(rank, world, port, result_dir):
+def _tp_worker(rank, world):
     import torch.distributed as dist
 
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
-    try:
-        hidden, weight, labels = _inputs((2, 7), 12, 2 * 9)
-        vocab_local = weight.shape[0] // world
-        h = hidden.clone().requires_grad_()
-        w = weight[rank * vocab_local : (rank + 1) * vocab_local].clone().requires_grad_()
-        lp, ent = linear_cross_entropy(h, w, labels, 0.8, "none", dist_process_group=dist.group.WORLD)
-        g = torch.Generator().manual_seed(5)
-        a, b = torch.randn(lp.shape, generator=g, dtype=lp.dtype), torch.randn(ent.shape, generator=g, dtype=ent.dtype)
-        ((lp * a).sum() + (ent * b).sum()).backward()
-        torch.save({"lp": lp.detach(), "ent": ent.detach(), "dh": h.grad, "dw": w.grad}, os.path.join(result_dir, f"{rank}.pt"))
-    finally:
-        dist.destroy_process_group()
+    hidden, weight, labels = _inputs((2, 7), 12, 2 * 9)
+    vocab_local = weight.shape[0] // world
+    h = hidden.clone().requires_grad_()
+    w = weight[rank * vocab_local : (rank + 1) * vocab_local].clone().requires_grad_()
+    lp, ent = linear_cross_entropy(h, w, labels, 0.8, "none", dist_process_group=dist.group.WORLD)
+    g = torch.Generator().manual_seed(5)
+    a, b = torch.randn(lp.shape, generator=g, dtype=lp.dtype), torch.randn(ent.shape, generator=g, dtype=ent.dtype)
+    ((lp * a).sum() + (ent * b).sum()).backward()
+    return {"lp": lp.detach(), "ent": ent.detach(), "dh": h.grad, "dw": w.grad}
 
 
 def test_tensor_parallel_matches_single_process(tmp_path):
-    import torch.multiprocessing as mp
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    world = 2
-    # fork: the workers need nothing but this module, and spawning fresh interpreters costs seconds
-    mp.start_processes(_tp_worker, args=(world, port, str(tmp_path)), nprocs=world, join=True, start_method="fork")
-    res = [torch.load(tmp_path / f"{r}.pt") for r in range(world)]
+    # run_ranks: forked ranks on one intra-op thread each (a fork after the parent's OpenMP pool has
+    # run can deadlock the child's first parallel op) and a deadline instead of a hang
+    res = run_ranks(_tp_worker, 2, tmp_path)
 
     hidden, weight, labels = _inputs((2, 7), 12, 2 * 9)
     h, w = hidden.clone().requires_grad_(), weight.clone().requires_grad_()
