@@ -61,7 +61,8 @@ FULL_SHAPES = ((8192, 4096, 131072), (4096, 2048, 131072), (4096, 2048, 32768), 
 QUICK_SHAPES = ((256, 64, 1000),)
 # test files whose tests follow FUSED_ENTROPY_TEST_DEVICE (tests/conftest.py)
 DEVICE_TESTS = ("tests/test_triton_linear.py", "tests/test_triton_logits.py", "tests/test_triton_topk.py",
-                "tests/test_triton_backward.py", "tests/test_grpo_triton.py", "tests/test_shipped_configs.py")
+                "tests/test_triton_backward.py", "tests/test_triton_logits_buffer.py", "tests/test_grpo_triton.py",
+                "tests/test_shipped_configs.py", "tests/test_numerics.py")
 QUICK_TESTS = ("tests/test_validation.py",)
 
 
