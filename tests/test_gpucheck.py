@@ -33,6 +33,11 @@ def test_unwritable_out_is_a_clear_error(tmp_path):
     assert "is not a writable folder" in r.stderr and str(blocker / "sub") in r.stderr
 
 
+def test_full_check_without_a_gpu_is_a_clear_error(tmp_path):
+    r = run_cli("--out", str(tmp_path), "--device", "cpu")
+    assert r.returncode == 2 and "the full check needs a GPU" in r.stderr and "--quick" in r.stderr
+
+
 @pytest.mark.parametrize("args, text", [(["--sections", "env,bogus"], "--sections takes"),
                                         (["--shapes", "1,2"], "--shapes takes N,H,V")])
 def test_bad_sections_and_shapes(tmp_path, args, text):

@@ -1078,11 +1078,13 @@ def _validate(args) -> Optional[str]:
         os.remove(probe)
     except OSError as e:
         return f"--out {args.out!r} is not a writable folder ({e.strerror or e})"
-    if args.device == "cuda":
-        import torch
+    import torch
 
-        if not torch.cuda.is_available():
-            return "--device cuda, but torch sees no CUDA device"
+    if args.device == "cuda" and not torch.cuda.is_available():
+        return "--device cuda, but torch sees no CUDA device"
+    if not args.quick and (args.device == "cpu" or not torch.cuda.is_available()):
+        return ("the full check needs a GPU (its shapes take hours on a CPU); torch sees none here: "
+                "add --quick for the tiny-shape run (with TRITON_INTERPRET=1 for the Triton kernels)")
     return None
 
 
