@@ -67,6 +67,22 @@ def div_rn(a, b):
 
 
 @triton.jit
+def scalar_arg(scal_ptr, i: tl.constexpr, v):
+    """The transform's runtime scalar ``v`` at the precision of the inputs.
+
+    Triton types a Python-float kernel argument fp32, so on a GPU ``temperature``, ``softcap``,
+    ``logit_scale`` and ``inv_temperature`` arrive rounded to fp32 (the interpreter passes the Python
+    float itself and hides it). fp64 launches therefore also pass ``scal_ptr``, a 4-element fp64
+    tensor [logit_scale, softcap, temperature, inv_temperature] (``_launch._fp64_scalars``), and the
+    kernel reads element ``i`` instead of ``v``. Every other launch passes None, a constexpr: their
+    builds are the fp32-argument ones as before. A new value never recompiles either way.
+    """
+    if scal_ptr is not None:
+        v = tl.load(scal_ptr + i)
+    return v
+
+
+@triton.jit
 def transform(a, logit_scale, softcap, inv_temperature, HAS_SOFTCAP: tl.constexpr):
     """z = softcap(logit_scale * a) / T, softcap(x) = c tanh(x / c) (MATH.md section 1)."""
     a = a * logit_scale

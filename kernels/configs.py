@@ -246,6 +246,17 @@ def _attrs(signature: dict) -> dict:
     }
 
 
+def _scal_ty(dt: str) -> str:
+    """Type of the kernels' ``scal_ptr``: fp64 launches pass their transform scalars at full precision
+    through it (``_online.scalar_arg``); the others pass None, a constexpr, and compile exactly as
+    with the fp32 scalar arguments alone."""
+    return "*fp64" if dt == "fp64" else "constexpr"
+
+
+def _scal_const(sig, const):
+    return dict(const, scal_ptr=None) if sig.get("scal_ptr") == "constexpr" else const
+
+
 def aot_specs():
     """Every shipped kernel configuration as ``AotSpec`` records.
 
@@ -260,6 +271,7 @@ def aot_specs():
     for dt in DTYPES:
         acc = _acc(dt)
         ptr, pacc = _PTR[dt], "*" + acc
+        scal = _scal_ty(dt)
         for flags in (True, False):
             # --- linear_stats ------------------------------------------------------------
             c = get("linear_stats", dt)
@@ -269,7 +281,7 @@ def aot_specs():
                 "part_ptr": pacc, "hist_ptr": "*i32" if flags else "constexpr", "z_ptr": pacc if flags else "constexpr",
                 "N": "i32", "V": "i32", "H": "i32", "stride_x": "i32", "stride_w": "i32", "stride_z": "i32",
                 "ignore_index": "i32",
-                "logit_scale": "fp32", "softcap": "fp32", "inv_temperature": "fp32", "tiles_per_split": "i32",
+                "logit_scale": "fp32", "softcap": "fp32", "inv_temperature": "fp32", "scal_ptr": scal, "tiles_per_split": "i32",
             }
             const = {
                 "HAS_BIAS": flags, "HAS_SOFTCAP": flags, "TOPK": flags, "STORE_Z": flags,
@@ -290,7 +302,7 @@ def aot_specs():
                 "g_lp_ptr": pacc, "g_ent_ptr": opt, "g_cl_ptr": opt,
                 "dx_ptr": pacc, "dw_ptr": pacc, "db_ptr": opt,
                 "N": "i32", "V": "i32", "H": "i32", "stride_x": "i32", "stride_w": "i32", "ignore_index": "i32",
-                "logit_scale": "fp32", "softcap": "fp32", "temperature": "fp32", "inv_temperature": "fp32",
+                "logit_scale": "fp32", "softcap": "fp32", "temperature": "fp32", "inv_temperature": "fp32", "scal_ptr": scal,
             }
             const = {
                 "HAS_BIAS": flags, "HAS_SOFTCAP": flags, "HAS_G_LP": True, "HAS_G_ENT": flags, "HAS_G_CL": flags,
@@ -310,7 +322,7 @@ def aot_specs():
                 "dz_ptr": ptr, "db_ptr": opt,
                 "N": "i32", "V": "i32", "H": "i32", "v_lo": "i32", "stride_x": "i32", "stride_w": "i32",
                 "stride_dz": "i32", "ignore_index": "i32",
-                "logit_scale": "fp32", "softcap": "fp32", "temperature": "fp32", "inv_temperature": "fp32",
+                "logit_scale": "fp32", "softcap": "fp32", "temperature": "fp32", "inv_temperature": "fp32", "scal_ptr": scal,
             }
             const = {
                 "HAS_BIAS": flags, "HAS_SOFTCAP": flags, "HAS_G_LP": True, "HAS_G_ENT": flags, "HAS_G_CL": flags,
@@ -326,7 +338,7 @@ def aot_specs():
             sig = {
                 "l_ptr": ptr, "y_ptr": "*i64", "part_ptr": pacc, "hist_ptr": "*i32" if flags else "constexpr",
                 "N": "i32", "V": "i32", "stride_l": "i32", "ignore_index": "i32",
-                "logit_scale": "fp32", "softcap": "fp32", "inv_temperature": "fp32", "tiles_per_split": "i32",
+                "logit_scale": "fp32", "softcap": "fp32", "inv_temperature": "fp32", "scal_ptr": scal, "tiles_per_split": "i32",
             }
             const = {
                 "HAS_SOFTCAP": flags, "TOPK": flags,
@@ -342,7 +354,7 @@ def aot_specs():
                 "l_ptr": ptr, "y_ptr": "*i64", "m_ptr": pacc, "log_s_ptr": pacc, "ent_ptr": opt, "tau_ptr": opt,
                 "frac_ptr": opt, "log_s_c_ptr": opt, "ent_c_ptr": opt, "g_lp_ptr": pacc, "g_ent_ptr": opt, "g_cl_ptr": opt, "dl_ptr": ptr,
                 "N": "i32", "V": "i32", "stride_l": "i32", "stride_dl": "i32", "ignore_index": "i32",
-                "logit_scale": "fp32", "softcap": "fp32", "temperature": "fp32", "inv_temperature": "fp32",
+                "logit_scale": "fp32", "softcap": "fp32", "temperature": "fp32", "inv_temperature": "fp32", "scal_ptr": scal,
             }
             const = {
                 "HAS_SOFTCAP": flags, "HAS_G_LP": True, "HAS_G_ENT": flags, "HAS_G_CL": flags,
@@ -366,4 +378,4 @@ def aot_specs():
             out.append(("finish_stats", _online.finish_stats_kernel.fn, sig, const, c.num_warps, c.num_stages))
         out.extend(topk.aot_specs(dt, get))
 
-    return [AotSpec(name, fn, sig, const, _attrs(sig), nw, ns) for name, fn, sig, const, nw, ns in out]
+    return [AotSpec(name, fn, sig, _scal_const(sig, const), _attrs(sig), nw, ns) for name, fn, sig, const, nw, ns in out]

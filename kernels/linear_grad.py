@@ -37,7 +37,7 @@ accumulation stays fp32.
 import triton
 import triton.language as tl
 
-from ._online import grad_z, transform_grad
+from ._online import grad_z, scalar_arg, transform_grad
 from .linear_stats import linear_logit_tile
 
 
@@ -94,7 +94,7 @@ def linear_dz_kernel(
     g_lp_ptr, g_ent_ptr, g_cl_ptr,
     dz_ptr, db_ptr,
     N, V, H, v_lo, stride_x, stride_w, stride_dz, ignore_index,
-    logit_scale, softcap, temperature, inv_temperature,
+    logit_scale, softcap, temperature, inv_temperature, scal_ptr,
     HAS_BIAS: tl.constexpr, HAS_SOFTCAP: tl.constexpr,
     HAS_G_LP: tl.constexpr, HAS_G_ENT: tl.constexpr, HAS_G_CL: tl.constexpr,
     STORE_DZ: tl.constexpr, COMPUTE_DB: tl.constexpr,
@@ -106,6 +106,10 @@ def linear_dz_kernel(
     for fp64), both with row stride ``stride_dz``; column ``c`` of either is vocabulary entry
     ``v_lo + c``. Nothing is accumulated: every element is stored once.
     """
+    logit_scale = scalar_arg(scal_ptr, 0, logit_scale)
+    softcap = scalar_arg(scal_ptr, 1, softcap)
+    temperature = scalar_arg(scal_ptr, 2, temperature)
+    inv_temperature = scalar_arg(scal_ptr, 3, inv_temperature)
     pid_n = tl.program_id(0)
     pid_v = tl.program_id(1)
     offs_n = pid_n.to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -153,7 +157,7 @@ def linear_grad_kernel(
     g_lp_ptr, g_ent_ptr, g_cl_ptr,
     dx_ptr, dw_ptr, db_ptr,
     N, V, H, stride_x, stride_w, ignore_index,
-    logit_scale, softcap, temperature, inv_temperature,
+    logit_scale, softcap, temperature, inv_temperature, scal_ptr,
     HAS_BIAS: tl.constexpr, HAS_SOFTCAP: tl.constexpr,
     HAS_G_LP: tl.constexpr, HAS_G_ENT: tl.constexpr, HAS_G_CL: tl.constexpr,
     COMPUTE_DX: tl.constexpr, COMPUTE_DW: tl.constexpr, COMPUTE_DB: tl.constexpr,
@@ -165,6 +169,10 @@ def linear_grad_kernel(
 
     ``dx``/``dw`` are contiguous with row stride H; ``x``/``W`` have row strides stride_x/stride_w.
     """
+    logit_scale = scalar_arg(scal_ptr, 0, logit_scale)
+    softcap = scalar_arg(scal_ptr, 1, softcap)
+    temperature = scalar_arg(scal_ptr, 2, temperature)
+    inv_temperature = scalar_arg(scal_ptr, 3, inv_temperature)
     pid_n = tl.program_id(0)
     pid_v = tl.program_id(1)
     offs_n = pid_n.to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N)

@@ -23,7 +23,7 @@ in all, in chunks of at most ``configs.logits_buffer_bytes()``).
 import triton
 import triton.language as tl
 
-from ._online import merge_state, tile_state, transform
+from ._online import merge_state, scalar_arg, tile_state, transform
 from ._radix import radix_count
 
 
@@ -92,7 +92,7 @@ def linear_logit_tile(
 def linear_stats_kernel(
     x_ptr, w_ptr, b_ptr, y_ptr, part_ptr, hist_ptr, z_ptr,
     N, V, H, stride_x, stride_w, stride_z, ignore_index,
-    logit_scale, softcap, inv_temperature, tiles_per_split,
+    logit_scale, softcap, inv_temperature, scal_ptr, tiles_per_split,
     HAS_BIAS: tl.constexpr, HAS_SOFTCAP: tl.constexpr, TOPK: tl.constexpr, STORE_Z: tl.constexpr,
     RADIX_SHIFT: tl.constexpr, RADIX_BITS: tl.constexpr, NBINS: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_H: tl.constexpr,
@@ -105,6 +105,9 @@ def linear_stats_kernel(
 
     ``softcap`` <= 0 means no softcap; scalars are runtime values (no recompilation per value).
     """
+    logit_scale = scalar_arg(scal_ptr, 0, logit_scale)
+    softcap = scalar_arg(scal_ptr, 1, softcap)
+    inv_temperature = scalar_arg(scal_ptr, 3, inv_temperature)
     pid_n = tl.program_id(0)
     pid_s = tl.program_id(1)
     n_split = tl.num_programs(1)

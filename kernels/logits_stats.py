@@ -9,7 +9,7 @@ else of size [N, V] is allocated. ``z = transform(logits)`` is recomputed in fp3
 import triton
 import triton.language as tl
 
-from ._online import grad_z, merge_state, tile_state, transform, transform_grad
+from ._online import grad_z, merge_state, scalar_arg, tile_state, transform, transform_grad
 from ._radix import radix_count
 
 
@@ -36,12 +36,15 @@ def logits_tile(
 @triton.jit
 def logits_stats_kernel(
     l_ptr, y_ptr, part_ptr, hist_ptr,
-    N, V, stride_l, ignore_index, logit_scale, softcap, inv_temperature, tiles_per_split,
+    N, V, stride_l, ignore_index, logit_scale, softcap, inv_temperature, scal_ptr, tiles_per_split,
     HAS_SOFTCAP: tl.constexpr, TOPK: tl.constexpr,
     RADIX_SHIFT: tl.constexpr, RADIX_BITS: tl.constexpr, NBINS: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr,
 ):
     """logits [N, V], targets [N] -> part [4, SPLIT, N] (m, s, t, z_y per split)."""
+    logit_scale = scalar_arg(scal_ptr, 0, logit_scale)
+    softcap = scalar_arg(scal_ptr, 1, softcap)
+    inv_temperature = scalar_arg(scal_ptr, 3, inv_temperature)
     pid_n = tl.program_id(0)
     pid_s = tl.program_id(1)
     n_split = tl.num_programs(1)
@@ -90,6 +93,7 @@ def logits_grad_kernel(
     l_ptr, y_ptr, m_ptr, log_s_ptr, ent_ptr, tau_ptr, frac_ptr, log_s_c_ptr, ent_c_ptr,
     g_lp_ptr, g_ent_ptr, g_cl_ptr, dl_ptr,
     N, V, stride_l, stride_dl, ignore_index, logit_scale, softcap, temperature, inv_temperature,
+    scal_ptr,
     HAS_SOFTCAP: tl.constexpr, HAS_G_LP: tl.constexpr, HAS_G_ENT: tl.constexpr, HAS_G_CL: tl.constexpr,
     Z_IN: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr,
 ):
@@ -100,6 +104,10 @@ def logits_grad_kernel(
     rule is, so the result is dL/d(h.W + b). ``dl_ptr`` may be ``l_ptr`` (same dtype and strides):
     each program reads its tile before it overwrites it, and no other program touches that tile.
     """
+    logit_scale = scalar_arg(scal_ptr, 0, logit_scale)
+    softcap = scalar_arg(scal_ptr, 1, softcap)
+    temperature = scalar_arg(scal_ptr, 2, temperature)
+    inv_temperature = scalar_arg(scal_ptr, 3, inv_temperature)
     pid_n = tl.program_id(0)
     pid_v = tl.program_id(1)
     offs_n = pid_n.to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N)

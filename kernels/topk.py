@@ -42,7 +42,7 @@ sums s_S, t_S (``SUMS``) for the caller to finish once they are summed over the 
 import triton
 import triton.language as tl
 
-from ._online import div_rn
+from ._online import div_rn, scalar_arg
 from ._radix import key_to_float, radix_count
 from .linear_stats import linear_logit_tile
 from .logits_stats import logits_tile
@@ -86,7 +86,7 @@ def _load_prefix(prefix_ptr, offs_n, mask_n):
 @triton.jit
 def linear_radix_kernel(
     x_ptr, w_ptr, b_ptr, prefix_ptr, m_ptr, hist_ptr, above_ptr,
-    N, V, H, stride_x, stride_w, logit_scale, softcap, inv_temperature, tiles_per_split,
+    N, V, H, stride_x, stride_w, logit_scale, softcap, inv_temperature, scal_ptr, tiles_per_split,
     HAS_BIAS: tl.constexpr, HAS_SOFTCAP: tl.constexpr, FIRST: tl.constexpr, LAST: tl.constexpr,
     SHIFT: tl.constexpr, BITS: tl.constexpr, NBINS: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_H: tl.constexpr,
@@ -99,6 +99,9 @@ def linear_radix_kernel(
     (the row max in one process, the global row max across a vocabulary split), hist [*, NBINS] int32
     (zeroed), above [2, SPLIT, N] (s_above, t_above) on the last pass.
     """
+    logit_scale = scalar_arg(scal_ptr, 0, logit_scale)
+    softcap = scalar_arg(scal_ptr, 1, softcap)
+    inv_temperature = scalar_arg(scal_ptr, 3, inv_temperature)
     pid_n = tl.program_id(0)
     pid_s = tl.program_id(1)
     offs_n = pid_n.to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -139,12 +142,15 @@ def linear_radix_kernel(
 @triton.jit
 def logits_radix_kernel(
     l_ptr, prefix_ptr, m_ptr, hist_ptr, above_ptr,
-    N, V, stride_l, logit_scale, softcap, inv_temperature, tiles_per_split,
+    N, V, stride_l, logit_scale, softcap, inv_temperature, scal_ptr, tiles_per_split,
     HAS_SOFTCAP: tl.constexpr, LAST: tl.constexpr,
     SHIFT: tl.constexpr, BITS: tl.constexpr, NBINS: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr,
 ):
     """``linear_radix_kernel`` for logits in memory."""
+    logit_scale = scalar_arg(scal_ptr, 0, logit_scale)
+    softcap = scalar_arg(scal_ptr, 1, softcap)
+    inv_temperature = scalar_arg(scal_ptr, 3, inv_temperature)
     pid_n = tl.program_id(0)
     pid_s = tl.program_id(1)
     offs_n = pid_n.to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -263,7 +269,9 @@ def radix_select_kernel(
 def aot_specs(dt: str, get):
     """Shipped builds of this module's kernels for input dtype ``dt`` (see ``configs.aot_specs``):
     (name, fn, signature, constexprs, num_warps, num_stages) tuples."""
-    from .configs import RADIX_DIGITS, RADIX_NBINS
+    from .configs import RADIX_DIGITS, RADIX_NBINS, _scal_ty
+
+    scal = _scal_ty(dt)
 
     ptr = {"bf16": "*bf16", "fp16": "*fp16", "fp32": "*fp32", "fp64": "*fp64"}[dt]
     acc = "*fp64" if dt == "fp64" else "*fp32"
@@ -279,7 +287,7 @@ def aot_specs(dt: str, get):
         c = get("linear_radix", dt)
         sig = {"x_ptr": ptr, "w_ptr": ptr, "b_ptr": ptr, "prefix_ptr": "constexpr" if first else pre, "m_ptr": acc,
                "hist_ptr": "*i32", "above_ptr": opt, "N": "i32", "V": "i32", "H": "i32", "stride_x": "i32",
-               "stride_w": "i32", "logit_scale": "fp32", "softcap": "fp32", "inv_temperature": "fp32",
+               "stride_w": "i32", "logit_scale": "fp32", "softcap": "fp32", "inv_temperature": "fp32", "scal_ptr": scal,
                "tiles_per_split": "i32"}
         const = {"HAS_BIAS": True, "HAS_SOFTCAP": True, "FIRST": first, "LAST": last, "SHIFT": shift, "BITS": bits,
                  "NBINS": RADIX_NBINS, "BLOCK_N": c.block_n, "BLOCK_V": c.block_v, "BLOCK_H": c.block_h,
@@ -296,7 +304,7 @@ def aot_specs(dt: str, get):
         for l_ty in dict.fromkeys((ptr, acc)):
             sig = {"l_ptr": l_ty, "prefix_ptr": pre, "m_ptr": acc, "hist_ptr": "*i32", "above_ptr": opt,
                    "N": "i32", "V": "i32", "stride_l": "i32", "logit_scale": "fp32", "softcap": "fp32",
-                   "inv_temperature": "fp32", "tiles_per_split": "i32"}
+                   "inv_temperature": "fp32", "scal_ptr": scal, "tiles_per_split": "i32"}
             const = {"HAS_SOFTCAP": False, "LAST": last, "SHIFT": shift, "BITS": bits, "NBINS": RADIX_NBINS,
                      "BLOCK_N": c.block_n, "BLOCK_V": c.block_v}
             if not last:

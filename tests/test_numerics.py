@@ -13,6 +13,7 @@ statistics. The gold result runs the same formulas in fp64 on the fp32 inputs. C
 uses the tie rule of MATH.md section 3 (ties at the threshold share the remaining weight) in all
 three, so that gradients at exact ties compare.
 """
+import contextlib
 import itertools
 import math
 
@@ -277,3 +278,106 @@ def test_vocab_parallel_at_a_large_offset(backend, tmp_path):
     for rank, (lp, ent, ent_c, g) in enumerate(results):
         for got, ref in ((lp, want[0]), (ent, want[1]), (ent_c, want[2]), (g, g_w[2 * rank: 2 * rank + 2])):
             torch.testing.assert_close(got.double(), ref.detach(), atol=1e-6, rtol=0)
+
+
+# ---------------------------------------------------------------------------------------------
+# fp64 inputs keep fp64 scalars (item 15): Triton types a Python float argument fp32 unless told
+# ---------------------------------------------------------------------------------------------
+
+
+def _fp64_case(path):
+    g = torch.Generator().manual_seed(11)
+    n, hdim, v = 6, 12, 45
+    h = torch.randn(n, hdim, generator=g, dtype=F64)
+    w = torch.randn(v, hdim, generator=g, dtype=F64)
+    b = torch.randn(v, generator=g, dtype=F64)
+    y = torch.randint(0, v, (n,), generator=g)
+    up = [torch.randn(n, generator=g, dtype=F64) for _ in range(3)]
+    return h, w, b, y, up
+
+
+# temperature 0.7, softcap 23.3 and logit_scale 1.3 are not fp32 numbers: rounded to fp32 they move
+# every result by ~1e-8 relative, 1e4 times the tolerance
+FP64_SCALARS = {"temperature": dict(temperature=0.7), "all": dict(temperature=0.7, softcap=23.3, logit_scale=1.3)}
+_SCALAR_KERNELS = ("linear_stats_kernel", "linear_dz_kernel", "linear_grad_kernel", "linear_radix_kernel",
+                   "logits_stats_kernel", "logits_grad_kernel", "logits_radix_kernel")
+
+
+class _Fp32FloatArgs:
+    """A kernel whose Python-float arguments arrive rounded to fp32, as Triton passes them on a GPU."""
+
+    def __init__(self, kernel):
+        self.kernel = kernel
+
+    def __getitem__(self, grid):
+        launch = self.kernel[grid]
+        return lambda *args, **kw: launch(*(torch.tensor(a, dtype=F32).item() if isinstance(a, float) else a
+                                            for a in args), **kw)
+
+
+@pytest.fixture
+def gpu_float_args(monkeypatch):
+    """Off CUDA, the interpreter passes a Python float argument on as a double and would hide the
+    rounding: round them here as a GPU does, so the test sees what the fp64 kernels read."""
+    if DEVICE != "cuda":
+        from fused_entropy import _launch
+        for name in _SCALAR_KERNELS:
+            monkeypatch.setattr(_launch, name, _Fp32FloatArgs(getattr(_launch, name)))
+
+
+@TRITON_SKIP
+@pytest.mark.parametrize("path,scalars", [("logits", "temperature"), ("logits-topk", "temperature"),
+                                          ("linear", "temperature"), ("linear", "all"), ("linear-topk", "all"),
+                                          ("linear-atomic", "all")])
+def test_fp64_scalars_keep_fp64_precision(path, scalars, gpu_float_args):
+    """fp64 kernels read the scalars from ``scal_ptr``, not from the fp32-typed arguments. On CUDA
+    (``FUSED_ENTROPY_TEST_DEVICE=cuda``) the kernels are compiled; on CPU ``gpu_float_args`` rounds
+    the float arguments as a GPU would."""
+    from fused_entropy.kernels import configs
+
+    kw = FP64_SCALARS[scalars]
+    h, w, b, y, up = _fp64_case(path)
+    k = 9 if path.endswith("topk") else None
+    with torch.no_grad():
+        logits = h @ w.T + b
+
+    def gold_fn(x):
+        st = R.logprobs_from_logits(x, y, topk=k, **kw)
+        return tuple(t for t in st if t is not None)
+
+    if path.startswith("logits"):  # logprobs_from_logits takes a temperature only
+        want = _grads(gold_fn, logits, up)
+        got = _grads(lambda x: tuple(t for t in fe.logprobs_from_logits(x, y.to(DEVICE), backend="triton", topk=k, **kw)
+                                     if t is not None), logits.to(DEVICE), [u.to(DEVICE) for u in up])
+    else:
+        want = _grads(lambda hh: gold_fn(hh @ w.T + b), h, up)
+        with configs.override(backward="atomic") if path.endswith("atomic") else contextlib.nullcontext():
+            got = _grads(lambda hh: tuple(t for t in fe.linear_logprobs(hh, w.to(DEVICE), y.to(DEVICE), bias=b.to(DEVICE),
+                                                                        backend="triton", topk=k, **kw) if t is not None),
+                         h.to(DEVICE), [u.to(DEVICE) for u in up])
+    for j in (0, 1):
+        for a, o in zip(got[j], want[j]):
+            torch.testing.assert_close(a.cpu(), o, rtol=1e-12, atol=1e-12)
+
+
+@TRITON_SKIP
+@pytest.mark.parametrize("k", [None, 9], ids=["full", "topk"])
+def test_fp64_scalars_single_pass(k, gpu_float_args):
+    """``LinearGRPOLoss``'s single pass (logits buffer, dz in place) with fp64 scalars."""
+    from fused_entropy._types import LogitTransform
+    from fused_entropy.backends import triton as triton_backend
+
+    kw = FP64_SCALARS["all"]
+    h, w, b, y, up = _fp64_case("single")
+    hh = h.clone().requires_grad_(True)
+    st = R.linear_logprobs(hh, w, y, bias=b, topk=k, **kw)
+    outs = [t for t in st if t is not None]
+    (want,) = torch.autograd.grad(sum((o * u).sum() for o, u in zip(outs, up)), hh)
+    tf = LogitTransform(kw["temperature"], kw["softcap"], kw["logit_scale"])
+    dev = lambda t: t.to(DEVICE)  # noqa: E731
+    ups = [dev(u) for u in up]
+    stats, gx, _, _ = triton_backend.linear_forward_backward(
+        dev(h), dev(w), dev(b), dev(y), tf, -100, True, k,
+        lambda sl, *_: (ups[0][sl], ups[1][sl], ups[2][sl] if k is not None else None))
+    torch.testing.assert_close(stats.logprobs.cpu(), st.logprobs.detach(), rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(gx.cpu(), want, rtol=1e-12, atol=1e-12)

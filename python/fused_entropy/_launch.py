@@ -12,6 +12,7 @@ Precision choices:
 """
 from __future__ import annotations
 
+import functools
 from typing import Optional
 
 import torch
@@ -45,6 +46,22 @@ def _dot_precision(dtype: torch.dtype) -> str:
     if dtype == torch.float32 and not interpreting() and torch.backends.cuda.matmul.allow_tf32:
         return "tf32"
     return "ieee"
+
+
+@functools.lru_cache(maxsize=64)
+def _fp64_scalars_on(logit_scale: float, softcap: float, temperature: float, device: torch.device) -> torch.Tensor:
+    # cached per value and device: one small host-to-device copy per new value, not per launch
+    return torch.tensor([logit_scale, softcap, temperature, 1.0 / temperature], dtype=torch.float64, device=device)
+
+
+def _fp64_scalars(tf: LogitTransform, dtype: torch.dtype, device: torch.device) -> Optional[torch.Tensor]:
+    """The kernels' ``scal_ptr``: for fp64 inputs the transform's scalars as an fp64 tensor
+    [logit_scale, softcap, temperature, inv_temperature], read in place of the scalar arguments,
+    which Triton types fp32 and so rounds on a GPU (``kernels/_online.scalar_arg``); None for every
+    other dtype, a constexpr, so those builds are unchanged. Never mutated (it may be shared)."""
+    if dtype != torch.float64:
+        return None
+    return _fp64_scalars_on(float(tf.logit_scale), float(tf.softcap or 0.0), float(tf.temperature), torch.device(device))
 
 
 def _num_sms(device: torch.device) -> int:
@@ -234,11 +251,12 @@ def _linear_radix_pass(x, weight, bias, tf: LogitTransform, m, hist, cfg: config
     n, h = x.shape
     vocab = weight.shape[0]
 
+    scal = _fp64_scalars(tf, x.dtype, x.device)
     def radix_pass(prefix, above, shift, bits):
         linear_radix_kernel[(n_blocks, split)](
             x, weight, bias, prefix, m, hist, above,
             n, vocab, h, x.stride(0), weight.stride(0),
-            tf.logit_scale, tf.softcap or 0.0, tf.inv_temperature, per,
+            tf.logit_scale, tf.softcap or 0.0, tf.inv_temperature, scal, per,
             SHIFT=shift, BITS=bits, NBINS=configs.RADIX_NBINS,
             BLOCK_N=cfg.block_n, BLOCK_V=cfg.block_v, BLOCK_H=cfg.block_h,
             UPCAST=_upcast(x.dtype), DOT_PRECISION=_dot_precision(x.dtype),
@@ -260,11 +278,12 @@ def _linear_stats_pass(x, weight, bias, targets, tf: LogitTransform, ignore_inde
     part = torch.empty(4, split, n, device=x.device, dtype=acc_dtype(x.dtype))
     shift, bits = _radix_first(None, x.dtype)
 
+    scal = _fp64_scalars(tf, x.dtype, x.device)
     def launch(num_warps, num_stages):
         linear_stats_kernel[(n_blocks, split)](
             x, weight, bias, targets, part, hist, z,
             n, vocab, h, x.stride(0), weight.stride(0), 0 if z is None else z.stride(0), ignore_index,
-            tf.logit_scale, tf.softcap or 0.0, tf.inv_temperature, per,
+            tf.logit_scale, tf.softcap or 0.0, tf.inv_temperature, scal, per,
             RADIX_SHIFT=shift, RADIX_BITS=bits, NBINS=configs.RADIX_NBINS,
             BLOCK_N=cfg.block_n, BLOCK_V=cfg.block_v, BLOCK_H=cfg.block_h,
             UPCAST=_upcast(x.dtype), DOT_PRECISION=_dot_precision(x.dtype),
@@ -285,9 +304,10 @@ def _buffer_select(z, m, hist, targets, k: int, ignore_index: int, n_pad: int):
     n_blocks = triton.cdiv(n, cfg.block_n)
     split, per = _split(n_blocks, triton.cdiv(vocab, cfg.block_v), z.device)
 
+    scal = _fp64_scalars(LogitTransform(), z.dtype, z.device)  # the identity: z is in the buffer
     def radix_pass(prefix, above, shift, bits):
         logits_radix_kernel[(n_blocks, split)](
-            z, prefix, m, hist, above, n, vocab, z.stride(0), 1.0, 0.0, 1.0, per,
+            z, prefix, m, hist, above, n, vocab, z.stride(0), 1.0, 0.0, 1.0, scal, per,
             SHIFT=shift, BITS=bits, NBINS=configs.RADIX_NBINS,
             BLOCK_N=cfg.block_n, BLOCK_V=cfg.block_v, num_warps=cfg.num_warps, num_stages=cfg.num_stages,
         )
@@ -424,10 +444,11 @@ def logits_stats(logits, targets, tf: LogitTransform, ignore_index: int, entropy
     hist = _new_hist(n_blocks * cfg.block_n, logits.device) if k is not None else None
     shift, bits = _radix_first(k, logits.dtype)
 
+    scal = _fp64_scalars(tf, logits.dtype, logits.device)
     def launch(num_warps, num_stages):
         logits_stats_kernel[(n_blocks, split)](
             logits, targets, part, hist, n, vocab, logits.stride(0), ignore_index,
-            tf.logit_scale, tf.softcap or 0.0, tf.inv_temperature, per,
+            tf.logit_scale, tf.softcap or 0.0, tf.inv_temperature, scal, per,
             RADIX_SHIFT=shift, RADIX_BITS=bits, NBINS=configs.RADIX_NBINS,
             BLOCK_N=cfg.block_n, BLOCK_V=cfg.block_v, num_warps=num_warps, num_stages=num_stages,
         )
@@ -441,7 +462,7 @@ def logits_stats(logits, targets, tf: LogitTransform, ignore_index: int, entropy
     def radix_pass(prefix, above, shift, bits):
         logits_radix_kernel[(n_blocks, split)](
             logits, prefix, m, hist, above, n, vocab, logits.stride(0),
-            tf.logit_scale, tf.softcap or 0.0, tf.inv_temperature, per,
+            tf.logit_scale, tf.softcap or 0.0, tf.inv_temperature, scal, per,
             SHIFT=shift, BITS=bits, NBINS=configs.RADIX_NBINS,
             BLOCK_N=cfg.block_n, BLOCK_V=cfg.block_v, num_warps=cfg.num_warps, num_stages=cfg.num_stages,
         )
@@ -574,6 +595,7 @@ def linear_grad_chunked(x, weight, bias, targets, tf: LogitTransform, ignore_ind
     dx_acc = torch.zeros(n, h, device=x.device, dtype=acc) if (need_x and not single) else None
     dw = torch.empty(vocab, h, device=x.device, dtype=weight.dtype) if need_weight else None
     db = torch.empty(vocab, device=x.device, dtype=bias.dtype) if need_bias else None
+    scal = _fp64_scalars(tf, x.dtype, x.device)
     for v_lo in range(0, vocab, vc):
         v_hi = min(vocab, v_lo + vc)
         grid = (n_blocks, triton.cdiv(v_hi - v_lo, cfg.block_v))
@@ -586,7 +608,7 @@ def linear_grad_chunked(x, weight, bias, targets, tf: LogitTransform, ignore_ind
                 stats.log_s_clamped if cl else None, stats.clamped_entropy if cl else None,
                 g_lp, g_ent, g_cl, dz, db_part,
                 n, vocab, h, v_lo, x.stride(0), weight.stride(0), vc, ignore_index,
-                tf.logit_scale, tf.softcap or 0.0, tf.temperature, tf.inv_temperature,
+                tf.logit_scale, tf.softcap or 0.0, tf.temperature, tf.inv_temperature, scal,
                 BLOCK_N=cfg.block_n, BLOCK_V=cfg.block_v, BLOCK_H=cfg.block_h,
                 UPCAST=_upcast(x.dtype), DOT_PRECISION=_dot_precision(x.dtype),
                 num_warps=num_warps, num_stages=num_stages,
@@ -629,6 +651,7 @@ def linear_grad_atomic(x, weight, bias, targets, tf: LogitTransform, ignore_inde
     cl = g_cl is not None
     grid = (triton.cdiv(n, cfg.block_n), triton.cdiv(vocab, cfg.block_v))
 
+    scal = _fp64_scalars(tf, x.dtype, x.device)
     def launch(num_warps, num_stages):
         linear_grad_kernel[grid](
             x, weight, bias, targets,
@@ -637,7 +660,7 @@ def linear_grad_atomic(x, weight, bias, targets, tf: LogitTransform, ignore_inde
             stats.log_s_clamped if cl else None, stats.clamped_entropy if cl else None,
             g_lp, g_ent, g_cl, dx, dw, db,
             n, vocab, h, x.stride(0), weight.stride(0), ignore_index,
-            tf.logit_scale, tf.softcap or 0.0, tf.temperature, tf.inv_temperature,
+            tf.logit_scale, tf.softcap or 0.0, tf.temperature, tf.inv_temperature, scal,
             BLOCK_N=cfg.block_n, BLOCK_V=cfg.block_v, BLOCK_H=cfg.block_h,
             UPCAST=_upcast(x.dtype), DOT_PRECISION=_dot_precision(x.dtype),
             num_warps=num_warps, num_stages=num_stages,
@@ -669,6 +692,7 @@ def _logits_grad_launch(logits, targets, tf: LogitTransform, ignore_index: int, 
     cl = g_cl is not None
     grid = (triton.cdiv(n, cfg.block_n), triton.cdiv(vocab, cfg.block_v))
 
+    scal = _fp64_scalars(tf, logits.dtype, logits.device)
     def launch(num_warps, num_stages):
         logits_grad_kernel[grid](
             logits, targets, stats.m, stats.log_s, stats.entropy if g_ent is not None else None,
@@ -676,7 +700,7 @@ def _logits_grad_launch(logits, targets, tf: LogitTransform, ignore_index: int, 
             stats.log_s_clamped if cl else None, stats.clamped_entropy if cl else None,
             g_lp, g_ent, g_cl, out,
             n, vocab, logits.stride(0), out.stride(0), ignore_index,
-            tf.logit_scale, tf.softcap or 0.0, tf.temperature, tf.inv_temperature,
+            tf.logit_scale, tf.softcap or 0.0, tf.temperature, tf.inv_temperature, scal,
             Z_IN=z_in, BLOCK_N=cfg.block_n, BLOCK_V=cfg.block_v, num_warps=num_warps, num_stages=num_stages,
         )
 
