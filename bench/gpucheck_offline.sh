@@ -9,6 +9,10 @@
 # This package is installed in place (editable, no build isolation, no dependencies), so the test
 # section finds tests/ next to it. Everything gpucheck prints also lands in $OUT/gpucheck.log.
 set -u
+if [ ! -f pyproject.toml ] || [ ! -f bench/gpucheck_offline.sh ]; then
+  echo "gpucheck_offline.sh: run it from the fused-entropy repository root (bash bench/gpucheck_offline.sh)" >&2
+  exit 2
+fi
 OUT=${OUT:-gpucheck-out}
 mkdir -p "$OUT"
 if compgen -G ".whl/*.whl" >/dev/null; then

@@ -13,9 +13,10 @@ import pytest
 from fused_entropy.tools import gpucheck
 
 
-def run_cli(*args):
+def run_cli(*args, interpret="1"):
+    env = dict(os.environ, TRITON_INTERPRET=interpret)
     return subprocess.run([sys.executable, "-m", "fused_entropy.cli", "gpucheck", *args],
-                          capture_output=True, text=True, timeout=300)
+                          capture_output=True, text=True, timeout=300, env=env)
 
 
 @pytest.mark.parametrize("budget", ["-1", "0", "nan"])
@@ -38,8 +39,17 @@ def test_full_check_without_a_gpu_is_a_clear_error(tmp_path):
     assert r.returncode == 2 and "the full check needs a GPU" in r.stderr and "--quick" in r.stderr
 
 
+def test_kernels_on_cpu_without_the_interpreter_is_a_clear_error(tmp_path):
+    r = run_cli("--out", str(tmp_path), "--quick", "--device", "cpu", interpret="0")
+    assert r.returncode == 2 and "TRITON_INTERPRET=1" in r.stderr
+    # the env section alone needs no kernels
+    assert run_cli("--out", str(tmp_path), "--quick", "--device", "cpu", "--sections", "env", interpret="0").returncode == 0
+
+
 @pytest.mark.parametrize("args, text", [(["--sections", "env,bogus"], "--sections takes"),
-                                        (["--shapes", "1,2"], "--shapes takes N,H,V")])
+                                        (["--shapes", "1,2"], "--shapes takes N,H,V"),
+                                        (["--shapes", "99999999999,99999999999,99999999999"], "does not fit a GPU"),
+                                        (["--budget-s", "1"], "too small to run any step")])
 def test_bad_sections_and_shapes(tmp_path, args, text):
     r = run_cli("--out", str(tmp_path), *args)
     assert r.returncode == 2 and text in r.stderr
@@ -64,6 +74,22 @@ def test_step_that_times_out_is_recorded_and_fails_the_run(tmp_path, monkeypatch
     assert gpucheck._run_step(args, "env", 0.5, rec) == "timed out"
     summary = gpucheck.summarize(gpucheck.read_results(str(tmp_path)))
     assert "| env | timed out |" in summary
+
+
+def test_perf_rows_fit_a_tiny_vocabulary_and_a_failing_row_fails_the_step(tmp_path, monkeypatch):
+    import torch
+
+    from fused_entropy.tools import bench_providers as P
+
+    rows = gpucheck._perf_rows(P.Case(n=4, h=3, v=2), torch.device("cpu"))
+    assert [r[1] for r in rows if r[0].startswith("fused-topk")] == ["fused logp + clamped H, topk=2"]
+
+    def broken(*a, **k):
+        raise RuntimeError("boom")
+
+    monkeypatch.setattr(gpucheck, "_perf_rows", lambda case, device: [("x", "broken row", 1, 4, broken)])
+    rec = gpucheck.Recorder(str(tmp_path), "perf")
+    assert gpucheck._perf_case(None, rec, torch.device("cpu"), (4, 3, 2), None, profile=False) is False
 
 
 def test_summary_of_perf_and_check_records():

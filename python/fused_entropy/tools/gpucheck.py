@@ -64,6 +64,8 @@ DEVICE_TESTS = ("tests/test_triton_linear.py", "tests/test_triton_logits.py", "t
                 "tests/test_triton_backward.py", "tests/test_triton_logits_buffer.py", "tests/test_grpo_triton.py",
                 "tests/test_shipped_configs.py", "tests/test_numerics.py")
 QUICK_TESTS = ("tests/test_validation.py",)
+MIN_BUDGET_S = 10
+MAX_SHAPE_ELEMENTS = 2 ** 36  # 128 GiB of bf16: more than an H200 holds
 
 
 # ---------------------------------------------------------------------------------------------
@@ -686,7 +688,8 @@ def _perf_rows(case, device) -> List[tuple]:
     rows.append(("native", "native torch (materialized logits, log_softmax)", 1, 3, native))
     rows.append(("liger-ce", "Liger FusedLinearScaledCE(return_entropy)", 1, 4, liger_ce))
     rows.append(("trl", "TRL ChunkedLogProbFunction (+entropy)", 1, 4, trl))
-    rows.append(("fused-topk64", "fused logp + clamped H, topk=64", None, None, fused(entropy=False, topk=64)))
+    k = min(64, case.v)  # a vocabulary smaller than 64 (--shapes) gets k = V
+    rows.append((f"fused-topk{k}", f"fused logp + clamped H, topk={k}", None, None, fused(entropy=False, topk=k)))
     rows.append(("fused-clamp0.3", "fused logp + clamped H, clamp_p=0.3", None, None, fused(entropy=False, clamp_p=0.3)))
     rows.append(("fused-grpo", "LinearGRPOLoss dapo, entropy_coef=0.01", 1, 3, grpo(0.01)))
     rows.append(("liger-grpo", "Liger LigerFusedLinearGRPOLoss dapo (no entropy)", 1, 4, liger_grpo))
@@ -717,6 +720,7 @@ def _perf_case(args, rec: Recorder, device, shape, ceiling: Optional[float], pro
             print(f"  - {label}: unavailable ({e})")
             continue
         except Exception as e:
+            ok = False
             rec("perf", status="error", why=f"{type(e).__name__}: {e}", **base)
             print(f"  - {label}: build failed ({e})")
             continue
@@ -1062,6 +1066,8 @@ def _fail(msg: str) -> int:
 def _validate(args) -> Optional[str]:
     if not math.isfinite(args.budget_s) or args.budget_s <= 0:
         return f"--budget-s must be a positive number of seconds, got {args.budget_s}"
+    if args.budget_s < MIN_BUDGET_S:
+        return f"--budget-s {args.budget_s:g} is too small to run any step (at least {MIN_BUDGET_S} s)"
     sections = [s.strip() for s in args.sections.split(",") if s.strip()]
     bad = [s for s in sections if s not in SECTIONS]
     if bad or not sections:
@@ -1070,6 +1076,10 @@ def _validate(args) -> Optional[str]:
         parts = spec.split(",")
         if len(parts) != 3 or not all(p.isdigit() and int(p) > 0 for p in parts):
             return f"--shapes takes N,H,V with positive integers, got {spec!r}"
+        n, h, v = map(int, parts)
+        if max(n * h, n * v, h * v) > MAX_SHAPE_ELEMENTS:
+            return (f"--shapes {spec}: a [N,H], [N,V] or [V,H] tensor of over {MAX_SHAPE_ELEMENTS:.0e} elements "
+                    "does not fit a GPU")
     try:
         os.makedirs(args.out, exist_ok=True)
         probe = os.path.join(args.out, ".write_probe")
@@ -1082,7 +1092,13 @@ def _validate(args) -> Optional[str]:
 
     if args.device == "cuda" and not torch.cuda.is_available():
         return "--device cuda, but torch sees no CUDA device"
-    if not args.quick and (args.device == "cpu" or not torch.cuda.is_available()):
+    on_cpu = args.device == "cpu" or not torch.cuda.is_available()
+    from fused_entropy.backends import interpreting
+
+    if on_cpu and not interpreting() and set(sections) & {"correctness", "perf", "tests"}:
+        return ("on a CPU the Triton kernels run only through the interpreter: set TRITON_INTERPRET=1 "
+                "(TRITON_INTERPRET=1 fused-entropy gpucheck --quick ...), or check --sections env alone")
+    if not args.quick and on_cpu:
         return ("the full check needs a GPU (its shapes take hours on a CPU); torch sees none here: "
                 "add --quick for the tiny-shape run (with TRITON_INTERPRET=1 for the Triton kernels)")
     return None
