@@ -16,7 +16,8 @@ The finished state is kept as ``(m, log s)``, never as ``lse``: rounded to fp32,
 ``log V``, so the error is that of plain torch's ``log_softmax`` at the same precision.
 
 Every kernel of the package updates this state through ``tile_state`` + ``merge_state`` (the merge
-is written once, here), and every backward kernel forms dL/dz through ``grad_z``.
+is written once, here), and every backward kernel forms dL/dz of a tile through ``tile_grad``
+(row statistics and upstream gradients loaded, ``grad_z``, then the transform's chain rule).
 """
 import triton
 import triton.language as tl
@@ -223,3 +224,47 @@ def finish_stats_kernel(
     tl.store(logp_ptr + offs, tl.where(valid, (z_y - m0) - log_s, 0.0), mask=mask)
     if ENTROPY:
         tl.store(ent_ptr + offs, tl.where(valid, ent, 0.0), mask=mask)
+
+
+# constexpr flags of every kernel that takes row statistics and upstream gradients (tile_grad)
+GRAD_HEURISTICS = {
+    "HAS_SOFTCAP": lambda a: a["softcap"] > 0,
+    "HAS_G_LP": lambda a: a["g_lp_ptr"] is not None,
+    "HAS_G_ENT": lambda a: a["g_ent_ptr"] is not None,
+    "HAS_G_CL": lambda a: a["g_cl_ptr"] is not None,
+}
+
+
+@triton.jit
+def tile_grad(
+    z, offs_n, offs_v, mask_n, mask_v, y_ptr,
+    m_ptr, log_s_ptr, ent_ptr, tau_ptr, frac_ptr, log_s_c_ptr, ent_c_ptr,
+    g_lp_ptr, g_ent_ptr, g_cl_ptr, ignore_index,
+    logit_scale, softcap, temperature, inv_temperature,
+    HAS_SOFTCAP: tl.constexpr, HAS_G_LP: tl.constexpr, HAS_G_ENT: tl.constexpr, HAS_G_CL: tl.constexpr,
+):
+    """dL/da of one [BLOCK_N, BLOCK_V] tile of logits ``z`` (a: before the transform):
+    loads the rows' statistics and upstream gradients, ``grad_z`` then ``transform_grad``.
+    0 on ignored rows, rows past N and padded columns; ``offs_v`` are global vocabulary columns."""
+    y = tl.load(y_ptr + offs_n, mask=mask_n, other=ignore_index)
+    m = tl.load(m_ptr + offs_n, mask=mask_n, other=0.0)
+    log_s = tl.load(log_s_ptr + offs_n, mask=mask_n, other=0.0)
+    row_ok = mask_n & (y != ignore_index) & (m > float("-inf"))
+    # placeholders for the terms that are switched off (never read then)
+    ent, g_lp, g_ent, tau, frac, log_s_c, ent_c, g_cl = m, m, m, m, m, m, m, m
+    if HAS_G_LP:
+        g_lp = tl.load(g_lp_ptr + offs_n, mask=mask_n, other=0.0)
+    if HAS_G_ENT:
+        ent = tl.load(ent_ptr + offs_n, mask=mask_n, other=0.0)
+        g_ent = tl.load(g_ent_ptr + offs_n, mask=mask_n, other=0.0)
+    if HAS_G_CL:
+        tau = tl.load(tau_ptr + offs_n, mask=mask_n, other=0.0)
+        frac = tl.load(frac_ptr + offs_n, mask=mask_n, other=0.0)
+        log_s_c = tl.load(log_s_c_ptr + offs_n, mask=mask_n, other=0.0)
+        ent_c = tl.load(ent_c_ptr + offs_n, mask=mask_n, other=0.0)
+        g_cl = tl.load(g_cl_ptr + offs_n, mask=mask_n, other=0.0)
+    dz = grad_z(z, offs_v, y, row_ok, m, log_s, ent, g_lp, g_ent, tau, frac, log_s_c, ent_c, g_cl,
+                HAS_G_LP, HAS_G_ENT, HAS_G_CL)
+    dz = transform_grad(dz, z, logit_scale, softcap, temperature, inv_temperature, HAS_SOFTCAP)
+    # padded columns hold z = -inf, where the softcap factor is -inf: drop them explicitly
+    return tl.where(mask_v[None, :], dz, 0.0)

@@ -37,52 +37,14 @@ accumulation stays fp32.
 import triton
 import triton.language as tl
 
-from ._online import grad_z, scalar_arg, transform_grad
+from ._online import GRAD_HEURISTICS, scalar_arg, tile_grad
 from .linear_stats import linear_logit_tile
-
-
-@triton.jit
-def tile_grad(
-    z, offs_n, offs_v, mask_n, mask_v, y_ptr,
-    m_ptr, log_s_ptr, ent_ptr, tau_ptr, frac_ptr, log_s_c_ptr, ent_c_ptr,
-    g_lp_ptr, g_ent_ptr, g_cl_ptr, ignore_index,
-    logit_scale, softcap, temperature, inv_temperature,
-    HAS_SOFTCAP: tl.constexpr, HAS_G_LP: tl.constexpr, HAS_G_ENT: tl.constexpr, HAS_G_CL: tl.constexpr,
-):
-    """dL/da of one [BLOCK_N, BLOCK_V] tile of recomputed logits ``z`` (a: before the transform):
-    loads the rows' statistics and upstream gradients, ``grad_z`` then ``transform_grad``.
-    0 on ignored rows, rows past N and padded columns; ``offs_v`` are global vocabulary columns."""
-    y = tl.load(y_ptr + offs_n, mask=mask_n, other=ignore_index)
-    m = tl.load(m_ptr + offs_n, mask=mask_n, other=0.0)
-    log_s = tl.load(log_s_ptr + offs_n, mask=mask_n, other=0.0)
-    row_ok = mask_n & (y != ignore_index) & (m > float("-inf"))
-    # placeholders for the terms that are switched off (never read then)
-    ent, g_lp, g_ent, tau, frac, log_s_c, ent_c, g_cl = m, m, m, m, m, m, m, m
-    if HAS_G_LP:
-        g_lp = tl.load(g_lp_ptr + offs_n, mask=mask_n, other=0.0)
-    if HAS_G_ENT:
-        ent = tl.load(ent_ptr + offs_n, mask=mask_n, other=0.0)
-        g_ent = tl.load(g_ent_ptr + offs_n, mask=mask_n, other=0.0)
-    if HAS_G_CL:
-        tau = tl.load(tau_ptr + offs_n, mask=mask_n, other=0.0)
-        frac = tl.load(frac_ptr + offs_n, mask=mask_n, other=0.0)
-        log_s_c = tl.load(log_s_c_ptr + offs_n, mask=mask_n, other=0.0)
-        ent_c = tl.load(ent_c_ptr + offs_n, mask=mask_n, other=0.0)
-        g_cl = tl.load(g_cl_ptr + offs_n, mask=mask_n, other=0.0)
-    dz = grad_z(z, offs_v, y, row_ok, m, log_s, ent, g_lp, g_ent, tau, frac, log_s_c, ent_c, g_cl,
-                HAS_G_LP, HAS_G_ENT, HAS_G_CL)
-    dz = transform_grad(dz, z, logit_scale, softcap, temperature, inv_temperature, HAS_SOFTCAP)
-    # padded columns hold z = -inf, where the softcap factor is -inf: drop them explicitly
-    return tl.where(mask_v[None, :], dz, 0.0)
 
 
 @triton.heuristics(
     {
+        **GRAD_HEURISTICS,
         "HAS_BIAS": lambda a: a["b_ptr"] is not None,
-        "HAS_SOFTCAP": lambda a: a["softcap"] > 0,
-        "HAS_G_LP": lambda a: a["g_lp_ptr"] is not None,
-        "HAS_G_ENT": lambda a: a["g_ent_ptr"] is not None,
-        "HAS_G_CL": lambda a: a["g_cl_ptr"] is not None,
         "STORE_DZ": lambda a: a["dz_ptr"] is not None,
         "COMPUTE_DB": lambda a: a["db_ptr"] is not None,
     }
@@ -140,11 +102,8 @@ def linear_dz_kernel(
 
 @triton.heuristics(
     {
+        **GRAD_HEURISTICS,
         "HAS_BIAS": lambda a: a["b_ptr"] is not None,
-        "HAS_SOFTCAP": lambda a: a["softcap"] > 0,
-        "HAS_G_LP": lambda a: a["g_lp_ptr"] is not None,
-        "HAS_G_ENT": lambda a: a["g_ent_ptr"] is not None,
-        "HAS_G_CL": lambda a: a["g_cl_ptr"] is not None,
         "COMPUTE_DX": lambda a: a["dx_ptr"] is not None,
         "COMPUTE_DW": lambda a: a["dw_ptr"] is not None,
         "COMPUTE_DB": lambda a: a["db_ptr"] is not None,

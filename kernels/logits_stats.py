@@ -9,7 +9,7 @@ else of size [N, V] is allocated. ``z = transform(logits)`` is recomputed in fp3
 import triton
 import triton.language as tl
 
-from ._online import grad_z, merge_state, scalar_arg, tile_state, transform, transform_grad
+from ._online import GRAD_HEURISTICS, merge_state, scalar_arg, tile_grad, tile_state, transform
 from ._radix import radix_count
 
 
@@ -80,14 +80,7 @@ def logits_stats_kernel(
     tl.store(out + 3 * plane, z_y, mask=mask_n)
 
 
-@triton.heuristics(
-    {
-        "HAS_SOFTCAP": lambda a: a["softcap"] > 0,
-        "HAS_G_LP": lambda a: a["g_lp_ptr"] is not None,
-        "HAS_G_ENT": lambda a: a["g_ent_ptr"] is not None,
-        "HAS_G_CL": lambda a: a["g_cl_ptr"] is not None,
-    }
-)
+@triton.heuristics(GRAD_HEURISTICS)
 @triton.jit
 def logits_grad_kernel(
     l_ptr, y_ptr, m_ptr, log_s_ptr, ent_ptr, tau_ptr, frac_ptr, log_s_c_ptr, ent_c_ptr,
@@ -119,25 +112,10 @@ def logits_grad_kernel(
     else:
         z = logits_tile(l_ptr, offs_n, offs_v, mask_n, mask_v, stride_l, logit_scale, softcap, inv_temperature,
                         HAS_SOFTCAP)
-    y = tl.load(y_ptr + offs_n, mask=mask_n, other=ignore_index)
-    m = tl.load(m_ptr + offs_n, mask=mask_n, other=0.0)
-    log_s = tl.load(log_s_ptr + offs_n, mask=mask_n, other=0.0)
-    row_ok = mask_n & (y != ignore_index) & (m > float("-inf"))
-    # placeholders for the terms that are switched off (never read then)
-    ent, g_lp, g_ent, tau, frac, log_s_c, ent_c, g_cl = m, m, m, m, m, m, m, m
-    if HAS_G_LP:
-        g_lp = tl.load(g_lp_ptr + offs_n, mask=mask_n, other=0.0)
-    if HAS_G_ENT:
-        ent = tl.load(ent_ptr + offs_n, mask=mask_n, other=0.0)
-        g_ent = tl.load(g_ent_ptr + offs_n, mask=mask_n, other=0.0)
-    if HAS_G_CL:
-        tau = tl.load(tau_ptr + offs_n, mask=mask_n, other=0.0)
-        frac = tl.load(frac_ptr + offs_n, mask=mask_n, other=0.0)
-        log_s_c = tl.load(log_s_c_ptr + offs_n, mask=mask_n, other=0.0)
-        ent_c = tl.load(ent_c_ptr + offs_n, mask=mask_n, other=0.0)
-        g_cl = tl.load(g_cl_ptr + offs_n, mask=mask_n, other=0.0)
-    dz = grad_z(z, offs_v, y, row_ok, m, log_s, ent, g_lp, g_ent, tau, frac, log_s_c, ent_c, g_cl,
-                HAS_G_LP, HAS_G_ENT, HAS_G_CL)
-    dz = transform_grad(dz, z, logit_scale, softcap, temperature, inv_temperature, HAS_SOFTCAP)
+    dz = tile_grad(
+        z, offs_n, offs_v, mask_n, mask_v, y_ptr, m_ptr, log_s_ptr, ent_ptr, tau_ptr, frac_ptr, log_s_c_ptr,
+        ent_c_ptr, g_lp_ptr, g_ent_ptr, g_cl_ptr, ignore_index,
+        logit_scale, softcap, temperature, inv_temperature, HAS_SOFTCAP, HAS_G_LP, HAS_G_ENT, HAS_G_CL,
+    )
     mask = mask_n[:, None] & mask_v[None, :]
     tl.store(dl_ptr + offs_n[:, None] * stride_dl + offs_v[None, :], dz.to(dl_ptr.dtype.element_ty), mask=mask)

@@ -279,6 +279,7 @@ def _linear_stats_pass(x, weight, bias, targets, tf: LogitTransform, ignore_inde
     shift, bits = _radix_first(None, x.dtype)
 
     scal = _fp64_scalars(tf, x.dtype, x.device)
+
     def launch(num_warps, num_stages):
         linear_stats_kernel[(n_blocks, split)](
             x, weight, bias, targets, part, hist, z,
@@ -445,6 +446,7 @@ def logits_stats(logits, targets, tf: LogitTransform, ignore_index: int, entropy
     shift, bits = _radix_first(k, logits.dtype)
 
     scal = _fp64_scalars(tf, logits.dtype, logits.device)
+
     def launch(num_warps, num_stages):
         logits_stats_kernel[(n_blocks, split)](
             logits, targets, part, hist, n, vocab, logits.stride(0), ignore_index,
@@ -474,6 +476,16 @@ def logits_stats(logits, targets, tf: LogitTransform, ignore_index: int, entropy
 # ---------------------------------------------------------------------------------------------
 # backward
 # ---------------------------------------------------------------------------------------------
+
+
+def _grad_stats(stats: RowStats, g_ent, g_cl):
+    """The row statistics every gradient kernel takes (``tile_grad``), in kernel argument order:
+    (m, log s, entropy, tau, tie_frac, log s_S, clamped entropy); a term without an upstream
+    gradient passes None for its statistics."""
+    ent, cl = g_ent is not None, g_cl is not None
+    return (stats.m, stats.log_s, stats.entropy if ent else None, stats.tau if cl else None,
+            stats.tie_frac if cl else None, stats.log_s_clamped if cl else None,
+            stats.clamped_entropy if cl else None)
 
 
 def _row(t: Optional[torch.Tensor], dtype: torch.dtype) -> Optional[torch.Tensor]:
@@ -603,10 +615,7 @@ def linear_grad_chunked(x, weight, bias, targets, tf: LogitTransform, ignore_ind
         def launch(num_warps, num_stages):
             linear_dz_kernel[grid](
                 x, weight, bias, targets,
-                stats.m, stats.log_s, stats.entropy if g_ent is not None else None,
-                stats.tau if cl else None, stats.tie_frac if cl else None,
-                stats.log_s_clamped if cl else None, stats.clamped_entropy if cl else None,
-                g_lp, g_ent, g_cl, dz, db_part,
+                *_grad_stats(stats, g_ent, g_cl), g_lp, g_ent, g_cl, dz, db_part,
                 n, vocab, h, v_lo, x.stride(0), weight.stride(0), vc, ignore_index,
                 tf.logit_scale, tf.softcap or 0.0, tf.temperature, tf.inv_temperature, scal,
                 BLOCK_N=cfg.block_n, BLOCK_V=cfg.block_v, BLOCK_H=cfg.block_h,
@@ -652,13 +661,11 @@ def linear_grad_atomic(x, weight, bias, targets, tf: LogitTransform, ignore_inde
     grid = (triton.cdiv(n, cfg.block_n), triton.cdiv(vocab, cfg.block_v))
 
     scal = _fp64_scalars(tf, x.dtype, x.device)
+
     def launch(num_warps, num_stages):
         linear_grad_kernel[grid](
             x, weight, bias, targets,
-            stats.m, stats.log_s, stats.entropy if g_ent is not None else None,
-            stats.tau if cl else None, stats.tie_frac if cl else None,
-            stats.log_s_clamped if cl else None, stats.clamped_entropy if cl else None,
-            g_lp, g_ent, g_cl, dx, dw, db,
+            *_grad_stats(stats, g_ent, g_cl), g_lp, g_ent, g_cl, dx, dw, db,
             n, vocab, h, x.stride(0), weight.stride(0), ignore_index,
             tf.logit_scale, tf.softcap or 0.0, tf.temperature, tf.inv_temperature, scal,
             BLOCK_N=cfg.block_n, BLOCK_V=cfg.block_v, BLOCK_H=cfg.block_h,
@@ -693,12 +700,10 @@ def _logits_grad_launch(logits, targets, tf: LogitTransform, ignore_index: int, 
     grid = (triton.cdiv(n, cfg.block_n), triton.cdiv(vocab, cfg.block_v))
 
     scal = _fp64_scalars(tf, logits.dtype, logits.device)
+
     def launch(num_warps, num_stages):
         logits_grad_kernel[grid](
-            logits, targets, stats.m, stats.log_s, stats.entropy if g_ent is not None else None,
-            stats.tau if cl else None, stats.tie_frac if cl else None,
-            stats.log_s_clamped if cl else None, stats.clamped_entropy if cl else None,
-            g_lp, g_ent, g_cl, out,
+            logits, targets, *_grad_stats(stats, g_ent, g_cl), g_lp, g_ent, g_cl, out,
             n, vocab, logits.stride(0), out.stride(0), ignore_index,
             tf.logit_scale, tf.softcap or 0.0, tf.temperature, tf.inv_temperature, scal,
             Z_IN=z_in, BLOCK_N=cfg.block_n, BLOCK_V=cfg.block_v, num_warps=num_warps, num_stages=num_stages,
