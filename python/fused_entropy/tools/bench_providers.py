@@ -222,13 +222,30 @@ def _trl_linear(case, device):
     return Run(step, [x, w])
 
 
-def _liger_ce(case, device):
-    from liger_kernel.ops.fused_linear_scaled_cross_entropy import LigerFusedLinearScaledCrossEntropyFunction
+def liger_ce_apply(device: torch.device):
+    """``(apply(x, w, y) -> (nll, entropy), note)`` for Liger's fused linear cross-entropy with
+    ``return_entropy``. On sm_90 Liger 0.8.5 dispatches to CuTe DSL kernels that need
+    ``nvidia-cutlass-dsl``; without it this times Liger's own chunked torch fallback, and ``note``
+    says so (empty otherwise)."""
+    from liger_kernel.ops import fused_linear_scaled_cross_entropy as L
 
+    try:
+        L._resolve_implementation(device)
+    except ImportError as e:
+        fallback = getattr(L, "_FusedLinearPPOFallbackFunction", None)
+        if fallback is None:
+            raise
+        return (lambda x, w, y: fallback.apply(x, w, y, 1.0, -100, True),
+                f" [Liger's torch fallback: {str(e).split(':')[0][:60]}]")
+    return lambda x, w, y: L.LigerFusedLinearScaledCrossEntropyFunction.apply(x, w, y, 1.0, -100, 1, True), ""
+
+
+def _liger_ce(case, device):
     x, w, y = linear_inputs(case, device)
+    apply, _ = liger_ce_apply(device)
 
     def step():
-        nll, ent = LigerFusedLinearScaledCrossEntropyFunction.apply(x, w, y, 1.0, -100, 1, True)
+        nll, ent = apply(x, w, y)
         (ent.sum() - nll.sum()).backward()
 
     return Run(step, [x, w])

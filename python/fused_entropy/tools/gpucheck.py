@@ -607,21 +607,11 @@ def _perf_rows(case, device) -> List[tuple]:
         return fwd, fwdbwd, [x, w]
 
     def liger_ce():
-        from liger_kernel.ops import fused_linear_scaled_cross_entropy as L
-
         x, w, y = P.linear_inputs(case, device)
-        apply, note = (lambda *a: L.LigerFusedLinearScaledCrossEntropyFunction.apply(*a, 1, True)), ""
-        try:  # on sm_90 Liger dispatches to its CuTe DSL kernels, which need nvidia-cutlass-dsl
-            L._resolve_implementation(x.device)
-        except ImportError as e:
-            fallback = getattr(L, "_FusedLinearPPOFallbackFunction", None)
-            if fallback is None:
-                raise
-            apply = lambda *a: fallback.apply(*a, True)
-            note = f" [Liger's torch fallback: {str(e).split(':')[0][:60]}]"
+        apply, note = P.liger_ce_apply(device)
 
         def fwd():
-            return apply(x, w, y, 1.0, -100)
+            return apply(x, w, y)
 
         def fwdbwd():
             nll, ent = fwd()
