@@ -13,11 +13,20 @@ class TokenStats(NamedTuple):
 
     ``logprobs``: log pi(y | h).  ``entropy``: full entropy (None when not asked for).
     ``clamped_entropy``: top-k clamped entropy (None unless ``topk``/``clamp_p`` is given).
+
+    Under a sampling truncation (``sampling_top_k``/``sampling_top_p``/``sampling_min_p``; None
+    otherwise; MATH.md section 8): ``truncated_logprobs`` the log-prob of the target under the
+    truncated, renormalized distribution (``-inf`` when the target is not kept, with a zero
+    gradient), ``log_kept_mass`` = log S, S the full distribution's mass on the kept tokens (<= 0),
+    ``truncated_entropy`` the entropy of the truncated distribution. All in nats, 0 on ignored rows.
     """
 
     logprobs: torch.Tensor
     entropy: Optional[torch.Tensor] = None
     clamped_entropy: Optional[torch.Tensor] = None
+    truncated_logprobs: Optional[torch.Tensor] = None
+    log_kept_mass: Optional[torch.Tensor] = None
+    truncated_entropy: Optional[torch.Tensor] = None
 
 
 @dataclass(frozen=True)

@@ -20,6 +20,7 @@ import torch
 from . import _validate as V
 from ._autograd import LinearLogprobsFunction, LogprobsFromLogitsFunction
 from ._types import LogitTransform, TokenStats
+from . import _sampling
 from .backends import get_backend
 
 
@@ -30,6 +31,15 @@ def _finish(outs, lead_shape, entropy: bool, has_k: bool) -> TokenStats:
         ent.reshape(lead_shape) if entropy else None,
         clamped.reshape(lead_shape) if has_k else None,
     )
+
+
+def _with_sampling(stats: TokenStats, sampled, lead_shape, entropy: bool) -> TokenStats:
+    """``stats`` with the outputs of a ``_sampling`` Function: its full log-prob and entropy replace
+    the kernels' (same pass), plus the three truncated fields."""
+    lp, ent, tlp, lkm, tent = (t.reshape(lead_shape) for t in sampled)
+    return stats._replace(logprobs=lp, entropy=ent if entropy else None, truncated_logprobs=tlp,
+                          log_kept_mass=lkm, truncated_entropy=tent)
+
 
 
 def _check_transform(temperature, softcap, logit_scale) -> LogitTransform:
@@ -150,6 +160,9 @@ def linear_logprobs(
     process_group=None,
     vocab_size: Optional[int] = None,
     hidden_grad: str = "full",
+    sampling_top_k=None,
+    sampling_top_p=None,
+    sampling_min_p=None,
 ) -> TokenStats:
     """Fused LM head + log-softmax: per-token log-prob, entropy and clamped entropy.
 
@@ -189,10 +202,23 @@ def linear_logprobs(
         vocab_size: the global vocabulary size, checked against ``V`` (the sum of the shard sizes
             with ``process_group``); None: not checked.
         hidden_grad: ``"full"`` or ``"partial"`` (only differs with ``process_group``).
+        sampling_top_k, sampling_top_p, sampling_min_p: replay the sampler's truncation (vLLM's
+            rule, MATH.md section 8): also return ``truncated_logprobs``, ``log_kept_mass`` and
+            ``truncated_entropy`` of the distribution a vLLM sampler with these settings drew from,
+            after ``temperature``. Each None (off), a Python number, or a tensor broadcastable to
+            ``targets.shape`` (per-request values, e.g. ``[B, 1]``) on the targets' device.
+            ``sampling_top_k``: int >= 1 (>= V keeps all); ``sampling_top_p``: in (0, 1];
+            ``sampling_min_p``: in [0, 1]. Ties: every logit equal to the k-th largest is kept; at the
+            top-p boundary a group of equal logits is kept or dropped as a whole. With any of them
+            set, the call runs the chunked replay path (torch products: cuBLAS on CUDA, on either
+            backend), one product forward and three backward, and ``logprobs``/``entropy`` come from
+            the same pass; with ``topk``/``clamp_p`` too, the clamped entropy costs a second pass.
+            With ``process_group`` the thresholds are global and every rank must pass the same values.
 
     Returns:
-        ``TokenStats(logprobs, entropy, clamped_entropy)``: fp32 (fp64 for fp64 inputs) tensors of
-        shape ``targets.shape``, differentiable w.r.t. ``hidden``, ``weight`` and ``bias``.
+        ``TokenStats(logprobs, entropy, clamped_entropy, truncated_logprobs, log_kept_mass,
+        truncated_entropy)``: fp32 (fp64 for fp64 inputs) tensors of shape ``targets.shape`` (None
+        where not asked for), in nats, differentiable w.r.t. ``hidden``, ``weight`` and ``bias``.
         Working memory is ``O(N)`` statistics plus bounded tiles; no ``[N, V]`` buffer.
 
     Numeric guarantees and input rules: ``targets`` of any integer dtype (compared in int64);
@@ -210,7 +236,7 @@ def linear_logprobs(
             raise TypeError("weight must be this rank's plain tensor shard with process_group, got a DTensor")
         return _linear_logprobs_vocab_parallel(
             hidden, weight, targets, bias, temperature, softcap, logit_scale, ignore_index, entropy, topk,
-            clamp_p, backend, process_group, vocab_size, hidden_grad,
+            clamp_p, backend, process_group, vocab_size, hidden_grad, sampling_top_k, sampling_top_p, sampling_min_p,
         )
     weight, bias = gather_dtensor_head(weight, bias)
     vocab, h, tf = _check_linear(hidden, weight, targets, bias, temperature, softcap, logit_scale, ignore_index, entropy)
@@ -224,17 +250,26 @@ def linear_logprobs(
     ignore_index = _resolve_ignore(targets, vocab, ignore_index)
     weight, bias = head_in_hidden_dtype(hidden, weight, bias)
 
+    prm = _sampling.resolve(sampling_top_k, sampling_top_p, sampling_min_p, targets.shape, targets.device)
+
     lead = targets.shape
     x = hidden.reshape(-1, h).contiguous()
     y = targets.reshape(-1).long().contiguous()
-    outs = LinearLogprobsFunction.apply(
-        x, weight.contiguous(), None if bias is None else bias.contiguous(), y, tf, int(ignore_index), bool(entropy), k, be
-    )
-    return _finish(outs, lead, bool(entropy), k is not None)
+    w, b = weight.contiguous(), None if bias is None else bias.contiguous()
+    if prm is None or k is not None:
+        outs = LinearLogprobsFunction.apply(x, w, b, y, tf, int(ignore_index), bool(entropy) and prm is None, k, be)
+        stats = _finish(outs, lead, bool(entropy) and prm is None, k is not None)
+    if prm is None:
+        return stats
+    if k is None:
+        stats = TokenStats(None)
+    sampled = _sampling.SampledLinearFunction.apply(x, w, b, y, tf, int(ignore_index), prm, vocab, 0, None, True)
+    return _with_sampling(stats, sampled, lead, bool(entropy))
 
 
 def _linear_logprobs_vocab_parallel(hidden, weight, targets, bias, temperature, softcap, logit_scale, ignore_index,
-                                    entropy, topk, clamp_p, backend, group, vocab_size, hidden_grad) -> TokenStats:
+                                    entropy, topk, clamp_p, backend, group, vocab_size, hidden_grad,
+                                    sampling_top_k=None, sampling_top_p=None, sampling_min_p=None) -> TokenStats:
     """``linear_logprobs`` over a vocabulary split across ``group`` (see ``_distributed.py``).
 
     Every check whose failure could differ between ranks goes through one collective, so that either
@@ -243,7 +278,7 @@ def _linear_logprobs_vocab_parallel(hidden, weight, targets, bias, temperature, 
     from . import _distributed as D
 
     D.check_group(group)
-    err, tf, be, be_name = None, None, None, "torch"
+    err, tf, be, be_name, prm = None, None, None, "torch", None
     try:
         _, h, tf = _check_linear(hidden, weight, targets, bias, temperature, softcap, logit_scale, ignore_index, entropy)
         targets = V.token_ids("targets", targets)
@@ -255,6 +290,7 @@ def _linear_logprobs_vocab_parallel(hidden, weight, targets, bias, temperature, 
         if backend == "auto":
             be_name = "triton" if device.type == "cuda" else "torch"
         be = get_backend(be_name, device)
+        prm = _sampling.resolve(sampling_top_k, sampling_top_p, sampling_min_p, targets.shape, device)
     except (TypeError, ValueError) as e:
         err = e
     grad_x = torch.is_grad_enabled() and isinstance(hidden, torch.Tensor) and hidden.requires_grad
@@ -266,11 +302,19 @@ def _linear_logprobs_vocab_parallel(hidden, weight, targets, bias, temperature, 
     x = hidden.reshape(-1, h).contiguous()
     y = targets.reshape(-1).long().contiguous()
     ig = _NO_IGNORE if ignore_index is None else int(ignore_index)
-    outs = D.VocabParallelLinearLogprobsFunction.apply(
-        x, weight.contiguous(), None if bias is None else bias.contiguous(), y, tf, ig, bool(entropy), layout, be,
-        group, hidden_grad == "full",
-    )
-    return _finish(outs, lead, bool(entropy), layout.k is not None)
+    w, b = weight.contiguous(), None if bias is None else bias.contiguous()
+    if prm is None or layout.k is not None:
+        outs = D.VocabParallelLinearLogprobsFunction.apply(
+            x, w, b, y, tf, ig, bool(entropy) and prm is None, layout, be, group, hidden_grad == "full",
+        )
+        stats = _finish(outs, lead, bool(entropy) and prm is None, layout.k is not None)
+    if prm is None:
+        return stats
+    if layout.k is None:
+        stats = TokenStats(None)
+    sampled = _sampling.SampledLinearFunction.apply(x, w, b, y, tf, ig, prm, layout.vocab, layout.offset, group,
+                                                    hidden_grad == "full")
+    return _with_sampling(stats, sampled, lead, bool(entropy))
 
 
 def logprobs_from_logits(
@@ -283,13 +327,17 @@ def logprobs_from_logits(
     topk: Optional[int] = None,
     clamp_p: Optional[float] = None,
     backend: str = "auto",
+    sampling_top_k=None,
+    sampling_top_p=None,
+    sampling_min_p=None,
 ) -> TokenStats:
     """Per-token log-prob, entropy and clamped entropy from logits ``[..., V]`` already in memory.
 
     ``z = logits / temperature``; same outputs and options as :func:`linear_logprobs` (and the same
     input rules: any integer ``targets`` dtype, ``ignore_index`` an int or None, ``temperature`` in
-    ``[1e-30, 1e30]``). The backward pass writes the logits gradient directly and allocates nothing
-    else of size ``[N, V]``.
+    ``[1e-30, 1e30]``), including the ``sampling_*`` truncation replay (vLLM's rule, MATH.md
+    section 8). The backward pass writes the logits gradient directly and allocates nothing else of
+    size ``[N, V]``.
     """
     V.check_tensor("logits", logits, floating=True)
     targets = V.token_ids("targets", targets)
@@ -308,11 +356,20 @@ def logprobs_from_logits(
     be = get_backend(backend, logits.device)
     ignore_index = _resolve_ignore(targets, vocab, ignore_index)
 
+    prm = _sampling.resolve(sampling_top_k, sampling_top_p, sampling_min_p, targets.shape, targets.device)
+
     lead = targets.shape
     z = logits.reshape(-1, vocab).contiguous()
     y = targets.reshape(-1).contiguous()
-    outs = LogprobsFromLogitsFunction.apply(z, y, tf, ignore_index, bool(entropy), k, be)
-    return _finish(outs, lead, bool(entropy), k is not None)
+    if prm is None or k is not None:
+        outs = LogprobsFromLogitsFunction.apply(z, y, tf, ignore_index, bool(entropy) and prm is None, k, be)
+        stats = _finish(outs, lead, bool(entropy) and prm is None, k is not None)
+    if prm is None:
+        return stats
+    if k is None:
+        stats = TokenStats(None)
+    sampled = _sampling.SampledLogitsFunction.apply(z, y.long(), tf, ignore_index, prm)
+    return _with_sampling(stats, sampled, lead, bool(entropy))
 
 # GRPO-family losses on per-token tensors (MATH.md sections 4-6); implementation in _grpo.py.
 from ._grpo import GRPONormalizers, grpo_loss, grpo_loss_and_grads, grpo_normalizers  # noqa: E402,F401 (re-exported)
