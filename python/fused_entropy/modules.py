@@ -19,6 +19,7 @@ import torch
 from torch import nn
 
 from . import _grpo as G
+from . import _sampling
 from . import _validate as V
 from ._autograd import once_differentiable
 from ._types import LogitTransform
@@ -137,6 +138,15 @@ class LinearGRPOLoss(nn.Module):
             ``process_group`` pass it explicitly: the world would give the 80/20 threshold each token
             once per tensor-parallel rank.
         cov_statistics: ``"local"`` or ``"global"`` Clip-Cov/KL-Cov statistics (see ``grpo_loss``).
+        sampling_top_k, sampling_top_p, sampling_min_p: the truncation the rollouts were sampled with
+            (vLLM's ``top_k``/``top_p``/``min_p``; numbers, None: off). The policy's log-probs are then
+            those of the truncated, renormalized distribution (``linear_logprobs``'s
+            ``truncated_logprobs``, MATH.md section 8), so the ratio against vLLM's
+            ``processed_logprobs`` (``old_per_token_logps`` or ``vllm_is_ratio``) carries no ``log S``.
+            A target outside the kept set (the sampler kept it, the policy's truncation does not:
+            a numerical boundary case) uses its full-vocabulary log-prob; ``last_metrics
+            ["sampling/not_kept_frac"]`` reports how many did. The reference log-probs of the KL stay
+            full-vocabulary. Two-pass path.
         rows_per_chunk: rows per chunk of the single pass (default: the backend's
             ``single_pass_rows`` where it has one, i.e. on Triton the rows the bounded logits buffer
             holds, ``configs.logits_buffer_bytes()``; else about ``SINGLE_PASS_ELEMENTS`` logits per
@@ -217,6 +227,9 @@ class LinearGRPOLoss(nn.Module):
         process_group=None,
         dp_group=None,
         cov_statistics: str = "local",
+        sampling_top_k: Optional[int] = None,
+        sampling_top_p: Optional[float] = None,
+        sampling_min_p: Optional[float] = None,
     ):
         super().__init__()
         # Everything knowable without tensors is checked here, with the argument's name, except what
@@ -274,7 +287,14 @@ class LinearGRPOLoss(nn.Module):
             _check_bool("single_pass", single_pass)
         if rows_per_chunk is not None and (isinstance(rows_per_chunk, bool) or not isinstance(rows_per_chunk, int) or rows_per_chunk < 1):
             raise ValueError(f"rows_per_chunk must be a positive int or None, got {rows_per_chunk!r}")
-        why = self._two_pass_reason(loss_type, top_entropy_quantile)
+        for name, value in (("sampling_top_k", sampling_top_k), ("sampling_top_p", sampling_top_p),
+                            ("sampling_min_p", sampling_min_p)):
+            if isinstance(value, torch.Tensor):
+                raise TypeError(f"{name} must be a number or None here (per-request tensors: linear_logprobs), "
+                                f"got a tensor")
+        _sampling.resolve(sampling_top_k, sampling_top_p, sampling_min_p, (1,), torch.device("cpu"))
+        sampling = not (sampling_top_k is None and sampling_top_p is None and sampling_min_p is None)
+        why = self._two_pass_reason(loss_type, top_entropy_quantile, sampling)
         if single_pass and why is not None:
             raise ValueError(f"single_pass=True is not possible: {why}")
         G._check_choice("cov_statistics", cov_statistics, G.COV_STATISTICS)
@@ -320,6 +340,9 @@ class LinearGRPOLoss(nn.Module):
         self.process_group = process_group
         self.dp_group = dp_group
         self.cov_statistics = cov_statistics
+        self.sampling_top_k = sampling_top_k
+        self.sampling_top_p = sampling_top_p
+        self.sampling_min_p = sampling_min_p
         self.last_metrics: Dict[str, torch.Tensor] = {}
         self.last_path: Optional[str] = None
 
@@ -328,7 +351,9 @@ class LinearGRPOLoss(nn.Module):
     # -----------------------------------------------------------------------------------------
 
     @staticmethod
-    def _two_pass_reason(loss_type: str, top_entropy_quantile: float) -> Optional[str]:
+    def _two_pass_reason(loss_type: str, top_entropy_quantile: float, sampling: bool = False) -> Optional[str]:
+        if sampling:
+            return "the sampling truncation replay (sampling_top_k/top_p/min_p) runs in the two-pass path"
         if top_entropy_quantile < 1.0:
             return "top_entropy_quantile < 1 needs the entropy quantile of the whole batch first"
         if loss_type in G.COV_TYPES:
@@ -391,6 +416,11 @@ class LinearGRPOLoss(nn.Module):
     def _used_max_completion_length(self):
         # only dr_grpo reads it; Liger ignores it (whatever it holds) for the other loss types
         return self.max_completion_length if self.loss_type == "dr_grpo" else None
+
+    def _sampling_kwargs(self) -> Optional[Dict[str, Any]]:
+        kw = dict(sampling_top_k=getattr(self, "sampling_top_k", None), sampling_top_p=getattr(self, "sampling_top_p", None),
+                  sampling_min_p=getattr(self, "sampling_min_p", None))
+        return None if all(v is None for v in kw.values()) else kw
 
     def _coef(self) -> float:
         ctrl = self.entropy_controller
@@ -463,7 +493,7 @@ class LinearGRPOLoss(nn.Module):
         observe = self.training and torch.is_grad_enabled() and self.entropy_controller is not None
         coef = self._coef()
 
-        why = self._two_pass_reason(self.loss_type, self.top_entropy_quantile)
+        why = self._two_pass_reason(self.loss_type, self.top_entropy_quantile, self._sampling_kwargs() is not None)
         whole_sequences = self.importance_sampling_level == "sequence" or self.loss_type == "vespo"
         if why is None and not hasattr(be, "linear_forward_backward"):
             why = f"backend {be.__name__.rsplit('.', 1)[-1]} has no single-pass linear_forward_backward"
@@ -642,9 +672,15 @@ class LinearGRPOLoss(nn.Module):
         stats = linear_logprobs(
             x, w, targets, bias=bias, temperature=tf.temperature, softcap=tf.softcap, logit_scale=tf.logit_scale,
             ignore_index=_IGNORE, entropy=True, topk=self.topk, clamp_p=self.clamp_p, backend=self.backend,
-            process_group=self.process_group,
+            process_group=self.process_group, **(self._sampling_kwargs() or {}),
         )
         logp = stats.logprobs
+        not_kept = None
+        if stats.truncated_logprobs is not None:
+            # the sampler kept every target it drew; where the policy's truncation does not (a boundary
+            # case), the full-vocabulary log-prob stands in (finite, with its own gradient)
+            not_kept = torch.isinf(stats.truncated_logprobs)
+            logp = torch.where(not_kept, logp, stats.truncated_logprobs)
         if no_target is not None:
             logp = logp - _no_target_logit(x, w, bias, no_target, tf, logp.dtype)
         if self.beta != 0.0 and ref is None:
@@ -654,7 +690,12 @@ class LinearGRPOLoss(nn.Module):
             kw["entropy_controller"] = self.entropy_controller
         else:
             kw["entropy_coef"] = coef
-        return G.grpo_loss(logp, advantages, mask, entropy=stats.entropy, clamped_entropy=stats.clamped_entropy, **kw)
+        loss, metrics = G.grpo_loss(logp, advantages, mask, entropy=stats.entropy, clamped_entropy=stats.clamped_entropy,
+                                    **kw)
+        if not_kept is not None:
+            valid = mask.bool()
+            metrics["sampling/not_kept_frac"] = (not_kept & valid).sum().to(logp.dtype) / valid.sum().clamp(min=1)
+        return loss, metrics
 
     # -----------------------------------------------------------------------------------------
     # single pass: per chunk of rows, logits -> statistics -> d loss/d (logp, H, H~) -> dX, dW, db
