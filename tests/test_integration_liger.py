@@ -129,3 +129,69 @@ def test_patched_context_manager_restores_on_error():
             assert liger_chunked.LigerFusedLinearGRPOLoss is cls
             raise RuntimeError("boom")
     assert liger_chunked.LigerFusedLinearGRPOLoss is ORIGINAL
+
+
+class _TRLGRPOLoss(torch.nn.Module):
+    """Stand-in for ``trl.losses.FusedLinearGRPOLoss`` (TRL's copy of Liger's class; the installed TRL
+    has no ``trl.losses``). Read from huggingface/trl ``trl/losses/__init__.py`` at 4243e9db: a lazy
+    module exporting ``FusedLinearGRPOLoss`` from ``trl/losses/grpo_loss.py``."""
+
+
+@pytest.fixture
+def trl_losses(monkeypatch):
+    """``trl.losses`` and ``trl.losses.grpo_loss`` as TRL lays them out, registered in sys.modules."""
+    defining = types.ModuleType("trl.losses.grpo_loss")
+    defining.FusedLinearGRPOLoss = _TRLGRPOLoss
+    package = types.ModuleType("trl.losses")
+    package.FusedLinearGRPOLoss = _TRLGRPOLoss
+    package.grpo_loss = defining
+    monkeypatch.setitem(sys.modules, "trl.losses", package)
+    monkeypatch.setitem(sys.modules, "trl.losses.grpo_loss", defining)
+    return package, defining
+
+
+def test_patch_covers_trl_losses_when_present(trl_losses):
+    package, defining = trl_losses
+    liger.patch()
+    assert package.FusedLinearGRPOLoss is LinearGRPOLoss and defining.FusedLinearGRPOLoss is LinearGRPOLoss
+    assert liger_chunked.LigerFusedLinearGRPOLoss is LinearGRPOLoss  # Liger's names too
+    from trl.losses import FusedLinearGRPOLoss
+
+    assert FusedLinearGRPOLoss is LinearGRPOLoss
+    cls = liger.patch(entropy_coef=0.1)  # a second patch replaces the first, originals kept
+    assert package.FusedLinearGRPOLoss is cls
+    liger.unpatch()
+    assert package.FusedLinearGRPOLoss is _TRLGRPOLoss and defining.FusedLinearGRPOLoss is _TRLGRPOLoss
+
+
+def test_patch_with_trl_losses_only(trl_losses, monkeypatch):
+    package, _ = trl_losses
+    # liger-kernel not installed: only TRL's names are there to patch
+    monkeypatch.setitem(sys.modules, "liger_kernel.chunked_loss.grpo_loss", None)
+    liger.patch()
+    assert package.FusedLinearGRPOLoss is LinearGRPOLoss
+    assert liger_chunked.LigerFusedLinearGRPOLoss is ORIGINAL
+    liger.unpatch()
+    assert package.FusedLinearGRPOLoss is _TRLGRPOLoss
+
+
+def test_patch_without_liger_or_trl_losses_is_an_import_error(monkeypatch):
+    monkeypatch.setitem(sys.modules, "liger_kernel.chunked_loss.grpo_loss", None)
+    monkeypatch.setitem(sys.modules, "trl.losses.grpo_loss", None)
+    with pytest.raises(ImportError, match=r"fused-entropy\[liger\]"):
+        liger.patch()
+
+
+def test_patch_covers_names_the_grpo_trainer_imported(trl_losses, monkeypatch):
+    """A TRL whose GRPO trainer imported Liger's class, or TRL's copy, at module level (TRL < 1.16 did
+    ``from liger_kernel.chunked_loss import LigerFusedLinearGRPOLoss``)."""
+    trainer = types.ModuleType("trl.trainer.grpo_trainer")
+    trainer.LigerFusedLinearGRPOLoss = ORIGINAL
+    trainer.FusedLinearGRPOLoss = _TRLGRPOLoss
+    monkeypatch.setitem(sys.modules, "trl.trainer.grpo_trainer", trainer)
+    liger.patch()
+    assert trainer.LigerFusedLinearGRPOLoss is LinearGRPOLoss and trainer.FusedLinearGRPOLoss is LinearGRPOLoss
+    liger.patch(entropy_coef=0.1)  # re-patching still recognises the originals there
+    assert issubclass(trainer.FusedLinearGRPOLoss, LinearGRPOLoss) and trainer.FusedLinearGRPOLoss is not LinearGRPOLoss
+    liger.unpatch()
+    assert trainer.LigerFusedLinearGRPOLoss is ORIGINAL and trainer.FusedLinearGRPOLoss is _TRLGRPOLoss

@@ -475,3 +475,30 @@ def test_bad_options_fail_at_trainer_construction(tokenizer, tmp_path):
     with pytest.raises(ValueError, match="loss_type must be one of"):
         FusedEntropyGRPOTrainer(make_model(), reward_count_a, plain, train_dataset=make_dataset(),
                                 processing_class=tokenizer)
+
+
+def test_untested_trl_version_warns_instead_of_raising():
+    from fused_entropy.integrations.trl import SUPPORTED_TRL, check_trl_version
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        check_trl_version(SUPPORTED_TRL[0] + ".3")  # a tested release: silent
+    with pytest.warns(UserWarning, match=r"tested with TRL 1\.16\.x; found trl 1\.99\.0"):
+        check_trl_version("1.99.0")
+
+
+def test_import_under_an_untested_trl_warns_and_works():
+    """The import itself, in a fresh interpreter whose TRL reports a release outside SUPPORTED_TRL."""
+    import subprocess
+    import sys
+
+    code = (
+        "import warnings, trl; trl.__version__ = '1.99.0'\n"
+        "with warnings.catch_warnings(record=True) as seen:\n"
+        "    warnings.simplefilter('always')\n"
+        "    from fused_entropy.integrations.trl import FusedEntropyGRPOTrainer\n"
+        "print([str(w.message) for w in seen if 'found trl 1.99.0' in str(w.message)])\n"
+    )
+    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=600)
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert "tested with TRL 1.16.x; found trl 1.99.0" in res.stdout

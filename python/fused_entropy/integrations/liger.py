@@ -5,16 +5,22 @@ the same ``(loss, metrics)`` layout, so swapping the class is enough for code wr
 it also computes the entropy in the same sweep and can add an entropy bonus. ``patch()`` rebinds the
 name where such code looks it up:
 
-- ``liger_kernel.chunked_loss.LigerFusedLinearGRPOLoss`` (the public import path),
-- ``liger_kernel.chunked_loss.grpo_loss.LigerFusedLinearGRPOLoss`` (the defining module),
-- ``trl.trainer.grpo_trainer.LigerFusedLinearGRPOLoss`` when TRL is already imported and imported
-  the name itself (TRL < 1.16 did; 1.16 does not use Liger's GRPO loss),
+- ``liger_kernel.chunked_loss.LigerFusedLinearGRPOLoss`` (the public import path) and
+  ``liger_kernel.chunked_loss.grpo_loss.LigerFusedLinearGRPOLoss`` (the defining module), when
+  liger-kernel is installed;
+- ``trl.losses.FusedLinearGRPOLoss`` and ``trl.losses.grpo_loss.FusedLinearGRPOLoss``, when the
+  installed TRL has ``trl.losses`` (TRL's copy of Liger's chunked losses, same constructor and
+  ``forward``; TRL 1.16 has none);
+- ``trl.trainer.grpo_trainer.LigerFusedLinearGRPOLoss`` / ``.FusedLinearGRPOLoss`` when TRL is
+  already imported and its GRPO trainer imported one of those names itself (TRL < 1.16 imported
+  Liger's at module level; 1.16 uses neither);
 - any further modules passed as ``modules=`` (code that ran ``from liger_kernel.chunked_loss import
   LigerFusedLinearGRPOLoss`` before the patch holds its own reference).
 
-Keyword arguments to ``patch()`` become defaults for every construction (for example
-``patch(entropy_coef=0.01)`` gives code that never heard of entropy bonuses one); arguments passed
-by the constructing code win. ``unpatch()`` restores every name it changed.
+At least one of liger-kernel and ``trl.losses`` must be installed. Keyword arguments to ``patch()``
+become defaults for every construction (for example ``patch(entropy_coef=0.01)`` gives code that
+never heard of entropy bonuses one); arguments passed by the constructing code win. ``unpatch()``
+restores every name it changed.
 
     from fused_entropy.integrations import liger
     liger.patch(entropy_coef=0.01, entropy_source="clamped", clamp_p=0.33)
@@ -28,27 +34,47 @@ import importlib
 import inspect
 import sys
 import types
-from typing import Dict, Iterable, Tuple, Union
+from typing import Dict, Iterable, List, Optional, Tuple, Union
 
 from .._grpo import IMPORTANCE_SAMPLING_LEVELS, LOSS_TYPES
 from ..modules import LinearGRPOLoss
 
-__all__ = ["patch", "unpatch", "is_patched", "patched", "LIGER_NAME"]
+__all__ = ["patch", "unpatch", "is_patched", "patched", "LIGER_NAME", "TRL_NAME"]
 
 LIGER_NAME = "LigerFusedLinearGRPOLoss"
-_LIGER_MODULES = ("liger_kernel.chunked_loss", "liger_kernel.chunked_loss.grpo_loss")
+TRL_NAME = "FusedLinearGRPOLoss"
+# (defining module first, then the modules that re-export it) per source of the class
+_SOURCES = (
+    (LIGER_NAME, ("liger_kernel.chunked_loss.grpo_loss", "liger_kernel.chunked_loss")),
+    (TRL_NAME, ("trl.losses.grpo_loss", "trl.losses")),
+)
 _IMPORTED_ONLY = ("trl.trainer.grpo_trainer",)
 
-# (module, original object) for every binding patch() replaced, in patch order.
-_replaced: Dict[str, Tuple[types.ModuleType, object]] = {}
+# (module, attribute) -> (module object, original object) for every binding patch() replaced.
+_replaced: Dict[Tuple[str, str], Tuple[types.ModuleType, object]] = {}
 
 
-def _liger_class():
+def _optional_module(name: str) -> Optional[types.ModuleType]:
     try:
-        mod = importlib.import_module("liger_kernel.chunked_loss.grpo_loss")
-    except ImportError as e:
-        raise ImportError("fused_entropy.integrations.liger needs liger-kernel: pip install 'fused-entropy[liger]'") from e
-    return mod.LigerFusedLinearGRPOLoss
+        return importlib.import_module(name)
+    except ImportError:  # the package, or this module of it (trl.losses before TRL had it), is absent
+        return None
+
+
+def _originals() -> Dict[str, object]:
+    """``{attribute name: class}`` of each installed source (Liger's class, TRL's copy)."""
+    found = {}
+    for name, (defining, _) in _SOURCES:
+        if (defining, name) in _replaced:  # patched now: the original is the one recorded
+            found[name] = _replaced[(defining, name)][1]
+            continue
+        mod = _optional_module(defining)
+        if mod is not None and hasattr(mod, name):
+            found[name] = getattr(mod, name)
+    if not found:
+        raise ImportError("fused_entropy.integrations.liger needs liger-kernel (or a TRL with trl.losses): "
+                          "pip install 'fused-entropy[liger]'")
+    return found
 
 
 def _with_defaults(defaults: dict) -> type:
@@ -89,34 +115,48 @@ def _resolve(module: Union[str, types.ModuleType]) -> types.ModuleType:
 
 
 def patch(*, modules: Iterable[Union[str, types.ModuleType]] = (), **defaults) -> type:
-    """Rebind ``LigerFusedLinearGRPOLoss`` to ``LinearGRPOLoss`` (see the module docstring).
+    """Rebind ``LigerFusedLinearGRPOLoss`` (and TRL's ``FusedLinearGRPOLoss``) to ``LinearGRPOLoss``
+    (see the module docstring).
 
     Args:
-        modules: extra modules (objects or dotted names) whose ``LigerFusedLinearGRPOLoss`` attribute
-            is replaced too; each must hold Liger's class under that name.
+        modules: extra modules (objects or dotted names) whose ``LigerFusedLinearGRPOLoss`` (or
+            ``FusedLinearGRPOLoss``) attribute is replaced too; each must hold the original class.
         **defaults: ``LinearGRPOLoss`` constructor arguments applied to every construction unless the
             caller passes them (e.g. ``entropy_coef``, ``entropy_source``, ``clamp_p``,
             ``entropy_controller``; a controller object given here is shared by every instance).
 
     Returns:
-        The class now bound to the name. Calling ``patch()`` again replaces the earlier patch.
+        The class now bound to the names. Calling ``patch()`` again replaces the earlier patch.
     """
-    original = _liger_class()
+    originals = _originals()
     cls = _with_defaults(defaults)
     extra = [_resolve(m) for m in modules]
     for mod in extra:
-        current = getattr(mod, LIGER_NAME, None)
-        if current is not original and not _is_ours(current):
-            raise ValueError(f"module {mod.__name__} has no {LIGER_NAME} from liger_kernel to replace (found {current!r})")
+        if not _names_held(mod, originals, patched_ok=True):
+            found = {n: getattr(mod, n, None) for n in (LIGER_NAME, TRL_NAME)}
+            raise ValueError(f"module {mod.__name__} has no {LIGER_NAME} from liger_kernel (or {TRL_NAME} from "
+                             f"trl.losses) to replace (found {found})")
     unpatch()
-    targets = [importlib.import_module(n) for n in _LIGER_MODULES]
-    targets += [sys.modules[n] for n in _IMPORTED_ONLY if n in sys.modules and getattr(sys.modules[n], LIGER_NAME, None) is original]
-    targets += extra
-    for mod in targets:
-        if mod.__name__ not in _replaced:
-            _replaced[mod.__name__] = (mod, getattr(mod, LIGER_NAME))
-            setattr(mod, LIGER_NAME, cls)
+    targets: List[Tuple[types.ModuleType, str]] = []
+    for name, module_names in _SOURCES:
+        if name in originals:
+            targets += [(importlib.import_module(m), name) for m in module_names]
+    for m in _IMPORTED_ONLY:
+        if m in sys.modules:
+            targets += [(sys.modules[m], n) for n in _names_held(sys.modules[m], originals)]
+    for mod in extra:
+        targets += [(mod, n) for n in _names_held(mod, originals)]
+    for mod, name in targets:
+        if (mod.__name__, name) not in _replaced:
+            _replaced[(mod.__name__, name)] = (mod, getattr(mod, name))
+            setattr(mod, name, cls)
     return cls
+
+
+def _names_held(mod: types.ModuleType, originals: Dict[str, object], patched_ok: bool = False) -> List[str]:
+    """The attribute names under which ``mod`` holds an original class (or, with ``patched_ok``, ours)."""
+    return [n for n, orig in originals.items()
+            if getattr(mod, n, None) is orig or (patched_ok and _is_ours(getattr(mod, n, None)))]
 
 
 def _is_ours(obj) -> bool:
@@ -126,12 +166,12 @@ def _is_ours(obj) -> bool:
 def unpatch() -> None:
     """Restore every binding ``patch()`` replaced (a no-op when nothing is patched)."""
     while _replaced:
-        _, (mod, original) = _replaced.popitem()
-        setattr(mod, LIGER_NAME, original)
+        (_, name), (mod, original) = _replaced.popitem()
+        setattr(mod, name, original)
 
 
 def is_patched() -> bool:
-    """Whether ``liger_kernel.chunked_loss.LigerFusedLinearGRPOLoss`` is currently ``LinearGRPOLoss``."""
+    """Whether ``patch()`` is in effect (some binding is currently ``LinearGRPOLoss``)."""
     return bool(_replaced)
 
 

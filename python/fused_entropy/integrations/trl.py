@@ -32,6 +32,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import warnings
 from dataclasses import dataclass, field, fields
 from typing import NamedTuple, Optional
 
@@ -51,15 +52,25 @@ try:
 except ImportError as e:  # pragma: no cover - exercised only without the extra installed
     raise ImportError("fused_entropy.integrations.trl needs TRL: pip install 'fused-entropy[trl]'") from e
 
-#: The TRL releases this adapter reproduces. It overrides GRPOTrainer internals (_compute_loss,
-#: _get_per_token_logps_and_entropies, the metrics dict), so another release could silently change
-#: the loss; refuse it instead.
+#: The TRL releases this adapter is tested against (CI installs the extra's lower bound). It
+#: overrides GRPOTrainer internals (_compute_loss, _get_per_token_logps_and_entropies, the metrics
+#: dict), so another release may change the loss without an error. Other releases get a warning,
+#: not a refusal: one that changed nothing the adapter touches stays usable.
 SUPPORTED_TRL = ("1.16",)
-if ".".join(trl.__version__.split(".")[:2]) not in SUPPORTED_TRL:  # pragma: no cover - depends on the install
-    raise ImportError(
-        f"fused_entropy.integrations.trl supports TRL {', '.join(v + '.x' for v in SUPPORTED_TRL)}; found "
-        f"trl {trl.__version__}. Install 'trl>=1.16,<1.17'."
-    )
+
+
+def check_trl_version(version: str) -> None:
+    """Warn (``UserWarning``) when ``version`` is a TRL release outside :data:`SUPPORTED_TRL`."""
+    if ".".join(version.split(".")[:2]) not in SUPPORTED_TRL:
+        warnings.warn(
+            f"fused_entropy.integrations.trl is tested with TRL {', '.join(v + '.x' for v in SUPPORTED_TRL)}; found "
+            f"trl {version}. FusedEntropyGRPOTrainer overrides GRPOTrainer internals, so check its loss against "
+            "stock GRPOTrainer, or install 'fused-entropy[trl]'.",
+            UserWarning, stacklevel=2,
+        )
+
+
+check_trl_version(trl.__version__)
 
 __all__ = ["FusedEntropyGRPOConfig", "FusedEntropyGRPOTrainer", "install_fused_head"]
 
