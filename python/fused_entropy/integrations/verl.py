@@ -24,11 +24,31 @@ times. This is ``linear_logprobs(..., process_group=g, hidden_grad="partial")``;
 The work is done by :func:`fused_entropy.linear_logprobs` (with ``process_group`` under tensor
 parallelism: its collectives, checks on every rank and exact merge); no ``[N, V]`` logits are
 allocated.
+
+``patch()`` installs it where verl's model forwards find verl's kernel, ``unpatch()`` puts verl's
+back (read from verl 0.9.1 and verl main at b178a3cd):
+
+- ``verl.utils.kernel.linear_cross_entropy.linear_cross_entropy``, the definition. The FSDP
+  (transformers) forwards, ``forward_with_triton_backend`` in ``verl.models.transformers.dense_common``,
+  ``qwen2_vl``, ``qwen3_vl``, ``qwen3_5`` and ``glm4v``, import it from there inside the function, on
+  every call, so rebinding the definition reaches all of them;
+- ``verl.models.mcore.model_forward_fused`` and ``verl.models.mcore.model_forward_1f1b_overlap``, the
+  Megatron forwards, which bind the name at import: rebound when already imported; imported later,
+  they take the patched definition themselves.
+
+    from fused_entropy.integrations import verl as fe_verl
+    fe_verl.patch()     # before or after verl builds its models; use_fused_kernels=True in verl's config
+    ...                 # verl training: logprobs and entropy now come from fused_entropy
+    fe_verl.unpatch()
 """
 from __future__ import annotations
 
+import contextlib
+import importlib
 import math
-from typing import Optional
+import sys
+import types
+from typing import Dict, Optional, Tuple
 
 import torch
 import torch.distributed as dist
@@ -37,7 +57,7 @@ from .. import _distributed
 from .. import _validate as V
 from ..functional import linear_logprobs
 
-__all__ = ["linear_cross_entropy"]
+__all__ = ["linear_cross_entropy", "patch", "unpatch", "is_patched", "patched"]
 
 REDUCTIONS = ("none", "sum", "mean")
 
@@ -131,3 +151,62 @@ def linear_cross_entropy(
                                 process_group=dist_process_group, hidden_grad="partial")
         logprobs, entropy = stats.logprobs, stats.entropy
     return _reduce(logprobs, reduction), entropy
+
+
+# ---------------------------------------------------------------------------------------------
+# patch(): install linear_cross_entropy into verl
+# ---------------------------------------------------------------------------------------------
+
+NAME = "linear_cross_entropy"
+#: defines verl's kernel; the FSDP forwards import it from here at call time
+KERNEL_MODULE = "verl.utils.kernel.linear_cross_entropy"
+#: the Megatron forwards, which bind the name when imported
+BOUND_MODULES = ("verl.models.mcore.model_forward_fused", "verl.models.mcore.model_forward_1f1b_overlap")
+
+# module name -> (module, what it held before patch()) for every binding patch() replaced
+_replaced: Dict[str, Tuple[types.ModuleType, object]] = {}
+
+
+def patch() -> None:
+    """Make verl's FSDP and Megatron model forwards call :func:`linear_cross_entropy` (see the module
+    docstring). Idempotent: a second call changes nothing. Needs verl installed."""
+    try:
+        kernel = importlib.import_module(KERNEL_MODULE)
+    except ImportError as e:
+        raise ImportError(f"fused_entropy.integrations.verl.patch() needs verl ({KERNEL_MODULE} did not import)") from e
+    for mod in (kernel, *(sys.modules.get(name) for name in BOUND_MODULES)):
+        # a None entry: not imported yet (it binds the patched definition when it is)
+        if mod is not None and mod.__name__ not in _replaced and getattr(mod, NAME, None) is not linear_cross_entropy:
+            _replaced[mod.__name__] = (mod, getattr(mod, NAME))
+            setattr(mod, NAME, linear_cross_entropy)
+
+
+def unpatch() -> None:
+    """Give verl its own kernel back everywhere ``patch()`` put ours, including the Megatron modules
+    imported while patched (a no-op when nothing is patched)."""
+    if not _replaced:
+        return
+    kernel_original = _replaced[KERNEL_MODULE][1] if KERNEL_MODULE in _replaced else None
+    while _replaced:
+        _, (mod, original) = _replaced.popitem()
+        setattr(mod, NAME, original)
+    for name in BOUND_MODULES:
+        mod = sys.modules.get(name)
+        if mod is not None and kernel_original is not None and getattr(mod, NAME, None) is linear_cross_entropy:
+            setattr(mod, NAME, kernel_original)
+
+
+def is_patched() -> bool:
+    """Whether verl's kernel module currently holds :func:`linear_cross_entropy`."""
+    kernel = sys.modules.get(KERNEL_MODULE)
+    return kernel is not None and getattr(kernel, NAME, None) is linear_cross_entropy
+
+
+@contextlib.contextmanager
+def patched():
+    """``with patched(): ...``: verl uses fused-entropy inside the block, its own kernel after."""
+    patch()
+    try:
+        yield
+    finally:
+        unpatch()
