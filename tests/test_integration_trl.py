@@ -502,3 +502,75 @@ def test_import_under_an_untested_trl_warns_and_works():
     res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=600)
     assert res.returncode == 0, res.stderr[-3000:]
     assert "tested with TRL 1.16.x; found trl 1.99.0" in res.stdout
+
+
+# --- controller state in trainer_state.json (ControllerStateCallback) ---------------------------
+
+STATE_OPTS = dict(gradient_accumulation_steps=1, entropy_controller="adaptive", entropy_target=5.0,
+                  entropy_coef_delta=0.01, save_strategy="steps", save_steps=1, use_repo_r=True)
+
+
+def _saved_entry(ckpt):
+    with open(os.path.join(ckpt, "trainer_state.json")) as f:
+        return json.load(f)["stateful_callbacks"].get("ControllerStateCallback")
+
+
+def _edit_json(path, edit):
+    with open(path) as f:
+        data = json.load(f)
+    edit(data)
+    with open(path, "w") as f:
+        json.dump(data, f)
+
+
+def test_controller_state_is_saved_in_trainer_state_json_and_wins_on_resume(tokenizer, tmp_path):
+    out = str(tmp_path / "run")
+    first, _ = _train(tokenizer, out, 2, **STATE_OPTS)
+    ckpt = os.path.join(out, "checkpoint-2")
+    entry = _saved_entry(ckpt)
+    assert entry == {"args": {}, "attributes": json.loads(json.dumps(first.controller_state()))}
+    assert entry["attributes"]["entropy_controller"]["value"] == pytest.approx(0.02)
+    assert entry["attributes"]["repo_zeta"] is not None
+    assert _saved_entry(os.path.join(out, "checkpoint-1"))["attributes"]["entropy_controller"]["value"] == pytest.approx(0.01)
+    # the side file disagrees: trainer_state.json's entry is the one read
+    _edit_json(os.path.join(ckpt, "fused_entropy_state.json"), lambda d: d["entropy_controller"].update(value=0.2))
+    resumed, logs = _train(tokenizer, out, 3, resume=ckpt, **STATE_OPTS)
+    (step3,) = [h for h in logs if h["step"] == 3]
+    assert step3["entropy_coef_applied"] == pytest.approx(0.02) and step3["entropy_coef"] == pytest.approx(0.03)
+    assert _saved_entry(os.path.join(out, "checkpoint-3"))["attributes"] == json.loads(json.dumps(resumed.controller_state()))
+
+
+def test_resume_reads_the_side_file_of_an_older_checkpoint(tokenizer, tmp_path):
+    """A checkpoint written before the callback: no trainer_state.json entry, fused_entropy_state.json."""
+    out = str(tmp_path / "run")
+    _train(tokenizer, out, 2, **STATE_OPTS)
+    ckpt = os.path.join(out, "checkpoint-2")
+    _edit_json(os.path.join(ckpt, "trainer_state.json"), lambda d: d["stateful_callbacks"].pop("ControllerStateCallback"))
+    _edit_json(os.path.join(ckpt, "fused_entropy_state.json"), lambda d: d["entropy_controller"].update(value=0.05))
+    _edit_json(os.path.join(ckpt, "fused_entropy_state.json"), lambda d: d["repo_zeta"].update(value=0.0123))
+    resumed, logs = _train(tokenizer, out, 3, resume=ckpt, **STATE_OPTS)
+    (step3,) = [h for h in logs if h["step"] == 3]
+    assert step3["entropy_coef_applied"] == pytest.approx(0.05) and step3["entropy_coef"] == pytest.approx(0.06)
+    assert resumed._entropy_ctrl.num_steps == 3
+    # REPO's zeta went on from the side file's value: one step doubles, halves or keeps it
+    assert any(resumed._repo.zeta == pytest.approx(0.0123 * f) for f in (0.5, 1.0, 2.0)), resumed._repo.zeta
+    # the first save after such a resume writes the entry (Trainer would fail on the missing name)
+    entry = _saved_entry(os.path.join(out, "checkpoint-3"))
+    assert entry["attributes"]["entropy_controller"]["value"] == pytest.approx(0.06)
+
+
+def test_resume_with_restore_callback_states(tokenizer, tmp_path):
+    """restore_callback_states_from_checkpoint=True: transformers rebuilds the callback from the
+    checkpoint; the trainer binds the new one, so later saves still read its controllers."""
+    out = str(tmp_path / "run")
+    _train(tokenizer, out, 2, **STATE_OPTS)
+    resumed, logs = _train(tokenizer, out, 3, resume=os.path.join(out, "checkpoint-2"),
+                           restore_callback_states_from_checkpoint=True, **STATE_OPTS)
+    (step3,) = [h for h in logs if h["step"] == 3]
+    assert step3["entropy_coef_applied"] == pytest.approx(0.02)
+    from fused_entropy.integrations.trl import ControllerStateCallback
+
+    cbs = [cb for cb in resumed.callback_handler.callbacks if isinstance(cb, ControllerStateCallback)]
+    assert len(cbs) == 1 and cbs[0].trainer is resumed
+    entry = _saved_entry(os.path.join(out, "checkpoint-3"))
+    assert entry["attributes"]["entropy_controller"]["value"] == pytest.approx(0.03)

@@ -24,8 +24,15 @@ Added on top (``FusedEntropyGRPOConfig`` fields):
 - ``loss_type="clip_cov"|"kl_cov"`` (Cui et al., verl names and defaults).
 - ``use_repo_r``: REPO-R advantage shaping with the REPO zeta controller.
 
-Controller state is written to ``fused_entropy_state.json`` in each checkpoint (and, for the adaptive
-controller, TRL's ``entropy_ctrl_state.json`` too) and restored on resume.
+Controller state (the entropy controller's and REPO's zeta) travels in each checkpoint's
+``trainer_state.json``, under ``stateful_callbacks["ControllerStateCallback"]``: the trainer adds a
+:class:`ControllerStateCallback` (a ``TrainerCallback`` and ``ExportableState``), which transformers'
+``Trainer`` saves with every checkpoint; on resume the trainer reads it back whatever
+``restore_callback_states_from_checkpoint`` says (it is training state, like the optimizer's). A
+checkpoint without that entry, written by an earlier fused-entropy, is resumed from its side file
+``fused_entropy_state.json``, and one of stock ``GRPOTrainer`` from TRL's ``entropy_ctrl_state.json``.
+Both files are still written (the adaptive controller's TRL file only), so earlier fused-entropy
+releases and stock ``GRPOTrainer`` can resume the run.
 """
 from __future__ import annotations
 
@@ -47,6 +54,8 @@ from ..functional import linear_logprobs
 
 try:
     import trl
+    from transformers import TrainerCallback
+    from transformers.trainer_callback import ExportableState
     from trl import GRPOConfig, GRPOTrainer
     from trl.trainer.utils import nanmax, nanmin
 except ImportError as e:  # pragma: no cover - exercised only without the extra installed
@@ -72,10 +81,11 @@ def check_trl_version(version: str) -> None:
 
 check_trl_version(trl.__version__)
 
-__all__ = ["FusedEntropyGRPOConfig", "FusedEntropyGRPOTrainer", "install_fused_head"]
+__all__ = ["ControllerStateCallback", "FusedEntropyGRPOConfig", "FusedEntropyGRPOTrainer", "install_fused_head"]
 
 STATE_FILE = "fused_entropy_state.json"
 TRL_STATE_FILE = "entropy_ctrl_state.json"
+TRAINER_STATE_FILE = "trainer_state.json"  # transformers' TRAINER_STATE_NAME (its module moved between releases)
 ENTROPY_SOURCES = _grpo.ENTROPY_SOURCES
 CONTROLLERS = (None, "static", "adaptive", "aent")
 
@@ -320,6 +330,34 @@ def install_fused_head(model, *, temperature: float, topk=None, clamp_p=None, ba
 
 
 # ---------------------------------------------------------------------------------------------
+# controller state in trainer_state.json
+# ---------------------------------------------------------------------------------------------
+
+
+class ControllerStateCallback(TrainerCallback, ExportableState):
+    """Carries a :class:`FusedEntropyGRPOTrainer`'s controller state in ``trainer_state.json``.
+
+    ``state()`` is ``{"args": {}, "attributes": {"entropy_controller": <state_dict or None>,
+    "repo_zeta": <state_dict or None>}}``, read from the bound trainer's controllers when
+    transformers saves a checkpoint. transformers may rebuild the callback from that dict on resume
+    (``restore_callback_states_from_checkpoint``: ``type(cb)(**args)``, then the attributes set), so
+    it takes no constructor arguments and keeps the attributes it was given until the trainer binds it.
+    """
+
+    def __init__(self):
+        self.trainer: Optional["FusedEntropyGRPOTrainer"] = None
+        self.entropy_controller: Optional[dict] = None
+        self.repo_zeta: Optional[dict] = None
+
+    def state(self) -> dict:
+        if self.trainer is not None:
+            attributes = self.trainer.controller_state()
+        else:
+            attributes = {"entropy_controller": self.entropy_controller, "repo_zeta": self.repo_zeta}
+        return {"args": {}, "attributes": attributes}
+
+
+# ---------------------------------------------------------------------------------------------
 # the trainer
 # ---------------------------------------------------------------------------------------------
 
@@ -384,6 +422,8 @@ class FusedEntropyGRPOTrainer(GRPOTrainer):
         install_fused_head(policy, **head)
         if self.ref_model is not None:
             install_fused_head(self.accelerator.unwrap_model(self.ref_model), **head)
+        self.add_callback(ControllerStateCallback)
+        self._state_callback()
 
     # --- TRL's public entropy attributes, read from and written to the controller -------------
     # Stock GRPOTrainer keeps its adaptive-entropy state in entropy_coef, use_adaptive_entropy and
@@ -487,9 +527,10 @@ class FusedEntropyGRPOTrainer(GRPOTrainer):
         logits_to_keep = completion_ids.size(1)
         mask = completion_mask if "tool_mask" not in inputs else completion_mask * inputs["tool_mask"]
 
-        logps, entropies, clamped = self._fused_token_stats(
+        stats = self._fused_token_stats(
             model, input_ids, attention_mask, logits_to_keep, entropy=True, clamped=self._want_clamped
         )
+        logps, entropies, clamped = stats.logprobs, stats.entropy, stats.clamped_entropy
         advantages = inputs["advantages"]
         adv_2d = advantages.unsqueeze(1) if advantages.dim() == 1 else advantages
         old = inputs.get("old_per_token_logps")
@@ -636,32 +677,67 @@ class FusedEntropyGRPOTrainer(GRPOTrainer):
             "repo_zeta": None if self._repo is None else self._repo.state_dict(),
         }
 
+    def _state_callback(self) -> ControllerStateCallback:
+        """The ``ControllerStateCallback`` in use, bound to this trainer (transformers replaces the
+        instance on resume when ``restore_callback_states_from_checkpoint`` is set)."""
+        found = [cb for cb in self.callback_handler.callbacks if isinstance(cb, ControllerStateCallback)]
+        if not found:
+            self.add_callback(ControllerStateCallback)
+            found = [cb for cb in self.callback_handler.callbacks if isinstance(cb, ControllerStateCallback)]
+        for cb in found:
+            cb.trainer = self
+        return found[0]
+
     def _save_checkpoint(self, model, trial):
-        super()._save_checkpoint(model, trial)
+        # Trainer updates stateful_callbacks by name and fails on a missing one, as after resuming a
+        # checkpoint whose trainer_state.json predates this callback: give it the entry first.
+        cb = self._state_callback()
+        self.state.stateful_callbacks.setdefault(type(cb).__name__, cb.state())
+        super()._save_checkpoint(model, trial)  # trainer_state.json, with cb.state()
         if not self.args.should_save:
             return
         from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
         out = os.path.join(self._get_output_dir(trial=trial), f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}")
+        # the side files, for releases that cannot read trainer_state.json's entry (see the module docstring)
         with open(os.path.join(out, STATE_FILE), "w") as f:
             json.dump(self.controller_state(), f)
         if isinstance(self._entropy_ctrl, AdaptiveEntropyCoef):
-            # TRL's file too (GRPOTrainer wrote it already; kept here should TRL stop), so stock
-            # GRPOTrainer can resume this run
+            # GRPOTrainer wrote it already; kept here should TRL stop
             with open(os.path.join(out, TRL_STATE_FILE), "w") as f:
                 json.dump({"entropy_coef": self.entropy_coef, "last_world_entropy": self._last_world_entropy}, f)
 
     def _load_optimizer_and_scheduler(self, checkpoint):
+        # GRPOTrainer reads TRL's entropy_ctrl_state.json here (through the entropy attributes' setters);
+        # the state read below, when there is one, is complete and replaces it
         super()._load_optimizer_and_scheduler(checkpoint)
-        if checkpoint is None:
-            return
+        if checkpoint is not None:
+            self._restore_controller_state(checkpoint)
+
+    def _saved_controller_state(self, checkpoint) -> Optional[dict]:
+        """The controller state saved in ``checkpoint``: trainer_state.json's entry, else the side
+        file of earlier releases, else None (a stock GRPOTrainer checkpoint)."""
+        from transformers.trainer_callback import TrainerState
+
+        path = os.path.join(checkpoint, TRAINER_STATE_FILE)
+        if os.path.isfile(path):
+            saved = TrainerState.load_from_json(path).stateful_callbacks.get(ControllerStateCallback.__name__)
+            if isinstance(saved, list):  # Trainer's layout for several callbacks of one class
+                saved = saved[0]
+            if saved is not None:
+                return saved["attributes"]
         path = os.path.join(checkpoint, STATE_FILE)
-        if os.path.exists(path):
+        if os.path.isfile(path):
             with open(path) as f:
-                state = json.load(f)
+                return json.load(f)
+        return None
+
+    def _restore_controller_state(self, checkpoint) -> None:
+        cb = self._state_callback()
+        state = self._saved_controller_state(checkpoint)
+        if state is not None:
             for obj, key in ((self._entropy_ctrl, "entropy_controller"), (self._repo, "repo_zeta")):
                 if obj is not None and state.get(key) is not None:
                     obj.load_state_dict(state[key])
-            return
-        # Otherwise GRPOTrainer has loaded TRL's entropy_ctrl_state.json (a checkpoint of stock
-        # GRPOTrainer with use_adaptive_entropy=True) through the entropy_coef/_last_world_entropy setters.
+        # a trainer_state.json without the entry (an older checkpoint) gets one at the next save
+        self.state.stateful_callbacks[type(cb).__name__] = cb.state()
