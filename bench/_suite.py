@@ -11,7 +11,7 @@ from fused_entropy.tools.bench_providers import PROVIDERS, Case
 
 ROUNDS = {"cpu": 6, "cuda": 20}
 # rows of another family shown in a family's group: clamped entropy next to plain entropy
-COMPARE_WITH = {"clamped_entropy": ["floor", "fused"]}
+COMPARE_WITH = {"clamped_entropy": ["floor", "fused"], "sampling": ["floor", "fused"]}
 
 
 def run_benchmark(benchmark, name: str, case: Case, device: torch.device, family: str) -> None:

@@ -198,27 +198,43 @@ def _largest(z: torch.Tensor, k: int, red: _Local) -> torch.Tensor:
 
 
 def _top_p_threshold(z, t, shift, top_p, vocab: int, red: _Local) -> torch.Tensor:
-    """Smallest kept logit of the top-p rule over ``{z >= t}`` (see the module docstring), rows ``[c]``."""
-    masked = torch.where(z >= t[:, None], z, torch.full_like(z, -torch.inf))
-    mass = red.sum(torch.exp(masked - shift[:, None]).sum(-1, dtype=torch.float64))
-    goal = top_p * mass  # keep a group iff the mass strictly above it is < goal
+    """Smallest kept logit of the top-p rule over ``{z >= t}`` (see the module docstring), rows ``[c]``.
+
+    Candidates: the ``c`` largest logits, those below ``t`` dropped. Their mass decides every row
+    whose candidates hold at least ``p`` of the kept mass or the whole kept set; the others search
+    again with more candidates (at least 4x, and as many as the mass seen so far says are needed, so
+    a flat row goes to the whole vocabulary at the second step, not through every doubling)."""
+    c = z.shape[0]
     out = t.clone()
-    rows = torch.arange(z.shape[0], device=z.device)
+    rows = torch.arange(c, device=z.device)
     k = min(_TOP_P_FIRST, vocab)
+    goal = None  # keep a group iff the mass strictly above it is < goal = p * (mass of {z >= t})
     while rows.numel():
-        vals = _largest(masked[rows], k, red)
+        vals = _largest(z if rows.numel() == c else z[rows], k, red)
+        vals = torch.where(vals >= t[rows, None], vals, torch.full_like(vals, -torch.inf))
         e = torch.exp(vals.double() - shift[rows].double()[:, None])
         incl = torch.cumsum(e, dim=1)
+        whole = (vals[:, -1] == -torch.inf) | (k >= vocab)  # every kept logit is a candidate
+        if goal is None:
+            if bool(whole.all()):
+                mass = incl[:, -1]
+            else:  # one pass over the block for the kept mass (identical on every rank)
+                kept = torch.where(z >= t[:, None], torch.exp(z - shift[:, None]), torch.zeros_like(z))
+                mass = red.sum(kept.sum(-1, dtype=torch.float64))
+            goal = top_p * mass
+        g = goal[rows]
         excl = torch.cat([incl.new_zeros(incl.shape[0], 1), incl[:, :-1]], dim=1)
         start = torch.ones_like(vals, dtype=torch.bool)
         start[:, 1:] = vals[:, 1:] != vals[:, :-1]
         above = torch.cummax(torch.where(start, excl, torch.full_like(excl, -torch.inf)), dim=1).values
-        keep = (above < goal[rows, None]) & (vals > -torch.inf)
+        keep = (above < g[:, None]) & (vals > -torch.inf)
         last = (keep.sum(-1) - 1).clamp(min=0)
-        done = (incl[:, -1] >= goal[rows]) | (vals[:, -1] == -torch.inf) | (k >= vocab)
+        done = (incl[:, -1] >= g) | whole
         out[rows[done]] = vals[done].gather(1, last[done, None]).squeeze(1)
+        if not bool(done.all()):
+            need = float((g[~done] / incl[~done, -1]).max())
+            k = min(vocab, max(4 * k, int(1.25 * k * need) + 1))
         rows = rows[~done]
-        k = min(4 * k, vocab)
     return out
 
 

@@ -52,8 +52,9 @@ DEFAULT_ROUNDS = 6
 
 # the column each family divides by (xeager); the clamped rows are compared with plain entropy
 BASELINE = {"linear_logprobs": ("reference", "eager"), "clamped_entropy": ("fused", "plain H"),
+            "sampling": ("fused", "plain"),
             "grpo": ("reference-grpo", "eager"), "logits": ("reference-logits", "eager")}
-FLOOR = {"linear_logprobs": "floor", "clamped_entropy": "floor", "grpo": "floor-grpo", "logits": None}
+FLOOR = {"linear_logprobs": "floor", "clamped_entropy": "floor", "sampling": "floor", "grpo": "floor-grpo", "logits": None}
 PEER_SHORT = {"trl": "TRL", "liger-ce": "Liger", "liger-grpo": "Liger", "trl-grpo": "TRL", "trl-logits": "TRL"}
 
 
@@ -416,7 +417,7 @@ def family_table(rows: List[Row], family: str, case: Case, device) -> List[str]:
         cells += ["-" if w is None else f"{w * case.nv_bytes / 2**20:.0f}", "-" if w is None else f"{w:.3f}"]
         body.append(cells)
     out = [FAMILY_TITLES[family]]
-    if family == "clamped_entropy":
+    if family in ("clamped_entropy", "sampling"):
         out[0] += f" (x{base_tag}: time / the plain-entropy fused row)"
     if body:
         out += ["  " + ln for ln in _table(headers, body, align)]

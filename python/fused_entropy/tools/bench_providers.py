@@ -34,11 +34,12 @@ from typing import Callable, Dict, FrozenSet, List, Optional, Tuple
 
 import torch
 
-FAMILIES = ("linear_logprobs", "clamped_entropy", "grpo", "logits")
+FAMILIES = ("linear_logprobs", "clamped_entropy", "sampling", "grpo", "logits")
 
 FAMILY_TITLES = {
     "linear_logprobs": "linear_logprobs: per-token log-prob + entropy of hidden @ weight.T, fwd+bwd",
     "clamped_entropy": "clamped entropy: log-prob + top-k clamped entropy (AEnt), fwd+bwd",
+    "sampling": "sampling replay: log-prob + entropy + truncated log-prob (vLLM top-k/top-p/min-p), fwd+bwd",
     "grpo": "GRPO (DAPO) loss from hidden states, fwd+bwd",
     "logits": "logprobs_from_logits: log-prob + entropy of logits already in memory, fwd+bwd",
 }
@@ -48,6 +49,8 @@ TRL_CHUNK_SIZE = 32768
 GRPO_ENTROPY_COEF = 0.01
 CLAMP_TOPK = 64
 CLAMP_P = 0.3
+# vLLM settings of the sampling rows (Qwen3's recommended top_k/top_p, and a common min_p)
+SAMPLING_TOPK, SAMPLING_TOPP, SAMPLING_MINP = 20, 0.95, 0.05
 
 
 @dataclass(frozen=True)
@@ -182,6 +185,28 @@ def _fused_linear(backend: str, entropy: bool = True, topk=None, clamp_p=None):
             if out.clamped_entropy is not None:
                 loss = loss + out.clamped_entropy.sum()
             loss.backward()
+
+        return Run(step, [x, w])
+
+    return build
+
+
+def _fused_sampling(scale: float = 1.0, **sampling):
+    """``linear_logprobs`` with a sampling truncation replayed; loss = logp + H + truncated logp (its
+    finite entries: an untruncated target of the random ids is often outside the kept set). ``scale``
+    multiplies the weight: logits of standard deviation ``scale`` (4: top-p 0.95 keeps a few hundred
+    of 32k tokens, closer to a language model's than the flat unit-scale rows)."""
+    def build(case, device):
+        from fused_entropy import linear_logprobs
+
+        x, w, y = linear_inputs(case, device)
+        if scale != 1.0:
+            w = w.detach().mul_(scale).requires_grad_()
+
+        def step():
+            out = linear_logprobs(x, w, y, **sampling)
+            t = out.truncated_logprobs
+            (out.logprobs.sum() + out.entropy.sum() + t.masked_fill(torch.isinf(t), 0).sum()).backward()
 
         return Run(step, [x, w])
 
@@ -532,6 +557,20 @@ _add(Provider("reference-topk64", "clamped_entropy", f"reference topk={CLAMP_TOP
 _add(Provider("reference-clamp0.3", "clamped_entropy", f"reference clamp_p={CLAMP_P} (eager)", "reference",
               _reference_linear(clamp_p=CLAMP_P), _const(3), mem_nv=7))
 
+# sampling replay: time relative to the plain 'fused' row (the logits of the bench cases are of unit
+# scale, a nearly flat distribution: top-p keeps most of the vocabulary, its search's worst case)
+_add(Provider(f"fused-sampling-topk{SAMPLING_TOPK}", "sampling", f"fused_entropy, sampling_top_k={SAMPLING_TOPK}",
+              "fused", _fused_sampling(sampling_top_k=SAMPLING_TOPK), _const(4)))
+_add(Provider(f"fused-sampling-topp{SAMPLING_TOPP}", "sampling", f"fused_entropy, sampling_top_p={SAMPLING_TOPP}",
+              "fused", _fused_sampling(sampling_top_p=SAMPLING_TOPP), _const(4)))
+_add(Provider(f"fused-sampling-topp{SAMPLING_TOPP}-peaked", "sampling",
+              f"fused_entropy, sampling_top_p={SAMPLING_TOPP}, logits x4", "fused",
+              _fused_sampling(4.0, sampling_top_p=SAMPLING_TOPP), _const(4)))
+_add(Provider("fused-sampling-vllm", "sampling",
+              f"fused_entropy, top_k={SAMPLING_TOPK} top_p={SAMPLING_TOPP} min_p={SAMPLING_MINP}", "fused",
+              _fused_sampling(sampling_top_k=SAMPLING_TOPK, sampling_top_p=SAMPLING_TOPP,
+                              sampling_min_p=SAMPLING_MINP), _const(4)))
+
 # GRPO
 _add(Provider("floor-grpo", "grpo", "GEMM floor: 3 GEMMs", "floor", _gemm_floor(3), _const(3), mem_nv=0.3))
 _add(Provider("fused-grpo", "grpo", f"LinearGRPOLoss, entropy_coef={GRPO_ENTROPY_COEF}", "fused",
@@ -577,6 +616,8 @@ def family_providers(family: str) -> List[str]:
 QUICK_PROVIDERS = (
     "floor", "fused", "fused-torch", "fused-logp", "reference", "trl", "liger-ce",
     "fused-topk64", "fused-clamp0.3",
+    f"fused-sampling-topk{SAMPLING_TOPK}", f"fused-sampling-topp{SAMPLING_TOPP}",
+    f"fused-sampling-topp{SAMPLING_TOPP}-peaked", "fused-sampling-vllm",
     "floor-grpo", "fused-grpo", "liger-grpo", "trl-grpo",
     "fused-logits", "reference-logits", "trl-logits",
 )
