@@ -169,15 +169,10 @@ def test_package_and_torch_backend_work_without_triton():
     assert out.startswith("ok")
 
 
-# The two checks below need backends/__init__.py and _grpo._resolve_backend to ask whether Triton is
-# importable (importlib.util.find_spec("triton")) before choosing it: 'auto' then resolves to the
-# torch backend, and 'triton' raises an ImportError that says to install triton or use backend='torch'.
-# Until that lands they fail as recorded here (strict: the marker must go when it does).
-_PENDING = pytest.mark.xfail(strict=True, reason="backends.get_backend does not check that triton is importable yet "
-                             "(backends/ and _grpo.py belong to the core's owners)")
+# backends.resolve_name (the one "auto" rule, also behind _grpo._resolve_backend) asks whether triton is
+# importable: 'auto' resolves to the torch backend without it, 'triton' raises an ImportError.
 
 
-@_PENDING
 def test_auto_backend_falls_back_to_torch_without_triton():
     _run_without_triton("""
         from fused_entropy.backends import get_backend, torch_chunked
@@ -188,7 +183,6 @@ def test_auto_backend_falls_back_to_torch_without_triton():
     """)
 
 
-@_PENDING
 @pytest.mark.parametrize("interpret", [False, True], ids=["plain", "interpret"])
 def test_triton_backend_without_triton_is_a_clear_error(interpret):
     _run_without_triton("""

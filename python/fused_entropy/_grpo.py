@@ -597,8 +597,9 @@ def _objective_torch(lp, old, ref, adv, valid, emask, isr, cfg: _Cfg, norms: GRP
 
 def _resolve_backend(backend: str, device: torch.device) -> str:
     _check_choice("backend", backend, GRPO_BACKENDS)
-    if backend == "auto":
-        return "triton" if device.type == "cuda" else "torch"
+    from .backends import resolve_name
+
+    backend = resolve_name(backend, device)
     if backend == "triton" and device.type != "cuda":
         from .backends import interpreting
 

@@ -22,6 +22,8 @@ Gradients come back in the dtype of the tensor they belong to.
 """
 from __future__ import annotations
 
+import functools
+import importlib.util
 import os
 from types import ModuleType
 
@@ -35,12 +37,33 @@ def interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 
 
-def get_backend(name: str, device: torch.device) -> ModuleType:
-    """Resolve ``backend=`` to a module. ``auto``: triton on CUDA, torch elsewhere."""
+@functools.lru_cache(maxsize=None)
+def triton_available() -> bool:
+    """Whether the ``triton`` package can be imported (it has wheels for Linux x86_64/aarch64 only;
+    elsewhere the package installs without it and runs the torch backend)."""
+    try:
+        return importlib.util.find_spec("triton") is not None
+    except (ImportError, ValueError):
+        return False
+
+
+def resolve_name(name: str, device: torch.device) -> str:
+    """``backend=`` to ``"torch"`` or ``"triton"``, the one "auto" rule: triton on CUDA when the
+    ``triton`` package is installed, torch otherwise. Raises ValueError for an unknown name and
+    ImportError for ``"triton"`` without the ``triton`` package."""
     if name not in BACKENDS:
         raise ValueError(f"backend must be one of {BACKENDS}, got {name!r}")
     if name == "auto":
-        name = "triton" if device.type == "cuda" else "torch"
+        return "triton" if device.type == "cuda" and triton_available() else "torch"
+    if name == "triton" and not triton_available():
+        raise ImportError("backend='triton' needs the triton package (pip install triton; wheels exist for Linux "
+                          "x86_64/aarch64); use backend='torch' (or 'auto') without it")
+    return name
+
+
+def get_backend(name: str, device: torch.device) -> ModuleType:
+    """Resolve ``backend=`` to a module (see :func:`resolve_name`)."""
+    name = resolve_name(name, device)
     if name == "torch":
         from . import torch_chunked
 
