@@ -101,7 +101,7 @@ def _check_number(name, value, *, positive=False, nonneg=False, allow_none=False
         return
     if isinstance(value, torch.Tensor) or isinstance(value, bool) or not isinstance(value, (int, float)):
         raise TypeError(f"{name} must be a Python number, got {type(value).__name__} {value!r}")
-    if not math.isfinite(value):
+    if not V.is_finite(value):
         raise ValueError(f"{name} must be finite, got {value}")
     if positive and value <= 0:
         raise ValueError(f"{name} must be > 0, got {value}")
@@ -174,7 +174,7 @@ def _check_num_items(num_items_in_batch, *, values: bool = True):
         raise ValueError(f"num_items_in_batch must be a number or a one-element tensor, got shape {tuple(t.shape)}")
     if t.dtype == torch.bool or t.dtype.is_complex:
         raise TypeError(f"num_items_in_batch must be a real number tensor, got {t.dtype}")
-    if values:
+    if values and V.reads_values(t):
         v = float(t.reshape(()).item())
         if not math.isfinite(v) or v < 0 or v > OPTION_MAX:
             raise ValueError(f"num_items_in_batch must be finite, >= 0 and <= {OPTION_MAX:g}, got tensor({v})")

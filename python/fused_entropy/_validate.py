@@ -86,19 +86,26 @@ def check_same_device(**tensors) -> None:
             raise ValueError(f"{name} is on {t.device} but {first_name} is on {first.device}; move them to one device")
 
 
+def is_finite(value) -> bool:
+    """``math.isfinite`` for a Python number, written as comparisons: ``torch.compile(dynamic=True)``
+    traces float arguments as symbolic floats, which comparisons guard on and ``math.isfinite`` breaks
+    the graph on (NaN fails both comparisons)."""
+    return -math.inf < value < math.inf
+
+
 def check_positive_finite(name: str, value, *, allow_none: bool = False) -> None:
     if value is None and allow_none:
         return
     if isinstance(value, torch.Tensor) or not isinstance(value, (int, float)) or isinstance(value, bool):
         raise TypeError(f"{name} must be a Python number, got {type(value).__name__}")
-    if not math.isfinite(value) or value <= 0:
+    if not is_finite(value) or value <= 0:
         raise ValueError(f"{name} must be finite and > 0, got {value}")
 
 
 def check_finite(name: str, value) -> None:
     if isinstance(value, torch.Tensor) or not isinstance(value, (int, float)) or isinstance(value, bool):
         raise TypeError(f"{name} must be a Python number, got {type(value).__name__}")
-    if not math.isfinite(value):
+    if not is_finite(value):
         raise ValueError(f"{name} must be finite, got {value}")
 
 

@@ -18,7 +18,7 @@ from typing import Optional
 import torch
 
 from . import _validate as V
-from . import _ops
+from . import _custom_ops as _ops
 from ._types import LogitTransform, TokenStats
 from . import _sampling
 from .backends import get_backend

@@ -1,6 +1,8 @@
 """``torch.library`` custom ops: the entry points as opaque, traceable operators.
 
-``torch.ops.fused_entropy.linear_logprobs`` / ``logprobs_from_logits`` (and their ``*_backward``) take
+``torch.ops.fused_entropy.linear_logprobs`` / ``logprobs_from_logits`` (and their ``*_backward``; in a
+Hub kernel build the namespace is the generated ``_ops.add_op_namespace_prefix``, so the Hub copy and
+the installed package load side by side) take
 only tensors and scalars (the ``LogitTransform`` flattened into floats, the backend by name) and
 return the row statistics of ``RowStats`` as 8 tensors, ``[0]``-sized where a field is not computed
 (no entropy, no clamped entropy). Each has a fake (meta) implementation that gives shapes and dtypes,
@@ -24,6 +26,12 @@ from torch import Tensor
 
 from ._autograd import _masked_grad, once_differentiable
 from ._types import LogitTransform, RowStats
+
+try:  # a Hub build (kernel-builder, scripts/build_hub_kernel.py) generates _ops.py with a unique namespace
+    from ._ops import add_op_namespace_prefix as _op_name
+except ImportError:
+    def _op_name(name: str) -> str:
+        return f"fused_entropy::{name}"
 
 _STATS = len(RowStats._fields)  # 8: m, log_s, logprobs, entropy, tau, tie_frac, log_s_clamped, clamped_entropy
 
@@ -79,7 +87,7 @@ def _grad_or_empty(g: Optional[Tensor], like: Optional[Tensor], need: bool) -> T
 # ---------------------------------------------------------------------------------------------
 
 
-@torch.library.custom_op("fused_entropy::linear_logprobs", mutates_args=())
+@torch.library.custom_op(_op_name("linear_logprobs"), mutates_args=())
 def linear_logprobs_op(
     x: Tensor, weight: Tensor, bias: Optional[Tensor], targets: Tensor, temperature: float,
     softcap: Optional[float], logit_scale: float, ignore_index: int, entropy: bool, k: Optional[int],
@@ -97,7 +105,7 @@ def _(x, weight, bias, targets, temperature, softcap, logit_scale, ignore_index,
     return list(_fake_stats(x, x.shape[0], entropy, k is not None))
 
 
-@torch.library.custom_op("fused_entropy::linear_logprobs_backward", mutates_args=())
+@torch.library.custom_op(_op_name("linear_logprobs_backward"), mutates_args=())
 def linear_logprobs_backward_op(
     x: Tensor, weight: Tensor, bias: Optional[Tensor], targets: Tensor, stats: List[Tensor],
     grad_logprobs: Optional[Tensor], grad_entropy: Optional[Tensor], grad_clamped: Optional[Tensor],
@@ -162,7 +170,7 @@ linear_logprobs_op.register_autograd(_linear_backward, setup_context=_linear_set
 # ---------------------------------------------------------------------------------------------
 
 
-@torch.library.custom_op("fused_entropy::logprobs_from_logits", mutates_args=())
+@torch.library.custom_op(_op_name("logprobs_from_logits"), mutates_args=())
 def logprobs_from_logits_op(
     logits: Tensor, targets: Tensor, temperature: float, ignore_index: int, entropy: bool, k: Optional[int],
     backend: str,
@@ -178,7 +186,7 @@ def _(logits, targets, temperature, ignore_index, entropy, k, backend):
     return list(_fake_stats(logits, logits.shape[0], entropy, k is not None))
 
 
-@torch.library.custom_op("fused_entropy::logprobs_from_logits_backward", mutates_args=())
+@torch.library.custom_op(_op_name("logprobs_from_logits_backward"), mutates_args=())
 def logprobs_from_logits_backward_op(
     logits: Tensor, targets: Tensor, stats: List[Tensor], grad_logprobs: Optional[Tensor],
     grad_entropy: Optional[Tensor], grad_clamped: Optional[Tensor], temperature: float, ignore_index: int,
