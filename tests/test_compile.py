@@ -76,7 +76,7 @@ def _run_across_lengths(fn, make_args, lengths, compile_backend="aot_eager"):
 def test_ops_are_registered():
     ops = torch.ops.fused_entropy
     for name in ("linear_logprobs", "linear_logprobs_backward", "logprobs_from_logits",
-                 "logprobs_from_logits_backward"):
+                 "logprobs_from_logits_backward", "grpo_objective"):
         assert hasattr(ops, name), name
 
 
@@ -115,12 +115,13 @@ def test_logprobs_from_logits_fullgraph_no_recompile(backend, opts):
     assert _run_across_lengths(f, make, [3, 5, 8]) == 1
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("mask_dtype", [torch.bool, torch.float32], ids=["bool-mask", "float-mask"])
-@pytest.mark.parametrize("loss_type", ["grpo", "dapo", "bnpo"])
-def test_grpo_loss_fullgraph_no_recompile(loss_type, mask_dtype):
+@pytest.mark.parametrize("loss_type", ["grpo", "dapo", "bnpo", "sapo"])
+def test_grpo_loss_fullgraph_no_recompile(loss_type, mask_dtype, backend):
     def f(lp, old, ent, adv, mask):
         loss, metrics = fe.grpo_loss(lp, adv, mask, old_logprobs=old, entropy=ent, loss_type=loss_type,
-                                     entropy_coef=0.01, backend="torch")
+                                     entropy_coef=0.01, beta=0.05, ref_logprobs=old, backend=backend)
         return loss + 0 * metrics["clip_ratio/region_mean"]
 
     def make(t):
@@ -178,6 +179,20 @@ def _opcheck_samples():
 def test_opcheck(case):
     op, args = _opcheck_samples()[case]
     torch.library.opcheck(op, args)
+
+
+@pytest.mark.skipif("triton" not in BACKENDS, reason="the GRPO objective op runs the Triton kernel")
+@pytest.mark.parametrize("compute_grad", [True, False], ids=["grad", "no-grad"])
+def test_opcheck_grpo_objective(compute_grad):
+    g = torch.Generator().manual_seed(0)
+    lp = (-torch.rand(3, 6, generator=g, dtype=torch.float64)).to(DEVICE).requires_grad_(compute_grad)
+    old = (lp.detach() + 0.1).contiguous()
+    adv = torch.randn(3, 1, generator=g, dtype=torch.float64).to(DEVICE)
+    valid = (torch.rand(3, 6, generator=g) > 0.3).to(DEVICE)
+    row_scale = torch.rand(3, generator=g, dtype=torch.float64).to(DEVICE)
+    floats = [0.2, 0.28, 0.05, 1.0, 1.05, 2.0, 3.0, 2.0, 3.0, 0.0002, 1.0, 5.0, 0.0002, 1.0]
+    args = (lp, old, old, adv, valid, None, None, row_scale, "dapo", [False, False, True], floats, None, compute_grad)
+    torch.library.opcheck(torch.ops.fused_entropy.grpo_objective, args)
 
 
 def test_double_backward_still_raises():

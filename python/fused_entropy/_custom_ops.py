@@ -229,6 +229,68 @@ logprobs_from_logits_op.register_autograd(_logits_backward, setup_context=_logit
 
 
 # ---------------------------------------------------------------------------------------------
+# GRPO objective (Triton kernel): per-row sums and d loss / d logp in one launch
+# ---------------------------------------------------------------------------------------------
+
+_CFG_FLAGS = ("sequence", "bias_corr", "luspo_liger")
+_CFG_FLOATS = ("eps_low", "eps_high", "beta", "tau_pos", "tau_neg", "k_pos", "lam_pos", "k_neg", "lam_neg",
+               "clip_cov_ratio", "clip_cov_lb", "clip_cov_ub", "kl_cov_ratio", "ppo_kl_coef")
+
+
+def _cfg(loss_type: str, flags, floats, delta):
+    from ._grpo import _Cfg
+
+    values = dict(zip(_CFG_FLAGS, flags), **dict(zip(_CFG_FLOATS, floats)), loss_type=loss_type, delta=delta)
+    return _Cfg(**values)
+
+
+@torch.library.custom_op(_op_name("grpo_objective"), mutates_args=())
+def grpo_objective_op(
+    lp: Tensor, old: Optional[Tensor], ref: Optional[Tensor], adv: Tensor, valid: Tensor, emask: Optional[Tensor],
+    isr: Optional[Tensor], row_scale: Tensor, loss_type: str, flags: List[bool], floats: List[float],
+    delta: Optional[float], compute_grad: bool,
+) -> List[Tensor]:
+    """``[row_loss, row_kl, row_low, row_high]`` ``[B]`` and ``d loss / d logp`` ``[B, T]`` (``[0]`` when
+    ``compute_grad`` is False); ``_grpo._Cfg`` flattened into ``loss_type``, ``flags``, ``floats``, ``delta``."""
+    from ._launch_objective import launch_objective
+
+    out = launch_objective(lp, old, ref, adv, valid, emask, isr, row_scale, _cfg(loss_type, flags, floats, delta),
+                           compute_grad=compute_grad)
+    return [out.row_loss, out.row_kl, out.row_low, out.row_high, out.grad if out.grad is not None else lp.new_empty(0)]
+
+
+@grpo_objective_op.register_fake
+def _(lp, old, ref, adv, valid, emask, isr, row_scale, loss_type, flags, floats, delta, compute_grad):
+    rows = [lp.new_empty(lp.shape[0]) for _ in range(4)]
+    return rows + [lp.new_empty(lp.shape) if compute_grad else lp.new_empty(0)]
+
+
+def _objective_setup(ctx, inputs, output):
+    ctx.save_for_backward(output[4])
+    ctx.mark_non_differentiable(*output[1:])
+
+
+@once_differentiable
+def _objective_backward(ctx, grads):
+    (grad,) = ctx.saved_tensors
+    g_loss = grads[0]
+    if g_loss is None or grad.numel() == 0:
+        return (None,) * 13
+    return (grad * g_loss.unsqueeze(-1),) + (None,) * 12
+
+
+grpo_objective_op.register_autograd(_objective_backward, setup_context=_objective_setup)
+
+
+def grpo_objective(lp, old, ref, adv, valid, emask, isr, row_scale, cfg, compute_grad: bool):
+    """``(loss, kl, low, high)`` 0-d sums, as ``_grpo.GRPOObjectiveFunction`` returned them."""
+    out = grpo_objective_op(lp, old, ref, adv, valid, emask, isr, row_scale, cfg.loss_type,
+                            [bool(getattr(cfg, f)) for f in _CFG_FLAGS], [float(getattr(cfg, f)) for f in _CFG_FLOATS],
+                            cfg.delta, bool(compute_grad))
+    return out[0].sum(), out[1].sum(), out[2].sum(), out[3].sum()
+
+
+# ---------------------------------------------------------------------------------------------
 # what functional.py calls: the same (logprobs, entropy | [0], clamped | [0]) as the old Functions
 # ---------------------------------------------------------------------------------------------
 

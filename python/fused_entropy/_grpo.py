@@ -641,8 +641,9 @@ def _objective_triton(lp, old, ref, adv, valid, emask, isr, cfg: _Cfg, norms: GR
     """Same contract as :func:`_objective_torch`, computed by the Triton kernel."""
     row_scale = _row_scale(valid.to(lp.dtype), cfg, norms)
     compute_grad = torch.is_grad_enabled() and lp.requires_grad  # evaluation writes no gradient
-    loss, kl, low, high = GRPOObjectiveFunction.apply(lp, old, ref, adv, valid, emask, isr, row_scale, cfg,
-                                                      compute_grad)
+    from ._custom_ops import grpo_objective  # a custom op: opaque to torch.compile
+
+    loss, kl, low, high = grpo_objective(lp, old, ref, adv, valid, emask, isr, row_scale, cfg, compute_grad)
     sums = {"low": low, "high": high, "region": low + high}  # low needs A < 0, high A > 0: disjoint
     if cfg.beta != 0.0:
         sums["kl"] = kl
