@@ -206,3 +206,29 @@ def test_double_backward_still_raises():
 def test_linear_logprobs_inductor_matches_eager():
     assert _run_across_lengths(_linear_loss("torch", topk=3), lambda n: _head(n, seed=n), [3, 6],
                                compile_backend="inductor") == 1
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("opts", [{"loss_type": "dapo"}, {"loss_type": "grpo", "beta": 0.1, "use_ref_model": True},
+                                  {"loss_type": "bnpo", "entropy_coef": 0.01, "topk": 3}],
+                         ids=["dapo", "grpo-kl", "bnpo-bonus-topk"])
+def test_linear_grpo_loss_fullgraph_no_recompile(backend, opts):
+    """Under compile LinearGRPOLoss takes its two-pass path (custom ops + torch): one graph."""
+    mod = fe.LinearGRPOLoss(backend=backend, **opts)
+
+    def f(x, w, b, y, mask, adv, old, ref):
+        loss, _ = mod(x, w, y, mask, adv, bias=b, old_per_token_logps=old,
+                            ref_per_token_logps=ref if mod.beta != 0.0 else None)
+        return loss
+
+    def make(t):
+        x, w, b, y = _head(t, seed=t)
+        y = y.clamp(min=0)
+        g = torch.Generator().manual_seed(t + 100)
+        mask = (torch.rand(2, t, generator=g) > 0.3).to(DEVICE)
+        mask[:, 0] = True
+        adv = torch.randn(2, generator=g, dtype=torch.float64).to(DEVICE)
+        old = -torch.rand(2, t, generator=g, dtype=torch.float64).to(DEVICE)
+        return x, w, b, y, mask, adv, old, old - 0.05
+
+    assert _run_across_lengths(f, make, [4, 6, 9]) == 1
