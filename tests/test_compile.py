@@ -150,7 +150,7 @@ def test_meta_tensors_propagate_shapes():
     w = torch.empty(50, 16, device="meta")
     y = torch.empty(2, 7, dtype=torch.long, device="meta")
     s = fe.linear_logprobs(x, w, y, topk=5)
-    for t in s:
+    for t in (s.logprobs, s.entropy, s.clamped_entropy):
         assert t.device.type == "meta" and t.shape == (2, 7) and t.dtype == torch.float32
     stats = torch.ops.fused_entropy.linear_logprobs(x.reshape(14, 16), w, None, y.reshape(14), 1.0, None, 1.0,
                                                     -100, False, None, "torch")
