@@ -101,7 +101,7 @@ def _check_number(name, value, *, positive=False, nonneg=False, allow_none=False
         return
     if isinstance(value, torch.Tensor) or isinstance(value, bool) or not isinstance(value, (int, float)):
         raise TypeError(f"{name} must be a Python number, got {type(value).__name__} {value!r}")
-    if not math.isfinite(value):
+    if not V.is_finite(value):
         raise ValueError(f"{name} must be finite, got {value}")
     if positive and value <= 0:
         raise ValueError(f"{name} must be > 0, got {value}")
@@ -174,7 +174,7 @@ def _check_num_items(num_items_in_batch, *, values: bool = True):
         raise ValueError(f"num_items_in_batch must be a number or a one-element tensor, got shape {tuple(t.shape)}")
     if t.dtype == torch.bool or t.dtype.is_complex:
         raise TypeError(f"num_items_in_batch must be a real number tensor, got {t.dtype}")
-    if values:
+    if values and V.reads_values(t):
         v = float(t.reshape(()).item())
         if not math.isfinite(v) or v < 0 or v > OPTION_MAX:
             raise ValueError(f"num_items_in_batch must be finite, >= 0 and <= {OPTION_MAX:g}, got tensor({v})")
@@ -642,8 +642,9 @@ def _objective_triton(lp, old, ref, adv, valid, emask, isr, cfg: _Cfg, norms: GR
     """Same contract as :func:`_objective_torch`, computed by the Triton kernel."""
     row_scale = _row_scale(valid.to(lp.dtype), cfg, norms)
     compute_grad = torch.is_grad_enabled() and lp.requires_grad  # evaluation writes no gradient
-    loss, kl, low, high = GRPOObjectiveFunction.apply(lp, old, ref, adv, valid, emask, isr, row_scale, cfg,
-                                                      compute_grad)
+    from ._custom_ops import grpo_objective  # a custom op: opaque to torch.compile
+
+    loss, kl, low, high = grpo_objective(lp, old, ref, adv, valid, emask, isr, row_scale, cfg, compute_grad)
     sums = {"low": low, "high": high, "region": low + high}  # low needs A < 0, high A > 0: disjoint
     if cfg.beta != 0.0:
         sums["kl"] = kl

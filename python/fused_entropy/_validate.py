@@ -18,6 +18,17 @@ def check_tensor(name: str, t, *, floating: bool = False, integer: bool = False)
         raise TypeError(f"{name} must be an integer tensor of token ids, got {t.dtype}")
 
 
+def reads_values(*tensors) -> bool:
+    """Whether a check may read tensor values (one reduction and a host sync): not while
+    ``torch.compile`` traces (a data-dependent branch breaks ``fullgraph=True``), not on meta or fake
+    tensors (no data). Such checks then do not run; the shape and dtype checks always do."""
+    if torch.compiler.is_compiling():
+        return False
+    from torch._subclasses.fake_tensor import is_fake
+
+    return not any(t.device.type == "meta" or is_fake(t) for t in tensors)
+
+
 def check_mask(name: str, mask, shape=None, what: str = "") -> None:
     """A loss/attention mask: bool, integer or floating, holding only 0 and 1 (one reduction).
 
@@ -31,7 +42,7 @@ def check_mask(name: str, mask, shape=None, what: str = "") -> None:
         raise TypeError(f"{name} must be a bool, integer or floating tensor of 0/1, got {mask.dtype}")
     if shape is not None and tuple(mask.shape) != tuple(shape):
         raise ValueError(f"{name} must have shape {tuple(shape)}{what}, got {tuple(mask.shape)}")
-    if mask.dtype == torch.bool or mask.numel() == 0:
+    if mask.dtype == torch.bool or mask.numel() == 0 or not reads_values(mask):
         return
     bad = (mask != 0) & (mask != 1)
     if bool(bad.any()):
@@ -75,19 +86,26 @@ def check_same_device(**tensors) -> None:
             raise ValueError(f"{name} is on {t.device} but {first_name} is on {first.device}; move them to one device")
 
 
+def is_finite(value) -> bool:
+    """``math.isfinite`` for a Python number, written as comparisons: ``torch.compile(dynamic=True)``
+    traces float arguments as symbolic floats, which comparisons guard on and ``math.isfinite`` breaks
+    the graph on (NaN fails both comparisons)."""
+    return -math.inf < value < math.inf
+
+
 def check_positive_finite(name: str, value, *, allow_none: bool = False) -> None:
     if value is None and allow_none:
         return
     if isinstance(value, torch.Tensor) or not isinstance(value, (int, float)) or isinstance(value, bool):
         raise TypeError(f"{name} must be a Python number, got {type(value).__name__}")
-    if not math.isfinite(value) or value <= 0:
+    if not is_finite(value) or value <= 0:
         raise ValueError(f"{name} must be finite and > 0, got {value}")
 
 
 def check_finite(name: str, value) -> None:
     if isinstance(value, torch.Tensor) or not isinstance(value, (int, float)) or isinstance(value, bool):
         raise TypeError(f"{name} must be a Python number, got {type(value).__name__}")
-    if not math.isfinite(value):
+    if not is_finite(value):
         raise ValueError(f"{name} must be finite, got {value}")
 
 
@@ -121,7 +139,7 @@ def check_transform(temperature, softcap, logit_scale, *, names=("temperature", 
 
 def check_targets_range(targets: torch.Tensor, vocab_size: int, ignore_index: int) -> None:
     """Every target is in [0, V) or equals ignore_index (one reduction, one sync)."""
-    if targets.numel() == 0:
+    if targets.numel() == 0 or not reads_values(targets):
         return
     targets = targets.to(torch.int64)  # compare in int64, never in the ids' own (narrow) dtype
     bad = (targets != ignore_index) & ((targets < 0) | (targets >= vocab_size))

@@ -18,7 +18,7 @@ from typing import Optional
 import torch
 
 from . import _validate as V
-from ._autograd import LinearLogprobsFunction, LogprobsFromLogitsFunction
+from . import _custom_ops as _ops
 from ._types import LogitTransform, TokenStats
 from . import _sampling
 from .backends import get_backend
@@ -135,7 +135,7 @@ _NO_IGNORE = -100
 def _resolve_ignore(targets: torch.Tensor, vocab: int, ignore_index) -> int:
     """Range-check int64 ``targets``; return the ignore index the backends get (``_NO_IGNORE`` for None)."""
     if ignore_index is None:
-        if targets.numel() and bool(((targets < 0) | (targets >= vocab)).any()):
+        if targets.numel() and V.reads_values(targets) and bool(((targets < 0) | (targets >= vocab)).any()):
             bad = targets[(targets < 0) | (targets >= vocab)].reshape(-1)[0].item()
             raise ValueError(f"targets must be in [0, {vocab}) (ignore_index=None: no row is skipped); found {bad}")
         return _NO_IGNORE
@@ -257,7 +257,7 @@ def linear_logprobs(
     y = targets.reshape(-1).long().contiguous()
     w, b = weight.contiguous(), None if bias is None else bias.contiguous()
     if prm is None or k is not None:
-        outs = LinearLogprobsFunction.apply(x, w, b, y, tf, int(ignore_index), bool(entropy) and prm is None, k, be)
+        outs = _ops.linear_logprobs(x, w, b, y, tf, int(ignore_index), bool(entropy) and prm is None, k, be)
         stats = _finish(outs, lead, bool(entropy) and prm is None, k is not None)
     if prm is None:
         return stats
@@ -362,7 +362,7 @@ def logprobs_from_logits(
     z = logits.reshape(-1, vocab).contiguous()
     y = targets.reshape(-1).contiguous()
     if prm is None or k is not None:
-        outs = LogprobsFromLogitsFunction.apply(z, y, tf, ignore_index, bool(entropy) and prm is None, k, be)
+        outs = _ops.logprobs_from_logits(z, y, tf, ignore_index, bool(entropy) and prm is None, k, be)
         stats = _finish(outs, lead, bool(entropy) and prm is None, k is not None)
     if prm is None:
         return stats

@@ -508,6 +508,9 @@ class LinearGRPOLoss(nn.Module):
             t is not None and t.requires_grad for t in (_input, lin_weight, bias)
         )
         use_single = why is None and self.single_pass is not False and needs_grad
+        # Under torch.compile the auto choice is the two-pass path: it is custom ops plus torch (one graph);
+        # the single pass takes gradients inside forward over data-dependent row chunks (graph breaks).
+        use_single = use_single and not (self.single_pass is None and torch.compiler.is_compiling())
 
         common = dict(
             advantages=advantages, mask=attention_mask, old=old_per_token_logps, ref=ref, is_ratio=vllm_is_ratio,
@@ -569,7 +572,7 @@ class LinearGRPOLoss(nn.Module):
 
     @staticmethod
     def _check_ids(targets, valid, vocab):
-        if targets.numel() == 0:
+        if targets.numel() == 0 or not V.reads_values(targets):
             return
         bad = (targets != _IGNORE) & ((targets < 0) | (targets >= vocab))
         bad = bad | (valid & (targets == _IGNORE))
