@@ -373,6 +373,16 @@ def test_repo_r_and_kl_cov_train(tokenizer, tmp_path):
 # ---------------------------------------------------------------------------------------------
 
 
+def _op_impls():
+    from fused_entropy import _custom_ops as ops
+
+    defs = [getattr(ops, n) for n in dir(ops) if n.endswith("_op") and hasattr(getattr(ops, n), "_init_fn")]
+    return {d._opoverload: d._init_fn for d in defs}
+
+
+_OP_IMPLS = _op_impls()
+
+
 class _VocabTensors(TorchDispatchMode):
     """Records the row count of every new tensor an op produces whose last dimension is the vocabulary."""
 
@@ -381,6 +391,10 @@ class _VocabTensors(TorchDispatchMode):
         self.rows = []
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        impl = _OP_IMPLS.get(func)
+        if impl is not None:  # a fused_entropy custom op: watch the ops inside it too
+            with self:
+                return impl(*args, **(kwargs or {}))
         out = func(*args, **(kwargs or {}))
         if func.is_view:  # views (W.T) allocate nothing
             return out
@@ -574,3 +588,36 @@ def test_resume_with_restore_callback_states(tokenizer, tmp_path):
     assert len(cbs) == 1 and cbs[0].trainer is resumed
     entry = _saved_entry(os.path.join(out, "checkpoint-3"))
     assert entry["attributes"]["entropy_controller"]["value"] == pytest.approx(0.03)
+
+
+def test_sampling_replay_options(tmp_path):
+    """GRPOConfig's top_k/top_p/min_p become the head's truncation; the switch needs vLLM's IS correction."""
+    from fused_entropy.integrations.trl import sampling_truncation
+
+    off = GRPOConfig(**dict(BASE, output_dir=str(tmp_path), top_k=0, top_p=1.0, min_p=None))
+    assert sampling_truncation(off) is None
+    on = GRPOConfig(**dict(BASE, output_dir=str(tmp_path), top_k=20, top_p=0.95, min_p=0.05))
+    assert sampling_truncation(on) == (20, 0.95, 0.05)
+    with pytest.raises(ValueError, match="sampling_replay=True needs use_vllm=True"):
+        FusedEntropyGRPOConfig(**dict(BASE, output_dir=str(tmp_path), sampling_replay=True, top_k=20))
+
+
+def test_sampling_replay_head_returns_truncated_logprobs():
+    """HeadRequest(sampling=...) gives the truncated log-probs (full ones where the target is dropped)."""
+    from fused_entropy import linear_logprobs
+    from fused_entropy.integrations.trl import HeadRequest, install_fused_head
+
+    torch.manual_seed(0)
+    model = make_model().double()
+    install_fused_head(model, temperature=0.7)
+    ids = torch.randint(4, len(VOCAB), (2, 9))
+    mask = torch.ones_like(ids)
+    k = 5
+    got = model(input_ids=ids, attention_mask=mask, fused_entropy=HeadRequest(k, sampling=(40, 0.95, None)))
+    hidden = model.base_model(input_ids=ids, attention_mask=mask).last_hidden_state[:, -k - 1:-1]
+    want = linear_logprobs(hidden, model.lm_head.weight, ids[:, -k:], temperature=0.7, entropy=False,
+                           sampling_top_k=40, sampling_top_p=0.95)
+    trunc = want.truncated_logprobs
+    assert bool(torch.isfinite(trunc).any())
+    expect = torch.where(torch.isinf(trunc), want.logprobs, trunc)
+    torch.testing.assert_close(got.logprobs, expect, rtol=1e-12, atol=1e-12)

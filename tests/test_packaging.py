@@ -43,7 +43,10 @@ EXTRA_RANGES = {"liger-kernel": ">=0.8.5,<0.9", "trl": ">=1.16,<1.18"}
 def metadata(tmp_path_factory):
     """The wheel's METADATA, from setuptools' PEP 517 metadata hook run on the repository."""
     out = tmp_path_factory.mktemp("metadata")
-    code = ("import sys; from setuptools import build_meta; "
+    # cwd (the repository root) off sys.path: its kernels/ folder would shadow the `kernels` package
+    # (Hugging Face's, a test dependency) whose setuptools hook the metadata build imports
+    code = ("import sys; sys.path[:] = [p for p in sys.path if p not in ('', '.')]; "
+            "from setuptools import build_meta; "
             "print(build_meta.prepare_metadata_for_build_wheel(sys.argv[1]))")
     res = subprocess.run([sys.executable, "-c", code, str(out)], cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert res.returncode == 0, res.stderr[-3000:]

@@ -144,6 +144,13 @@ class FusedEntropyGRPOConfig(GRPOConfig):
     repo_entropy_target: Optional[float] = field(
         default=None, metadata={"help": "REPO-R: entropy target for zeta (None: the first step's entropy)."}
     )
+    sampling_replay: bool = field(
+        default=False,
+        metadata={"help": "Take every log-prob the trainer computes under the sampler's truncation (top_k, top_p, "
+                  "min_p of this config, vLLM's rule), so the vLLM importance ratio against processed log-probs "
+                  "(vLLM logprobs_mode='processed_logprobs') carries no log S. Needs use_vllm and "
+                  "vllm_importance_sampling_correction."},
+    )
     fused_backend: str = field(
         default="auto", metadata={"help": "fused-entropy backend: 'auto' (Triton on CUDA, torch elsewhere), 'torch', 'triton'."}
     )
@@ -168,6 +175,16 @@ def _controller_kind(args) -> Optional[str]:
     if args.use_adaptive_entropy:
         return "adaptive"
     return "static" if args.entropy_coef != 0.0 else None
+
+
+def sampling_truncation(args) -> Optional[tuple]:
+    """``(top_k, top_p, min_p)`` of a GRPOConfig as ``linear_logprobs``'s ``sampling_*`` values (None for a
+    rule that is off: TRL's ``top_k`` 0 or -1, ``top_p`` 1, ``min_p`` None or 0), or None when none
+    truncates."""
+    k = args.top_k if args.top_k is not None and args.top_k > 0 else None
+    p = args.top_p if args.top_p is not None and args.top_p < 1.0 else None
+    mp = args.min_p if args.min_p else None
+    return None if k is None and p is None and mp is None else (k, p, mp)
 
 
 def validate_options(args) -> None:
@@ -212,6 +229,13 @@ def validate_options(args) -> None:
             raise ValueError(f"clip_cov_lb must be < clip_cov_ub, got {_opt(args, 'clip_cov_lb')} >= {_opt(args, 'clip_cov_ub')}")
     if _opt(args, "use_repo_r"):
         _build_repo(args)
+    if _opt(args, "sampling_replay"):
+        if not (getattr(args, "use_vllm", False) and getattr(args, "vllm_importance_sampling_correction", False)):
+            raise ValueError("sampling_replay=True needs use_vllm=True and vllm_importance_sampling_correction=True "
+                             "(it makes the ratio against vLLM's processed log-probs unbiased)")
+        if sampling_truncation(args) is None:
+            raise ValueError("sampling_replay=True but top_k, top_p and min_p truncate nothing "
+                             f"(top_k={args.top_k}, top_p={args.top_p}, min_p={args.min_p})")
     if _opt(args, "fused_backend") not in _grpo.GRPO_BACKENDS:
         raise ValueError(f"fused_backend must be one of {_grpo.GRPO_BACKENDS}, got {_opt(args, 'fused_backend')!r}")
 
@@ -252,11 +276,14 @@ class HeadRequest(NamedTuple):
 
     ``logits_to_keep``: score the last ``K`` tokens (the completion), predicted from positions
     ``L-K-1 .. L-2``. ``entropy``/``clamped``: also return the full / clamped entropy.
+    ``sampling``: ``(top_k, top_p, min_p)``; ``logprobs`` are then the truncated log-probs (MATH.md
+    section 8; a target the truncation drops keeps its full log-prob).
     """
 
     logits_to_keep: int
     entropy: bool = False
     clamped: bool = False
+    sampling: Optional[tuple] = None  # (top_k, top_p, min_p): log-probs under the sampler's truncation
 
 
 def logit_transform_of(config) -> tuple:
@@ -322,7 +349,11 @@ def install_fused_head(model, *, temperature: float, topk=None, clamp_p=None, ba
                 logit_scale=logit_scale, entropy=fused_entropy.entropy,
                 topk=topk if fused_entropy.clamped else None, clamp_p=clamp_p if fused_entropy.clamped else None,
                 backend=backend,
+                **dict(zip(("sampling_top_k", "sampling_top_p", "sampling_min_p"), fused_entropy.sampling or ())),
             )
+            if stats.truncated_logprobs is not None:
+                trunc = stats.truncated_logprobs
+                stats = stats._replace(logprobs=torch.where(torch.isinf(trunc), stats.logprobs, trunc))
         scatter = lambda x: None if x is None else x.new_zeros(valid.shape).masked_scatter(valid, x)  # noqa: E731
         return TokenStats(*(scatter(x) for x in stats))
 
@@ -411,6 +442,7 @@ class FusedEntropyGRPOTrainer(GRPOTrainer):
         self._entropy_source = _opt(args, "entropy_source")
         self._topk, self._clamp_p = _opt(args, "topk"), _opt(args, "clamp_p")
         self._want_clamped = self._topk is not None or self._clamp_p is not None
+        self._sampling = sampling_truncation(args) if _opt(args, "sampling_replay") else None
         policy = self.model.get_base_model() if hasattr(self.model, "get_base_model") else self.model
         vocab = policy.get_output_embeddings().weight.shape[0]
         if self._topk is not None and self._topk > vocab:
@@ -499,7 +531,7 @@ class FusedEntropyGRPOTrainer(GRPOTrainer):
     def _fused_token_stats(self, model, input_ids, attention_mask, logits_to_keep, batch_size=None,
                            entropy=False, clamped=False) -> TokenStats:
         batch_size = batch_size or input_ids.size(0)
-        request = HeadRequest(int(logits_to_keep), bool(entropy), bool(clamped))
+        request = HeadRequest(int(logits_to_keep), bool(entropy), bool(clamped), getattr(self, "_sampling", None))
         parts = []
         for start in range(0, input_ids.size(0), batch_size):
             end = min(start + batch_size, input_ids.size(0))
