@@ -59,6 +59,7 @@ from .backends.torch_chunked import (
     _softcap_factor,
     _Workspace,
     chunk_rows,
+    workspace_bytes,
 )
 
 __all__ = ["SamplingParams", "resolve", "SampledLinearFunction", "SampledLogitsFunction"]
@@ -210,31 +211,41 @@ def _top_p_threshold(z, t, shift, top_p, vocab: int, red: _Local) -> torch.Tenso
     k = min(_TOP_P_FIRST, vocab)
     goal = None  # keep a group iff the mass strictly above it is < goal = p * (mass of {z >= t})
     while rows.numel():
-        vals = _largest(z if rows.numel() == c else z[rows], k, red)
-        vals = torch.where(vals >= t[rows, None], vals, torch.full_like(vals, -torch.inf))
-        e = torch.exp(vals.double() - shift[rows].double()[:, None])
-        incl = torch.cumsum(e, dim=1)
-        whole = (vals[:, -1] == -torch.inf) | (k >= vocab)  # every kept logit is a candidate
-        if goal is None:
-            if bool(whole.all()):
-                mass = incl[:, -1]
-            else:  # one pass over the block for the kept mass (identical on every rank)
-                kept = torch.where(z >= t[:, None], torch.exp(z - shift[:, None]), torch.zeros_like(z))
-                mass = red.sum(kept.sum(-1, dtype=torch.float64))
-            goal = top_p * mass
-        g = goal[rows]
-        excl = torch.cat([incl.new_zeros(incl.shape[0], 1), incl[:, :-1]], dim=1)
-        start = torch.ones_like(vals, dtype=torch.bool)
-        start[:, 1:] = vals[:, 1:] != vals[:, :-1]
-        above = torch.cummax(torch.where(start, excl, torch.full_like(excl, -torch.inf)), dim=1).values
-        keep = (above < g[:, None]) & (vals > -torch.inf)
-        last = (keep.sum(-1) - 1).clamp(min=0)
-        done = (incl[:, -1] >= g) | whole
-        out[rows[done]] = vals[done].gather(1, last[done, None]).squeeze(1)
-        if not bool(done.all()):
-            need = float((g[~done] / incl[~done, -1]).max())
+        # rows per step so the candidates' temporaries (~48 bytes each) stay within the workspace bound
+        step = max(1, workspace_bytes() // (48 * k))
+        undone, need = [], 0.0
+        for r0 in range(0, rows.numel(), step):
+            sub = rows[r0:r0 + step]
+            vals = _largest(z if sub.numel() == c else z[sub], k, red)
+            vals = torch.where(vals >= t[sub, None], vals, torch.full_like(vals, -torch.inf))
+            e = torch.exp(vals.double() - shift[sub].double()[:, None])
+            incl = torch.cumsum(e, dim=1)
+            del e
+            whole = (vals[:, -1] == -torch.inf) | (k >= vocab)  # every kept logit is a candidate
+            if goal is None:
+                if bool(whole.all()) and sub.numel() == c:
+                    mass = incl[:, -1]
+                else:  # one pass over the block for the kept mass (identical on every rank)
+                    kept = torch.where(z >= t[:, None], torch.exp(z - shift[:, None]), torch.zeros_like(z))
+                    mass = red.sum(kept.sum(-1, dtype=torch.float64))
+                    del kept
+                goal = top_p * mass
+            g = goal[sub]
+            excl = torch.cat([incl.new_zeros(incl.shape[0], 1), incl[:, :-1]], dim=1)
+            start = torch.ones_like(vals, dtype=torch.bool)
+            start[:, 1:] = vals[:, 1:] != vals[:, :-1]
+            above = torch.cummax(torch.where(start, excl, torch.full_like(excl, -torch.inf)), dim=1).values
+            del excl, start
+            keep = (above < g[:, None]) & (vals > -torch.inf)
+            last = (keep.sum(-1) - 1).clamp(min=0)
+            done = (incl[:, -1] >= g) | whole
+            out[sub[done]] = vals[done].gather(1, last[done, None]).squeeze(1)
+            if not bool(done.all()):
+                need = max(need, float((g[~done] / incl[~done, -1]).max()))
+                undone.append(sub[~done])
+        rows = torch.cat(undone) if undone else rows[:0]
+        if rows.numel():
             k = min(vocab, max(4 * k, int(1.25 * k * need) + 1))
-        rows = rows[~done]
     return out
 
 
