@@ -1,368 +1,28 @@
-"""TRL adapter: ``GRPOTrainer`` whose policy log-probs, entropies and loss run through fused-entropy.
-
-``FusedEntropyGRPOTrainer`` is TRL 1.16's ``GRPOTrainer`` with two parts replaced:
-
-- **the LM head.** The model's forward gets a ``fused_entropy=`` mode (installed next to TRL's own
-  ``fused_lm_head=`` mode, so DDP/FSDP wrappers still see a normal forward call): it runs the
-  backbone, takes the last hidden states of the completion positions and applies
-  :func:`fused_entropy.linear_logprobs` with the head's weight, TRL's temperature and the model's
-  logit softcap/scale. No ``[B, T, V]`` logits are allocated; the ``lm_head`` module is never called.
-  The reference model uses the same head, so the KL term compares like with like.
-- **the loss.** :func:`fused_entropy.grpo_loss` with TRL's options (loss types, token/sequence
-  importance sampling, ``delta``, ``beta`` and the bias-corrected KL, vLLM importance ratios, the
-  off-policy sequence mask, ``top_entropy_quantile``) and TRL's normalization for gradient
-  accumulation, so that with the entropy bonus off the loss and gradients equal stock TRL's.
-
-Added on top (``FusedEntropyGRPOConfig`` fields):
-
-- ``entropy_source="full"|"clamped"`` with ``topk`` or ``clamp_p``: the bonus (and the 80/20 mask)
-  use the top-k clamped entropy of MATH.md section 3 (AEnt).
-- ``entropy_controller="static"|"adaptive"|"aent"``: the bonus coefficient comes from
-  :mod:`fused_entropy.control` (``None``: TRL's own fields decide, ``use_adaptive_entropy`` giving
-  "adaptive", a non-zero ``entropy_coef`` giving "static"). AEnt's band uses ``entropy_low``,
-  ``entropy_high``, ``entropy_coef_lr``, ``entropy_coef_min/max``, ``entropy_coef_warmup``.
-- ``loss_type="clip_cov"|"kl_cov"`` (Cui et al., verl names and defaults).
-- ``use_repo_r``: REPO-R advantage shaping with the REPO zeta controller.
-
-Controller state (the entropy controller's and REPO's zeta) travels in each checkpoint's
-``trainer_state.json``, under ``stateful_callbacks["ControllerStateCallback"]``: the trainer adds a
-:class:`ControllerStateCallback` (a ``TrainerCallback`` and ``ExportableState``), which transformers'
-``Trainer`` saves with every checkpoint; on resume the trainer reads it back whatever
-``restore_callback_states_from_checkpoint`` says (it is training state, like the optimizer's). A
-checkpoint without that entry, written by an earlier fused-entropy, is resumed from its side file
-``fused_entropy_state.json``, and one of stock ``GRPOTrainer`` from TRL's ``entropy_ctrl_state.json``.
-Both files are still written (the adaptive controller's TRL file only), so earlier fused-entropy
-releases and stock ``GRPOTrainer`` can resume the run.
-"""
+"""``FusedEntropyGRPOTrainer`` (TRL's ``GRPOTrainer`` with the fused head and loss) and the
+``ControllerStateCallback`` that carries its controller state in ``trainer_state.json``."""
 from __future__ import annotations
 
 import json
 import math
 import os
-import warnings
-from dataclasses import dataclass, field, fields
-from typing import NamedTuple, Optional
+from typing import Optional
 
 import torch
+from transformers import TrainerCallback
+from transformers.trainer_callback import ExportableState
+from trl import GRPOConfig, GRPOTrainer
+from trl.trainer.utils import nanmax, nanmin
 
-from .. import _grpo
-from .._types import TokenStats
-from .._validate import check_mask, check_transform, resolve_k
-from ..control import AdaptiveEntropyCoef, AEntCoef, REPOZeta, StaticEntropyCoef, repo_r_advantages
-from ..backends import get_backend
-from ..functional import linear_logprobs
-
-try:
-    import trl
-    from transformers import TrainerCallback
-    from transformers.trainer_callback import ExportableState
-    from trl import GRPOConfig, GRPOTrainer
-    from trl.trainer.utils import nanmax, nanmin
-except ImportError as e:  # pragma: no cover - exercised only without the extra installed
-    raise ImportError("fused_entropy.integrations.trl needs TRL: pip install 'fused-entropy[trl]'") from e
-
-#: The TRL releases this adapter is tested against (CI installs the extra's lower bound). It
-#: overrides GRPOTrainer internals (_compute_loss, _get_per_token_logps_and_entropies, the metrics
-#: dict), so another release may change the loss without an error. Other releases get a warning,
-#: not a refusal: one that changed nothing the adapter touches stays usable.
-SUPPORTED_TRL = ("1.16",)
-
-
-def check_trl_version(version: str) -> None:
-    """Warn (``UserWarning``) when ``version`` is a TRL release outside :data:`SUPPORTED_TRL`."""
-    if ".".join(version.split(".")[:2]) not in SUPPORTED_TRL:
-        warnings.warn(
-            f"fused_entropy.integrations.trl is tested with TRL {', '.join(v + '.x' for v in SUPPORTED_TRL)}; found "
-            f"trl {version}. FusedEntropyGRPOTrainer overrides GRPOTrainer internals, so check its loss against "
-            "stock GRPOTrainer, or install 'fused-entropy[trl]'.",
-            UserWarning, stacklevel=2,
-        )
-
-
-check_trl_version(trl.__version__)
-
-__all__ = ["ControllerStateCallback", "FusedEntropyGRPOConfig", "FusedEntropyGRPOTrainer", "install_fused_head"]
+from ... import _grpo
+from ..._types import TokenStats
+from ...backends import get_backend
+from ...control import AdaptiveEntropyCoef, StaticEntropyCoef, repo_r_advantages
+from .config import FusedEntropyGRPOConfig, build_controller, build_repo, option, sampling_truncation, validate_options
+from .head import HeadRequest, install_fused_head
 
 STATE_FILE = "fused_entropy_state.json"
 TRL_STATE_FILE = "entropy_ctrl_state.json"
 TRAINER_STATE_FILE = "trainer_state.json"  # transformers' TRAINER_STATE_NAME (its module moved between releases)
-ENTROPY_SOURCES = _grpo.ENTROPY_SOURCES
-CONTROLLERS = (None, "static", "adaptive", "aent")
-
-
-@dataclass
-class FusedEntropyGRPOConfig(GRPOConfig):
-    """``GRPOConfig`` plus the fused-entropy options (every TRL field keeps its meaning).
-
-    Loss types: TRL's ``grpo``, ``bnpo``, ``dr_grpo``, ``dapo``, ``cispo``, ``sapo``, ``luspo``,
-    ``vespo``, plus ``clip_cov`` and ``kl_cov`` (token-level; normalized like ``dapo``).
-    """
-
-    entropy_source: str = field(
-        default="full",
-        metadata={"help": "Entropy used by the entropy bonus, its controller and the top-entropy mask: 'full', or "
-                  "'clamped' (entropy of the softmax over the top-k logits; needs `topk` or `clamp_p`)."},
-    )
-    topk: Optional[int] = field(
-        default=None, metadata={"help": "Size k of the clamped set (the k largest logits). At most one of topk, clamp_p."}
-    )
-    clamp_p: Optional[float] = field(
-        default=None,
-        metadata={"help": "AEnt clamp: drop the floor(clamp_p * V) lowest logits (k = V - floor(p V)); e.g. 0.33."},
-    )
-    entropy_controller: Optional[str] = field(
-        default=None,
-        metadata={"help": "Controller of the entropy-bonus coefficient: 'static' (entropy_coef), 'adaptive' "
-                  "(Skywork-OR1/TRL rule with entropy_target, entropy_coef_delta, entropy_coef_min/max), 'aent' "
-                  "(AEnt band rule). None: 'adaptive' if use_adaptive_entropy, 'static' if entropy_coef != 0, "
-                  "else no bonus. `entropy_coef` is the initial coefficient for every controller."},
-    )
-    adaptive_entropy_strict: bool = field(
-        default=False, metadata={"help": "Adaptive controller: use `entropy < target` (Skywork-OR1's code) instead of <=."}
-    )
-    adaptive_entropy_start_enabled: bool = field(
-        default=False,
-        metadata={"help": "Adaptive controller: apply the bonus in the first step (Skywork-OR1) instead of waiting "
-                  "for the first measurement (TRL)."},
-    )
-    entropy_low: Optional[float] = field(default=None, metadata={"help": "AEnt: lower edge of the entropy band."})
-    entropy_high: Optional[float] = field(default=None, metadata={"help": "AEnt: upper edge of the entropy band."})
-    entropy_coef_lr: Optional[float] = field(default=None, metadata={"help": "AEnt: step size of the coefficient."})
-    entropy_coef_warmup: int = field(default=0, metadata={"help": "AEnt: optimizer steps before the first update."})
-    entropy_coef_reg: float = field(default=0.0, metadata={"help": "AEnt: pull of the coefficient toward its initial value."})
-    clip_cov_ratio: float = field(default=2e-4, metadata={"help": "Clip-Cov: fraction of tokens whose gradient is cut."})
-    clip_cov_lb: float = field(default=1.0, metadata={"help": "Clip-Cov: lower covariance bound."})
-    clip_cov_ub: float = field(default=5.0, metadata={"help": "Clip-Cov: upper covariance bound."})
-    kl_cov_ratio: float = field(default=2e-4, metadata={"help": "KL-Cov: fraction of tokens that get the KL penalty."})
-    ppo_kl_coef: float = field(default=1.0, metadata={"help": "KL-Cov: coefficient of |log r| on the selected tokens."})
-    use_repo_r: bool = field(
-        default=False, metadata={"help": "REPO-R: shape advantages with the log-prob of the sampled token (arXiv 2603.11682)."}
-    )
-    repo_zeta: float = field(default=0.01, metadata={"help": "REPO-R: initial zeta."})
-    repo_zeta_min: float = field(default=1e-4, metadata={"help": "REPO-R: lower bound of zeta."})
-    repo_zeta_max: float = field(default=0.05, metadata={"help": "REPO-R: upper bound of zeta."})
-    repo_entropy_target: Optional[float] = field(
-        default=None, metadata={"help": "REPO-R: entropy target for zeta (None: the first step's entropy)."}
-    )
-    sampling_replay: bool = field(
-        default=False,
-        metadata={"help": "Take every log-prob the trainer computes under the sampler's truncation (top_k, top_p, "
-                  "min_p of this config, vLLM's rule), so the vLLM importance ratio against processed log-probs "
-                  "(vLLM logprobs_mode='processed_logprobs') carries no log S. Needs use_vllm and "
-                  "vllm_importance_sampling_correction."},
-    )
-    fused_backend: str = field(
-        default="auto", metadata={"help": "fused-entropy backend: 'auto' (Triton on CUDA, torch elsewhere), 'torch', 'triton'."}
-    )
-
-    def __post_init__(self):
-        super().__post_init__()
-        validate_options(self)
-
-
-_EXTRA_DEFAULTS = {f.name: f.default for f in fields(FusedEntropyGRPOConfig) if f.name not in {g.name for g in fields(GRPOConfig)}}
-
-
-def _opt(args, name):
-    """An added option from ``args``, or its default when ``args`` is a plain ``GRPOConfig``."""
-    return getattr(args, name, _EXTRA_DEFAULTS[name])
-
-
-def _controller_kind(args) -> Optional[str]:
-    kind = _opt(args, "entropy_controller")
-    if kind is not None:
-        return kind
-    if args.use_adaptive_entropy:
-        return "adaptive"
-    return "static" if args.entropy_coef != 0.0 else None
-
-
-def sampling_truncation(args) -> Optional[tuple]:
-    """``(top_k, top_p, min_p)`` of a GRPOConfig as ``linear_logprobs``'s ``sampling_*`` values (None for a
-    rule that is off: TRL's ``top_k`` 0 or -1, ``top_p`` 1, ``min_p`` None or 0), or None when none
-    truncates."""
-    k = args.top_k if args.top_k is not None and args.top_k > 0 else None
-    p = args.top_p if args.top_p is not None and args.top_p < 1.0 else None
-    mp = args.min_p if args.min_p else None
-    return None if k is None and p is None and mp is None else (k, p, mp)
-
-
-def validate_options(args) -> None:
-    """Reject option combinations the trainer cannot honour, naming the option (no model needed)."""
-    src = _opt(args, "entropy_source")
-    if src not in ENTROPY_SOURCES:
-        raise ValueError(f"entropy_source must be one of {ENTROPY_SOURCES}, got {src!r}")
-    topk, clamp_p = _opt(args, "topk"), _opt(args, "clamp_p")
-    if topk is not None and clamp_p is not None:
-        raise ValueError(f"give at most one of topk and clamp_p, got topk={topk} and clamp_p={clamp_p}")
-    if src == "clamped" and topk is None and clamp_p is None:
-        raise ValueError("entropy_source='clamped' needs topk or clamp_p (the size of the clamped set)")
-    if topk is not None and (isinstance(topk, bool) or not isinstance(topk, int) or topk < 1):
-        raise ValueError(f"topk must be an int >= 1, got {topk!r}")
-    if clamp_p is not None:
-        resolve_k(None, clamp_p, 1 << 30)  # range check only; k needs the vocabulary size
-    kind = _opt(args, "entropy_controller")
-    if kind not in CONTROLLERS:
-        raise ValueError(f"entropy_controller must be one of {CONTROLLERS}, got {kind!r}")
-    if args.use_adaptive_entropy and kind not in (None, "adaptive"):
-        raise ValueError(f"use_adaptive_entropy=True conflicts with entropy_controller={kind!r}; set one of them")
-    if kind == "aent":
-        missing = [n for n in ("entropy_low", "entropy_high", "entropy_coef_lr") if _opt(args, n) is None]
-        if missing:
-            raise ValueError(f"entropy_controller='aent' needs {', '.join(missing)} (AEnt's band and step size)")
-    _build_controller(args)  # the controllers check their own numbers (bounds, init within bounds)
-    if args.loss_type not in _grpo.LOSS_TYPES:
-        raise ValueError(f"loss_type must be one of {_grpo.LOSS_TYPES}, got {args.loss_type!r}")
-    if args.importance_sampling_level not in _grpo.IMPORTANCE_SAMPLING_LEVELS:
-        raise ValueError(
-            f"importance_sampling_level must be one of {_grpo.IMPORTANCE_SAMPLING_LEVELS}, got {args.importance_sampling_level!r}"
-        )
-    if args.loss_type in _grpo.COV_TYPES and args.importance_sampling_level != "token":
-        raise ValueError(f"loss_type={args.loss_type!r} is token-level; importance_sampling_level must be 'token'")
-    _grpo._check_quantile(args.top_entropy_quantile)
-    if args.loss_type == "vespo" and args.off_policy_mask_threshold is not None:
-        raise ValueError("off_policy_mask_threshold is not supported with loss_type='vespo' by FusedEntropyGRPOTrainer")
-    if args.loss_type in _grpo.COV_TYPES:
-        _grpo._check_fraction("clip_cov_ratio", _opt(args, "clip_cov_ratio"))
-        _grpo._check_fraction("kl_cov_ratio", _opt(args, "kl_cov_ratio"))
-        if _opt(args, "clip_cov_lb") >= _opt(args, "clip_cov_ub"):
-            raise ValueError(f"clip_cov_lb must be < clip_cov_ub, got {_opt(args, 'clip_cov_lb')} >= {_opt(args, 'clip_cov_ub')}")
-    if _opt(args, "use_repo_r"):
-        _build_repo(args)
-    if _opt(args, "sampling_replay"):
-        if not (getattr(args, "use_vllm", False) and getattr(args, "vllm_importance_sampling_correction", False)):
-            raise ValueError("sampling_replay=True needs use_vllm=True and vllm_importance_sampling_correction=True "
-                             "(it makes the ratio against vLLM's processed log-probs unbiased)")
-        if sampling_truncation(args) is None:
-            raise ValueError("sampling_replay=True but top_k, top_p and min_p truncate nothing "
-                             f"(top_k={args.top_k}, top_p={args.top_p}, min_p={args.min_p})")
-    if _opt(args, "fused_backend") not in _grpo.GRPO_BACKENDS:
-        raise ValueError(f"fused_backend must be one of {_grpo.GRPO_BACKENDS}, got {_opt(args, 'fused_backend')!r}")
-
-
-def _build_controller(args):
-    kind = _controller_kind(args)
-    if kind is None:
-        return None
-    if kind == "static":
-        return StaticEntropyCoef(args.entropy_coef)
-    if kind == "adaptive":
-        return AdaptiveEntropyCoef(
-            target=args.entropy_target, delta=args.entropy_coef_delta, coef_min=args.entropy_coef_min,
-            coef_max=args.entropy_coef_max, init=args.entropy_coef, strict=_opt(args, "adaptive_entropy_strict"),
-            start_enabled=_opt(args, "adaptive_entropy_start_enabled"),
-        )
-    return AEntCoef(
-        low=_opt(args, "entropy_low"), high=_opt(args, "entropy_high"), lr=_opt(args, "entropy_coef_lr"),
-        coef_min=args.entropy_coef_min, coef_max=args.entropy_coef_max, init=args.entropy_coef,
-        warmup=_opt(args, "entropy_coef_warmup"), reg=_opt(args, "entropy_coef_reg"),
-    )
-
-
-def _build_repo(args):
-    if not _opt(args, "use_repo_r"):
-        return None
-    return REPOZeta(init=_opt(args, "repo_zeta"), zeta_min=_opt(args, "repo_zeta_min"),
-                    zeta_max=_opt(args, "repo_zeta_max"), target=_opt(args, "repo_entropy_target"))
-
-
-# ---------------------------------------------------------------------------------------------
-# the fused head, installed on the model's forward
-# ---------------------------------------------------------------------------------------------
-
-
-class HeadRequest(NamedTuple):
-    """What one ``model(..., fused_entropy=HeadRequest(...))`` call computes.
-
-    ``logits_to_keep``: score the last ``K`` tokens (the completion), predicted from positions
-    ``L-K-1 .. L-2``. ``entropy``/``clamped``: also return the full / clamped entropy.
-    ``sampling``: ``(top_k, top_p, min_p)``; ``logprobs`` are then the truncated log-probs (MATH.md
-    section 8; a target the truncation drops keeps its full log-prob).
-    """
-
-    logits_to_keep: int
-    entropy: bool = False
-    clamped: bool = False
-    sampling: Optional[tuple] = None  # (top_k, top_p, min_p): log-probs under the sampler's truncation
-
-
-def logit_transform_of(config) -> tuple:
-    """``(softcap, logit_scale)`` that the model applies to its logits, read from the config.
-
-    The same fields TRL's fused head reads: ``final_logit_softcapping``; ``logit_scale``,
-    ``output_multiplier``, ``lm_head_multiplier`` or ``logits_scaling`` (a divisor, except for
-    HyperCLOVA X where it multiplies).
-    """
-    tc = config.get_text_config() if hasattr(config, "get_text_config") else config
-    softcap = getattr(tc, "final_logit_softcapping", None)
-    scale = getattr(tc, "logit_scale", None)
-    for name in ("output_multiplier", "lm_head_multiplier"):
-        if scale is None:
-            scale = getattr(tc, name, None)
-    if scale is None and getattr(tc, "logits_scaling", None) is not None:
-        scale = tc.logits_scaling if getattr(tc, "model_type", None) == "hyperclovax" else 1.0 / tc.logits_scaling
-    softcap = None if softcap is None else float(softcap)
-    scale = 1.0 if scale is None else float(scale)
-    check_transform(1.0, softcap, scale, names=("temperature", "final_logit_softcapping", "the model's logit scale"))
-    return softcap, scale
-
-
-def install_fused_head(model, *, temperature: float, topk=None, clamp_p=None, backend: str = "auto") -> None:
-    """Give ``model.forward`` a ``fused_entropy=HeadRequest(...)`` mode; other calls are unchanged.
-
-    In that mode the forward returns :class:`fused_entropy.TokenStats` of ``[B, K]`` tensors (zero where
-    the target is padding, i.e. ``attention_mask == 0``) computed from the backbone's last hidden
-    states and the output embedding's weight by :func:`linear_logprobs`, outside autocast (fp32
-    statistics whatever the model dtype).
-    """
-    import functools
-    import types
-
-    softcap, logit_scale = logit_transform_of(model.config)
-    check_transform(temperature, softcap, logit_scale)  # fail at install, not in the first step
-    previous = model.forward
-
-    @functools.wraps(type(model).forward)  # generate() validates its kwargs against this signature
-    def forward(self, *args, fused_entropy: Optional[HeadRequest] = None, **kwargs):
-        if fused_entropy is None:
-            return previous(*args, **kwargs)
-        input_ids, attention_mask = kwargs["input_ids"], kwargs["attention_mask"]
-        check_mask("attention_mask", attention_mask, input_ids.shape, " (the shape of input_ids)")
-        k = fused_entropy.logits_to_keep
-        if not 0 < k < input_ids.shape[1]:
-            raise ValueError(f"logits_to_keep must be in [1, L-1] = [1, {input_ids.shape[1] - 1}], got {k}")
-        kwargs["use_cache"] = False
-        # Looked up per call: FSDP and PEFT replace the backbone and head after this is installed.
-        hidden = self.base_model(*args, **kwargs).last_hidden_state[:, -k - 1 : -1]
-        head = self.get_output_embeddings()
-        weight, bias = head.weight, head.bias
-        if type(weight).__name__ == "DTensor":  # FSDP2: gather the head like TRL's fused head does
-            weight = weight.full_tensor()
-            bias = None if bias is None else bias.full_tensor()
-        targets = input_ids[:, -k:].masked_fill(attention_mask[:, -k:] == 0, -100).to(weight.device)
-        valid = targets != -100
-        # Only valid rows are scored (prompt/padding rows would cost GEMM work for nothing).
-        h = hidden.to(device=weight.device, dtype=weight.dtype)[valid]
-        with torch.autocast(device_type=weight.device.type, enabled=False):
-            stats = linear_logprobs(
-                h, weight, targets[valid], bias=bias, temperature=temperature, softcap=softcap,
-                logit_scale=logit_scale, entropy=fused_entropy.entropy,
-                topk=topk if fused_entropy.clamped else None, clamp_p=clamp_p if fused_entropy.clamped else None,
-                backend=backend,
-                **dict(zip(("sampling_top_k", "sampling_top_p", "sampling_min_p"), fused_entropy.sampling or ())),
-            )
-            if stats.truncated_logprobs is not None:
-                trunc = stats.truncated_logprobs
-                stats = stats._replace(logprobs=torch.where(torch.isinf(trunc), stats.logprobs, trunc))
-        scatter = lambda x: None if x is None else x.new_zeros(valid.shape).masked_scatter(valid, x)  # noqa: E731
-        return TokenStats(*(scatter(x) for x in stats))
-
-    model.forward = types.MethodType(forward, model)
-
-
-# ---------------------------------------------------------------------------------------------
-# controller state in trainer_state.json
-# ---------------------------------------------------------------------------------------------
 
 
 class ControllerStateCallback(TrainerCallback, ExportableState):
@@ -386,11 +46,6 @@ class ControllerStateCallback(TrainerCallback, ExportableState):
         else:
             attributes = {"entropy_controller": self.entropy_controller, "repo_zeta": self.repo_zeta}
         return {"args": {}, "attributes": attributes}
-
-
-# ---------------------------------------------------------------------------------------------
-# the trainer
-# ---------------------------------------------------------------------------------------------
 
 
 class FusedEntropyGRPOTrainer(GRPOTrainer):
@@ -435,19 +90,19 @@ class FusedEntropyGRPOTrainer(GRPOTrainer):
             raise ValueError("DeepSpeed ZeRO-3 is not supported by FusedEntropyGRPOTrainer: the fused head reads "
                              "lm_head.weight again in backward, after ZeRO-3 has re-partitioned it")
 
-        self._entropy_ctrl = _build_controller(args)
+        self._entropy_ctrl = build_controller(args)
         # TRL's gate of its bonus code (constant for the run); here: a controller runs
         self._entropy_bonus_enabled = self._entropy_ctrl is not None
-        self._repo = _build_repo(args)
-        self._entropy_source = _opt(args, "entropy_source")
-        self._topk, self._clamp_p = _opt(args, "topk"), _opt(args, "clamp_p")
+        self._repo = build_repo(args)
+        self._entropy_source = option(args, "entropy_source")
+        self._topk, self._clamp_p = option(args, "topk"), option(args, "clamp_p")
         self._want_clamped = self._topk is not None or self._clamp_p is not None
-        self._sampling = sampling_truncation(args) if _opt(args, "sampling_replay") else None
+        self._sampling = sampling_truncation(args) if option(args, "sampling_replay") else None
         policy = self.model.get_base_model() if hasattr(self.model, "get_base_model") else self.model
         vocab = policy.get_output_embeddings().weight.shape[0]
         if self._topk is not None and self._topk > vocab:
             raise ValueError(f"topk must be in [1, V={vocab}], got {self._topk}")
-        backend = _opt(args, "fused_backend")
+        backend = option(args, "fused_backend")
         get_backend(backend, self.accelerator.device)  # e.g. 'triton' without CUDA: fail now, not in step 1
         _grpo._resolve_backend(backend, self.accelerator.device)
         head = dict(temperature=self.temperature, topk=self._topk, clamp_p=self._clamp_p, backend=backend)
@@ -615,9 +270,9 @@ class FusedEntropyGRPOTrainer(GRPOTrainer):
             entropy_controller=ctrl if mode == "train" else None,
             entropy_coef=applied_coef if (ctrl is not None and mode != "train") else 0.0,
             top_entropy_quantile=self.top_entropy_quantile, luspo_normalization="trl",
-            clip_cov_ratio=_opt(self.args, "clip_cov_ratio"), clip_cov_lb=_opt(self.args, "clip_cov_lb"),
-            clip_cov_ub=_opt(self.args, "clip_cov_ub"), kl_cov_ratio=_opt(self.args, "kl_cov_ratio"),
-            ppo_kl_coef=_opt(self.args, "ppo_kl_coef"), generator=generator, backend=_opt(self.args, "fused_backend"),
+            clip_cov_ratio=option(self.args, "clip_cov_ratio"), clip_cov_lb=option(self.args, "clip_cov_lb"),
+            clip_cov_ub=option(self.args, "clip_cov_ub"), kl_cov_ratio=option(self.args, "kl_cov_ratio"),
+            ppo_kl_coef=option(self.args, "ppo_kl_coef"), generator=generator, backend=option(self.args, "fused_backend"),
             # TRL 1.16: the bonus is the micro-batch mean entropy for every loss type, divided by the
             # accumulation steps below (not the window-exact N_items rule grpo_loss uses by default)
             bonus_normalization="mean",
@@ -773,3 +428,4 @@ class FusedEntropyGRPOTrainer(GRPOTrainer):
                     obj.load_state_dict(state[key])
         # a trainer_state.json without the entry (an older checkpoint) gets one at the next save
         self.state.stateful_callbacks[type(cb).__name__] = cb.state()
+

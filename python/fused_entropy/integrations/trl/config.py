@@ -1,0 +1,197 @@
+"""``FusedEntropyGRPOConfig``: ``GRPOConfig`` plus the fused-entropy options, and their checks.
+
+:func:`validate_options` takes a ``FusedEntropyGRPOConfig`` or a plain ``GRPOConfig`` (whose added
+options are their defaults, read through :func:`option`) and raises ``ValueError`` naming the option,
+with no model needed; the trainer calls it again at construction. :func:`build_controller` and
+:func:`build_repo` make the controllers the options describe.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field, fields
+from typing import Optional
+
+from trl import GRPOConfig
+
+from ... import _grpo
+from ..._validate import resolve_k
+from ...control import AdaptiveEntropyCoef, AEntCoef, REPOZeta, StaticEntropyCoef
+
+ENTROPY_SOURCES = _grpo.ENTROPY_SOURCES
+CONTROLLERS = (None, "static", "adaptive", "aent")
+
+
+@dataclass
+class FusedEntropyGRPOConfig(GRPOConfig):
+    """``GRPOConfig`` plus the fused-entropy options (every TRL field keeps its meaning).
+
+    Loss types: TRL's ``grpo``, ``bnpo``, ``dr_grpo``, ``dapo``, ``cispo``, ``sapo``, ``luspo``,
+    ``vespo``, plus ``clip_cov`` and ``kl_cov`` (token-level; normalized like ``dapo``).
+    """
+
+    entropy_source: str = field(
+        default="full",
+        metadata={"help": "Entropy used by the entropy bonus, its controller and the top-entropy mask: 'full', or "
+                  "'clamped' (entropy of the softmax over the top-k logits; needs `topk` or `clamp_p`)."},
+    )
+    topk: Optional[int] = field(
+        default=None, metadata={"help": "Size k of the clamped set (the k largest logits). At most one of topk, clamp_p."}
+    )
+    clamp_p: Optional[float] = field(
+        default=None,
+        metadata={"help": "AEnt clamp: drop the floor(clamp_p * V) lowest logits (k = V - floor(p V)); e.g. 0.33."},
+    )
+    entropy_controller: Optional[str] = field(
+        default=None,
+        metadata={"help": "Controller of the entropy-bonus coefficient: 'static' (entropy_coef), 'adaptive' "
+                  "(Skywork-OR1/TRL rule with entropy_target, entropy_coef_delta, entropy_coef_min/max), 'aent' "
+                  "(AEnt band rule). None: 'adaptive' if use_adaptive_entropy, 'static' if entropy_coef != 0, "
+                  "else no bonus. `entropy_coef` is the initial coefficient for every controller."},
+    )
+    adaptive_entropy_strict: bool = field(
+        default=False, metadata={"help": "Adaptive controller: use `entropy < target` (Skywork-OR1's code) instead of <=."}
+    )
+    adaptive_entropy_start_enabled: bool = field(
+        default=False,
+        metadata={"help": "Adaptive controller: apply the bonus in the first step (Skywork-OR1) instead of waiting "
+                  "for the first measurement (TRL)."},
+    )
+    entropy_low: Optional[float] = field(default=None, metadata={"help": "AEnt: lower edge of the entropy band."})
+    entropy_high: Optional[float] = field(default=None, metadata={"help": "AEnt: upper edge of the entropy band."})
+    entropy_coef_lr: Optional[float] = field(default=None, metadata={"help": "AEnt: step size of the coefficient."})
+    entropy_coef_warmup: int = field(default=0, metadata={"help": "AEnt: optimizer steps before the first update."})
+    entropy_coef_reg: float = field(default=0.0, metadata={"help": "AEnt: pull of the coefficient toward its initial value."})
+    clip_cov_ratio: float = field(default=2e-4, metadata={"help": "Clip-Cov: fraction of tokens whose gradient is cut."})
+    clip_cov_lb: float = field(default=1.0, metadata={"help": "Clip-Cov: lower covariance bound."})
+    clip_cov_ub: float = field(default=5.0, metadata={"help": "Clip-Cov: upper covariance bound."})
+    kl_cov_ratio: float = field(default=2e-4, metadata={"help": "KL-Cov: fraction of tokens that get the KL penalty."})
+    ppo_kl_coef: float = field(default=1.0, metadata={"help": "KL-Cov: coefficient of |log r| on the selected tokens."})
+    use_repo_r: bool = field(
+        default=False, metadata={"help": "REPO-R: shape advantages with the log-prob of the sampled token (arXiv 2603.11682)."}
+    )
+    repo_zeta: float = field(default=0.01, metadata={"help": "REPO-R: initial zeta."})
+    repo_zeta_min: float = field(default=1e-4, metadata={"help": "REPO-R: lower bound of zeta."})
+    repo_zeta_max: float = field(default=0.05, metadata={"help": "REPO-R: upper bound of zeta."})
+    repo_entropy_target: Optional[float] = field(
+        default=None, metadata={"help": "REPO-R: entropy target for zeta (None: the first step's entropy)."}
+    )
+    sampling_replay: bool = field(
+        default=False,
+        metadata={"help": "Take every log-prob the trainer computes under the sampler's truncation (top_k, top_p, "
+                  "min_p of this config, vLLM's rule), so the vLLM importance ratio against processed log-probs "
+                  "(vLLM logprobs_mode='processed_logprobs') carries no log S. Needs use_vllm and "
+                  "vllm_importance_sampling_correction."},
+    )
+    fused_backend: str = field(
+        default="auto", metadata={"help": "fused-entropy backend: 'auto' (Triton on CUDA, torch elsewhere), 'torch', 'triton'."}
+    )
+
+    def __post_init__(self):
+        super().__post_init__()
+        validate_options(self)
+
+
+_EXTRA_DEFAULTS = {f.name: f.default for f in fields(FusedEntropyGRPOConfig) if f.name not in {g.name for g in fields(GRPOConfig)}}
+
+
+def option(args, name):
+    """An added option from ``args``, or its default when ``args`` is a plain ``GRPOConfig``."""
+    return getattr(args, name, _EXTRA_DEFAULTS[name])
+
+
+def _controller_kind(args) -> Optional[str]:
+    kind = option(args, "entropy_controller")
+    if kind is not None:
+        return kind
+    if args.use_adaptive_entropy:
+        return "adaptive"
+    return "static" if args.entropy_coef != 0.0 else None
+
+
+def sampling_truncation(args) -> Optional[tuple]:
+    """``(top_k, top_p, min_p)`` of a GRPOConfig as ``linear_logprobs``'s ``sampling_*`` values (None for a
+    rule that is off: TRL's ``top_k`` 0 or -1, ``top_p`` 1, ``min_p`` None or 0), or None when none
+    truncates."""
+    k = args.top_k if args.top_k is not None and args.top_k > 0 else None
+    p = args.top_p if args.top_p is not None and args.top_p < 1.0 else None
+    mp = args.min_p if args.min_p else None
+    return None if k is None and p is None and mp is None else (k, p, mp)
+
+
+def validate_options(args) -> None:
+    """Reject option combinations the trainer cannot honour, naming the option (no model needed)."""
+    src = option(args, "entropy_source")
+    if src not in ENTROPY_SOURCES:
+        raise ValueError(f"entropy_source must be one of {ENTROPY_SOURCES}, got {src!r}")
+    topk, clamp_p = option(args, "topk"), option(args, "clamp_p")
+    if topk is not None and clamp_p is not None:
+        raise ValueError(f"give at most one of topk and clamp_p, got topk={topk} and clamp_p={clamp_p}")
+    if src == "clamped" and topk is None and clamp_p is None:
+        raise ValueError("entropy_source='clamped' needs topk or clamp_p (the size of the clamped set)")
+    if topk is not None and (isinstance(topk, bool) or not isinstance(topk, int) or topk < 1):
+        raise ValueError(f"topk must be an int >= 1, got {topk!r}")
+    if clamp_p is not None:
+        resolve_k(None, clamp_p, 1 << 30)  # range check only; k needs the vocabulary size
+    kind = option(args, "entropy_controller")
+    if kind not in CONTROLLERS:
+        raise ValueError(f"entropy_controller must be one of {CONTROLLERS}, got {kind!r}")
+    if args.use_adaptive_entropy and kind not in (None, "adaptive"):
+        raise ValueError(f"use_adaptive_entropy=True conflicts with entropy_controller={kind!r}; set one of them")
+    if kind == "aent":
+        missing = [n for n in ("entropy_low", "entropy_high", "entropy_coef_lr") if option(args, n) is None]
+        if missing:
+            raise ValueError(f"entropy_controller='aent' needs {', '.join(missing)} (AEnt's band and step size)")
+    build_controller(args)  # the controllers check their own numbers (bounds, init within bounds)
+    if args.loss_type not in _grpo.LOSS_TYPES:
+        raise ValueError(f"loss_type must be one of {_grpo.LOSS_TYPES}, got {args.loss_type!r}")
+    if args.importance_sampling_level not in _grpo.IMPORTANCE_SAMPLING_LEVELS:
+        raise ValueError(
+            f"importance_sampling_level must be one of {_grpo.IMPORTANCE_SAMPLING_LEVELS}, got {args.importance_sampling_level!r}"
+        )
+    if args.loss_type in _grpo.COV_TYPES and args.importance_sampling_level != "token":
+        raise ValueError(f"loss_type={args.loss_type!r} is token-level; importance_sampling_level must be 'token'")
+    _grpo._check_quantile(args.top_entropy_quantile)
+    if args.loss_type == "vespo" and args.off_policy_mask_threshold is not None:
+        raise ValueError("off_policy_mask_threshold is not supported with loss_type='vespo' by FusedEntropyGRPOTrainer")
+    if args.loss_type in _grpo.COV_TYPES:
+        _grpo._check_fraction("clip_cov_ratio", option(args, "clip_cov_ratio"))
+        _grpo._check_fraction("kl_cov_ratio", option(args, "kl_cov_ratio"))
+        if option(args, "clip_cov_lb") >= option(args, "clip_cov_ub"):
+            raise ValueError(f"clip_cov_lb must be < clip_cov_ub, got {option(args, 'clip_cov_lb')} >= {option(args, 'clip_cov_ub')}")
+    if option(args, "use_repo_r"):
+        build_repo(args)
+    if option(args, "sampling_replay"):
+        if not (getattr(args, "use_vllm", False) and getattr(args, "vllm_importance_sampling_correction", False)):
+            raise ValueError("sampling_replay=True needs use_vllm=True and vllm_importance_sampling_correction=True "
+                             "(it makes the ratio against vLLM's processed log-probs unbiased)")
+        if sampling_truncation(args) is None:
+            raise ValueError("sampling_replay=True but top_k, top_p and min_p truncate nothing "
+                             f"(top_k={args.top_k}, top_p={args.top_p}, min_p={args.min_p})")
+    if option(args, "fused_backend") not in _grpo.GRPO_BACKENDS:
+        raise ValueError(f"fused_backend must be one of {_grpo.GRPO_BACKENDS}, got {option(args, 'fused_backend')!r}")
+
+
+def build_controller(args):
+    kind = _controller_kind(args)
+    if kind is None:
+        return None
+    if kind == "static":
+        return StaticEntropyCoef(args.entropy_coef)
+    if kind == "adaptive":
+        return AdaptiveEntropyCoef(
+            target=args.entropy_target, delta=args.entropy_coef_delta, coef_min=args.entropy_coef_min,
+            coef_max=args.entropy_coef_max, init=args.entropy_coef, strict=option(args, "adaptive_entropy_strict"),
+            start_enabled=option(args, "adaptive_entropy_start_enabled"),
+        )
+    return AEntCoef(
+        low=option(args, "entropy_low"), high=option(args, "entropy_high"), lr=option(args, "entropy_coef_lr"),
+        coef_min=args.entropy_coef_min, coef_max=args.entropy_coef_max, init=args.entropy_coef,
+        warmup=option(args, "entropy_coef_warmup"), reg=option(args, "entropy_coef_reg"),
+    )
+
+
+def build_repo(args):
+    if not option(args, "use_repo_r"):
+        return None
+    return REPOZeta(init=option(args, "repo_zeta"), zeta_min=option(args, "repo_zeta_min"),
+                    zeta_max=option(args, "repo_zeta_max"), target=option(args, "repo_entropy_target"))
+
