@@ -1,7 +1,7 @@
-"""Block sizes, warps and stages of every kernel: frozen defaults, test overrides, autotuning, AOT list.
+"""Block sizes, warps and stages of every kernel: frozen defaults, test overrides, autotuning.
 
-Frozen defaults were chosen for H100 (sm_90) on paper and checked by compiling every build in
-``aot_specs()`` for sm_90 and sm_80 (``triton.compile`` + ``cuobjdump -res-usage``): no spills
+Frozen defaults were chosen for H100 (sm_90) on paper and checked by compiling every shipped build
+(``python -m fused_entropy.tools.aot``) for sm_90 and sm_80 (``triton.compile`` + ``cuobjdump -res-usage``): no spills
 (no local memory), and the 16-bit GEMM tiles lower to wgmma (HGMMA) on sm_90.
 
 - GEMM kernels (linear_stats, linear_radix, linear_grad), 16-bit inputs: 128 x 64 output tiles,
@@ -33,16 +33,11 @@ the GEMM's BLOCK_N, at least one row block.
 warps of the streaming kernels (never block sizes or GEMM warps, for the reason above), once per
 key (kernel, dtype, H, V, N rounded up to a power of two, which outputs are formed).
 
-This module imports triton only, never torch. ``aot_specs()`` lists every shipped build as an
-``AotSpec`` (name, fn, signature, constexprs, attrs, num_warps, num_stages) for an ahead-of-time
-compile gate.
+This module imports neither triton nor torch.
 """
 import contextlib
 import os
 from dataclasses import dataclass, replace
-from typing import NamedTuple
-
-import triton.language as tl
 
 
 @dataclass(frozen=True)
@@ -201,181 +196,3 @@ def autotune_candidates(kernel: str, dtype: str):
 def bucket(n: int) -> int:
     """Autotuning key for a row count: the next power of two (at least 1)."""
     return 1 << max(0, int(n - 1).bit_length())
-
-
-# ---------------------------------------------------------------------------------------------
-# ahead-of-time compile list
-# ---------------------------------------------------------------------------------------------
-
-_PTR = {"bf16": "*bf16", "fp16": "*fp16", "fp32": "*fp32", "fp64": "*fp64"}
-_TL = {"bf16": tl.bfloat16, "fp16": tl.float16, "fp32": tl.float32, "fp64": tl.float64}
-
-
-def _acc(dtype: str) -> str:
-    return "fp64" if dtype == "fp64" else "fp32"
-
-
-def _dot_precision(dtype: str) -> str:
-    # fp32 inputs ship with exact fp32 products; "tf32" is compiled too (torch allow_tf32=True)
-    return "ieee"
-
-
-class AotSpec(NamedTuple):
-    """One kernel build: ``triton.compile(ASTSource(fn, signature, constexprs, attrs),
-    target=GPUTarget("cuda", 90, 32), options=dict(num_warps=num_warps, num_stages=num_stages))``."""
-
-    name: str
-    fn: object
-    signature: dict
-    constexprs: dict
-    attrs: dict
-    num_warps: int
-    num_stages: int
-
-
-# what the JIT specializes at run time for the usual case: 16-byte aligned tensors, and row
-# strides / H that are multiples of 16 (without these hints loads are scalar and nothing pipelines)
-_ALIGNED_INTS = ("H", "stride_x", "stride_w", "stride_l", "stride_dl", "stride_dz", "stride_z", "v_lo")
-
-
-def _attrs(signature: dict) -> dict:
-    return {
-        (i,): [["tt.divisibility", 16]]
-        for i, (arg, ty) in enumerate(signature.items())
-        if ty.startswith("*") or arg in _ALIGNED_INTS
-    }
-
-
-def _scal_ty(dt: str) -> str:
-    """Type of the kernels' ``scal_ptr``: fp64 launches pass their transform scalars at full precision
-    through it (``_online.scalar_arg``); the others pass None, a constexpr, and compile exactly as
-    with the fp32 scalar arguments alone."""
-    return "*fp64" if dt == "fp64" else "constexpr"
-
-
-def _scal_const(sig, const):
-    return dict(const, scal_ptr=None) if sig.get("scal_ptr") == "constexpr" else const
-
-
-def aot_specs():
-    """Every shipped kernel configuration as ``AotSpec`` records.
-
-    For each kernel and input dtype two flag sets are listed: every optional input and gradient
-    on (the largest kernel) and every one off (pointers passed as None become constexpr None).
-    Attributes mark pointers 16-byte aligned and H / row strides divisible by 16, as the JIT
-    specializes them at run time for ordinary tensors.
-    """
-    from . import _online, linear_grad, linear_stats, logits_stats, topk
-
-    out = []
-    for dt in DTYPES:
-        acc = _acc(dt)
-        ptr, pacc = _PTR[dt], "*" + acc
-        scal = _scal_ty(dt)
-        for flags in (True, False):
-            # --- linear_stats ------------------------------------------------------------
-            c = get("linear_stats", dt)
-            key_bits = 64 if dt == "fp64" else 32
-            sig = {
-                "x_ptr": ptr, "w_ptr": ptr, "b_ptr": ptr if flags else "constexpr", "y_ptr": "*i64",
-                "part_ptr": pacc, "hist_ptr": "*i32" if flags else "constexpr", "z_ptr": pacc if flags else "constexpr",
-                "N": "i32", "V": "i32", "H": "i32", "stride_x": "i32", "stride_w": "i32", "stride_z": "i32",
-                "ignore_index": "i32",
-                "logit_scale": "fp32", "softcap": "fp32", "inv_temperature": "fp32", "scal_ptr": scal, "tiles_per_split": "i32",
-            }
-            const = {
-                "HAS_BIAS": flags, "HAS_SOFTCAP": flags, "TOPK": flags, "STORE_Z": flags,
-                "RADIX_SHIFT": key_bits - RADIX_DIGITS[key_bits][0], "RADIX_BITS": RADIX_DIGITS[key_bits][0],
-                "NBINS": RADIX_NBINS, "BLOCK_N": c.block_n, "BLOCK_V": c.block_v, "BLOCK_H": c.block_h,
-                "UPCAST": False, "DOT_PRECISION": _dot_precision(dt),
-            }
-            if not flags:
-                const.update(b_ptr=None, hist_ptr=None, z_ptr=None)
-            out.append(("linear_stats", linear_stats.linear_stats_kernel.fn, sig, const, c.num_warps, c.num_stages))
-            # --- linear_grad -------------------------------------------------------------
-            c = get("linear_grad", dt)
-            opt = pacc if flags else "constexpr"
-            sig = {
-                "x_ptr": ptr, "w_ptr": ptr, "b_ptr": ptr if flags else "constexpr", "y_ptr": "*i64",
-                "m_ptr": pacc, "log_s_ptr": pacc, "ent_ptr": opt, "tau_ptr": opt, "frac_ptr": opt, "log_s_c_ptr": opt,
-                "ent_c_ptr": opt,
-                "g_lp_ptr": pacc, "g_ent_ptr": opt, "g_cl_ptr": opt,
-                "dx_ptr": pacc, "dw_ptr": pacc, "db_ptr": opt,
-                "N": "i32", "V": "i32", "H": "i32", "stride_x": "i32", "stride_w": "i32", "ignore_index": "i32",
-                "logit_scale": "fp32", "softcap": "fp32", "temperature": "fp32", "inv_temperature": "fp32", "scal_ptr": scal,
-            }
-            const = {
-                "HAS_BIAS": flags, "HAS_SOFTCAP": flags, "HAS_G_LP": True, "HAS_G_ENT": flags, "HAS_G_CL": flags,
-                "COMPUTE_DX": True, "COMPUTE_DW": True, "COMPUTE_DB": flags,
-                "BLOCK_N": c.block_n, "BLOCK_V": c.block_v, "BLOCK_H": c.block_h,
-                "UPCAST": False, "DOT_PRECISION": _dot_precision(dt),
-            }
-            if not flags:
-                const.update({k: None for k, v in sig.items() if v == "constexpr"})
-            out.append(("linear_grad", linear_grad.linear_grad_kernel.fn, sig, const, c.num_warps, c.num_stages))
-            # --- linear_dz (chunked backward; the linear_grad config) ---------------------
-            sig = {
-                "x_ptr": ptr, "w_ptr": ptr, "b_ptr": ptr if flags else "constexpr", "y_ptr": "*i64",
-                "m_ptr": pacc, "log_s_ptr": pacc, "ent_ptr": opt, "tau_ptr": opt, "frac_ptr": opt, "log_s_c_ptr": opt,
-                "ent_c_ptr": opt,
-                "g_lp_ptr": pacc, "g_ent_ptr": opt, "g_cl_ptr": opt,
-                "dz_ptr": ptr, "db_ptr": opt,
-                "N": "i32", "V": "i32", "H": "i32", "v_lo": "i32", "stride_x": "i32", "stride_w": "i32",
-                "stride_dz": "i32", "ignore_index": "i32",
-                "logit_scale": "fp32", "softcap": "fp32", "temperature": "fp32", "inv_temperature": "fp32", "scal_ptr": scal,
-            }
-            const = {
-                "HAS_BIAS": flags, "HAS_SOFTCAP": flags, "HAS_G_LP": True, "HAS_G_ENT": flags, "HAS_G_CL": flags,
-                "STORE_DZ": True, "COMPUTE_DB": flags,
-                "BLOCK_N": c.block_n, "BLOCK_V": c.block_v, "BLOCK_H": c.block_h,
-                "UPCAST": False, "DOT_PRECISION": _dot_precision(dt),
-            }
-            if not flags:
-                const.update({k: None for k, v in sig.items() if v == "constexpr"})
-            out.append(("linear_dz", linear_grad.linear_dz_kernel.fn, sig, const, c.num_warps, c.num_stages))
-            # --- logits_stats ------------------------------------------------------------
-            c = get("logits_stats", dt)
-            sig = {
-                "l_ptr": ptr, "y_ptr": "*i64", "part_ptr": pacc, "hist_ptr": "*i32" if flags else "constexpr",
-                "N": "i32", "V": "i32", "stride_l": "i32", "ignore_index": "i32",
-                "logit_scale": "fp32", "softcap": "fp32", "inv_temperature": "fp32", "scal_ptr": scal, "tiles_per_split": "i32",
-            }
-            const = {
-                "HAS_SOFTCAP": flags, "TOPK": flags,
-                "RADIX_SHIFT": key_bits - RADIX_DIGITS[key_bits][0], "RADIX_BITS": RADIX_DIGITS[key_bits][0],
-                "NBINS": RADIX_NBINS, "BLOCK_N": c.block_n, "BLOCK_V": c.block_v,
-            }
-            if not flags:
-                const.update(hist_ptr=None)
-            out.append(("logits_stats", logits_stats.logits_stats_kernel.fn, sig, const, c.num_warps, c.num_stages))
-            # --- logits_grad -------------------------------------------------------------
-            c = get("logits_grad", dt)
-            sig = {
-                "l_ptr": ptr, "y_ptr": "*i64", "m_ptr": pacc, "log_s_ptr": pacc, "ent_ptr": opt, "tau_ptr": opt,
-                "frac_ptr": opt, "log_s_c_ptr": opt, "ent_c_ptr": opt, "g_lp_ptr": pacc, "g_ent_ptr": opt, "g_cl_ptr": opt, "dl_ptr": ptr,
-                "N": "i32", "V": "i32", "stride_l": "i32", "stride_dl": "i32", "ignore_index": "i32",
-                "logit_scale": "fp32", "softcap": "fp32", "temperature": "fp32", "inv_temperature": "fp32", "scal_ptr": scal,
-            }
-            const = {
-                "HAS_SOFTCAP": flags, "HAS_G_LP": True, "HAS_G_ENT": flags, "HAS_G_CL": flags,
-                "Z_IN": flags, "BLOCK_N": c.block_n, "BLOCK_V": c.block_v,
-            }
-            if flags:
-                # the single pass: dz from the fused head's fp32 logits buffer, in the input dtype
-                sig.update(l_ptr=pacc)
-            if not flags:
-                const.update({k: None for k, v in sig.items() if v == "constexpr"})
-            out.append(("logits_grad", logits_stats.logits_grad_kernel.fn, sig, const, c.num_warps, c.num_stages))
-        # --- finish_stats (flags: entropy or not) ------------------------------------------
-        c = get("finish_stats", dt)
-        for flags in (True, False):
-            opt = pacc if flags else "constexpr"
-            sig = {"part_ptr": pacc, "y_ptr": "*i64", "m_ptr": pacc, "log_s_ptr": pacc, "logp_ptr": pacc,
-                   "ent_ptr": opt, "N": "i32", "n_split": "i32", "ignore_index": "i32"}
-            const = {"ENTROPY": flags, "BLOCK": c.block_n}
-            if not flags:
-                const.update(ent_ptr=None)
-            out.append(("finish_stats", _online.finish_stats_kernel.fn, sig, const, c.num_warps, c.num_stages))
-        out.extend(topk.aot_specs(dt, get))
-
-    return [AotSpec(name, fn, sig, _scal_const(sig, const), _attrs(sig), nw, ns) for name, fn, sig, const, nw, ns in out]

@@ -25,6 +25,7 @@ import torch
 from torch import Tensor
 
 from ._autograd import _masked_grad, once_differentiable
+from ._common import compute_dtype
 from ._types import LogitTransform, RowStats
 
 try:  # a Hub build (kernel-builder, scripts/build_hub_kernel.py) generates _ops.py with a unique namespace
@@ -34,10 +35,6 @@ except ImportError:
         return f"fused_entropy::{name}"
 
 _STATS = len(RowStats._fields)  # 8: m, log_s, logprobs, entropy, tau, tie_frac, log_s_clamped, clamped_entropy
-
-
-def _acc_dtype(dtype: torch.dtype) -> torch.dtype:
-    return torch.float64 if dtype == torch.float64 else torch.float32
 
 
 def _backend(name: str, device: torch.device):
@@ -52,7 +49,7 @@ def backend_name(be) -> str:
 
 
 def _pack(stats: RowStats, like: Tensor) -> Tuple[Tensor, ...]:
-    dt = _acc_dtype(like.dtype)
+    dt = compute_dtype(like.dtype)
     # A fresh [0] tensor per absent field: custom op outputs may not alias each other.
     return tuple(like.new_empty(0, dtype=dt) if t is None else t for t in stats)
 
@@ -66,7 +63,7 @@ def _unpack(saved, entropy: bool, has_k: bool) -> RowStats:
 
 
 def _fake_stats(like: Tensor, n, entropy: bool, has_k: bool) -> Tuple[Tensor, ...]:
-    dt = _acc_dtype(like.dtype)
+    dt = compute_dtype(like.dtype)
     rows = lambda on: like.new_empty(n if on else 0, dtype=dt)  # noqa: E731
     return (rows(True), rows(True), rows(True), rows(entropy)) + tuple(rows(has_k) for _ in range(4))
 

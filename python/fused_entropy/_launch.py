@@ -19,7 +19,7 @@ import torch
 import triton
 
 from ._types import LogitTransform, RowStats
-from .backends import interpreting
+from ._common import compute_dtype, interpreting
 from .kernels import configs
 from .kernels._online import finish_stats_kernel
 from .kernels.linear_grad import linear_dz_kernel, linear_grad_kernel
@@ -34,8 +34,7 @@ def dtype_key(dtype: torch.dtype) -> str:
     return _DTYPE_KEY[dtype]
 
 
-def acc_dtype(dtype: torch.dtype) -> torch.dtype:
-    return torch.float64 if dtype == torch.float64 else torch.float32
+acc_dtype = compute_dtype  # the row statistics' and accumulators' dtype
 
 
 def _upcast(dtype: torch.dtype) -> bool:

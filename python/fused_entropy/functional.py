@@ -19,6 +19,7 @@ import torch
 
 from . import _validate as V
 from . import _custom_ops as _ops
+from ._common import IGNORE_INDEX
 from ._types import LogitTransform, TokenStats
 from . import _sampling
 from .backends import get_backend
@@ -129,7 +130,7 @@ def _check_hidden_grad(hidden_grad) -> None:
 
 
 # Stands in for ignore_index=None inside the backends: every target is then checked to be in [0, V).
-_NO_IGNORE = -100
+_NO_IGNORE = IGNORE_INDEX
 
 
 def _resolve_ignore(targets: torch.Tensor, vocab: int, ignore_index) -> int:

@@ -24,17 +24,13 @@ from __future__ import annotations
 
 import functools
 import importlib.util
-import os
 from types import ModuleType
 
 import torch
 
+from .._common import interpreting  # noqa: F401 (re-exported: tests and tools import it from here)
+
 BACKENDS = ("auto", "torch", "triton")
-
-
-def interpreting() -> bool:
-    """True when Triton runs kernels on CPU tensors through its interpreter."""
-    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 
 
 @functools.lru_cache(maxsize=None)

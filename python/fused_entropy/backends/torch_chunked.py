@@ -35,6 +35,7 @@ from typing import Optional
 
 import torch
 
+from .._common import compute_dtype as _compute_dtype
 from .._types import LogitTransform, RowStats
 
 DEFAULT_WORKSPACE_MIB = 64
@@ -85,10 +86,6 @@ def single_pass_rows(n: int, vocab: int, dtype: torch.dtype) -> int:
     weights, softcap factor), so the bound holds for any transform. (It took 56 rows before: every
     chunk streams W through two products and rewrites dW, about 3x the memory traffic of 128 rows.)"""
     return chunk_rows(n, vocab, blocks=4, itemsize=_compute_dtype(dtype).itemsize)
-
-
-def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
-    return torch.float64 if dtype == torch.float64 else torch.float32
 
 
 class _Workspace:
