@@ -8,7 +8,12 @@
 
 Asking for ``cuda`` on a machine without one stops the run with a clear message instead of
 silently testing the CPU. Test modules read ``DEVICE`` (``from conftest import DEVICE``) or take the
-``device`` fixture; ``triton_ok``/``TRITON_SKIP`` skip Triton tests where the kernels cannot run.
+``device`` fixture; ``TRITON_OK``/``TRITON_SKIP`` skip Triton tests where the kernels cannot run.
+
+A test that checks the same thing on both backends takes the ``backend`` fixture ("torch", then
+"triton", the latter skipped with ``TRITON_SKIP``'s reason where the kernels cannot run); one that
+runs on a subset parametrizes ``backend`` itself with ``backend_params(...)``. Seeded input builders
+shared by the test files live in ``tests/_inputs.py``.
 """
 import os
 
@@ -33,6 +38,19 @@ DEVICE = _test_device()
 # Triton kernels run on CUDA, or on CPU tensors through the interpreter
 TRITON_OK = DEVICE == "cuda" or interpreting()
 TRITON_SKIP = pytest.mark.skipif(not TRITON_OK, reason="the Triton kernels need CUDA or TRITON_INTERPRET=1")
+
+
+BACKENDS = ("torch", "triton")
+
+
+def backend_params(*names: str) -> list:
+    """``pytest.param`` per backend name (default: all), the Triton one carrying ``TRITON_SKIP``."""
+    return [pytest.param(n, id=n, marks=TRITON_SKIP if n == "triton" else ()) for n in names or BACKENDS]
+
+
+@pytest.fixture(params=backend_params())
+def backend(request) -> str:
+    return request.param
 
 
 @pytest.fixture
