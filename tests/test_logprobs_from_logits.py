@@ -1,31 +1,77 @@
-"""logprobs_from_logits on the Triton backend against the fp64 reference: forward and grad_logits.
+"""logprobs_from_logits on both backends against the fp64 reference: forward and grad_logits.
 
-Runs on CUDA, or on CPU with TRITON_INTERPRET=1. Small blocks (4 rows x 16 columns) are forced so
-that several row blocks, vocabulary tiles and splits are exercised; one test runs the defaults.
+torch: fp64 to 1e-10, -inf logits included, over several chunks (small chunk bounds).
+
+Triton: runs on CUDA, or on CPU with TRITON_INTERPRET=1. Small blocks (4 rows x 16 columns) are
+forced so that several row blocks, vocabulary tiles and splits are exercised; one test runs the
+defaults.
 """
+import math
+
 import pytest
 import torch
 
 import fused_entropy as fe
 from fused_entropy import reference as R
+from fused_entropy.backends import torch_chunked
 from fused_entropy.kernels import configs as C
 
+from _inputs import grads_of, leaves, logits_inputs as make
 from conftest import DEVICE, TRITON_SKIP
 
-pytestmark = TRITON_SKIP
 F64 = torch.float64
 WHICH = {"logp": (1, 0), "ent": (0, 1), "both": (1, 1)}
 
 
+@pytest.mark.parametrize("which", list(WHICH), ids=list(WHICH))
+def test_logits_with_neg_inf(which):
+    g = torch.Generator().manual_seed(3)
+    logits = torch.randn(7, 33, generator=g, dtype=F64) * 3
+    logits[:, 5:9] = -math.inf
+    logits[2, :-1] = -math.inf  # a single finite logit: p = 1 there, entropy 0
+    y = torch.randint(9, 33, (7,), generator=g)
+    y[2] = 32
+    up = [torch.randn(7, generator=g, dtype=F64) * s for s in WHICH[which]]
+    la = logits.clone().requires_grad_(True)
+    lr = logits.clone().requires_grad_(True)
+    out = fe.logprobs_from_logits(la, y, temperature=0.9, backend="torch")
+    ref = R.logprobs_from_logits(lr, y, temperature=0.9)
+    torch.testing.assert_close(out.logprobs, ref.logprobs, rtol=1e-10, atol=1e-10)
+    torch.testing.assert_close(out.entropy, ref.entropy, rtol=1e-10, atol=1e-10)
+    (ga,) = grads_of(out[:2], up, (la,))
+    (gr,) = grads_of(ref[:2], up, (lr,))
+    assert torch.isfinite(ga).all()
+    torch.testing.assert_close(ga, gr, rtol=1e-9, atol=1e-10)
+
+
+@pytest.mark.parametrize("shape", [(1, 5), (13, 77), (4, 1)], ids=["n1", "odd", "v1"])
+@pytest.mark.parametrize("temperature", [1.0, 0.6], ids=["t1", "t06"])
+def test_logits_entry_matches_reference(shape, temperature, monkeypatch):
+    monkeypatch.setattr(torch_chunked, "CHUNK_ELEMENTS", 200)
+    monkeypatch.setattr(torch_chunked, "MIN_CHUNK_ROWS", 1)
+    n, v = shape
+    g = torch.Generator().manual_seed(5)
+    logits = torch.randn(n, v, generator=g, dtype=F64) * 4
+    y = torch.randint(0, v, (n,), generator=g)
+    y[0] = -100
+    up = [torch.randn(n, generator=g, dtype=F64) for _ in range(2)]
+    la, lr = leaves(logits, logits)
+    out = fe.logprobs_from_logits(la, y, temperature=temperature, backend="torch")
+    ref = R.logprobs_from_logits(lr, y, temperature=temperature)
+    torch.testing.assert_close(out.logprobs, ref.logprobs, rtol=1e-10, atol=1e-10)
+    torch.testing.assert_close(out.entropy, ref.entropy, rtol=1e-10, atol=1e-10)
+    (ga,) = grads_of(out[:2], up, (la,))
+    (gr,) = grads_of(ref[:2], up, (lr,))
+    torch.testing.assert_close(ga, gr, rtol=1e-9, atol=1e-10)
+
+
+# ---------------------------------------------------------------------------------------------
+# Triton backend (moved from test_triton_logits.py)
+# ---------------------------------------------------------------------------------------------
+
+
 def small(split=2):
     return C.override(logits_stats=C.Config(4, 16), logits_grad=C.Config(4, 32), logits_radix=C.Config(4, 16), split=split)
-
-
-def make(n, v, *, seed=0, scale=3.0):
-    g = torch.Generator().manual_seed(seed)
-    logits = torch.randn(n, v, generator=g, dtype=F64) * scale
-    y = torch.randint(0, v, (n,), generator=g)
-    return logits, y
 
 
 def upstream(shape, which, seed=1):
@@ -54,6 +100,7 @@ def compare(logits, y, up, *, dtype=torch.float32, atol=2e-5, rtol=2e-5, rows=No
     return got, g_got
 
 
+@TRITON_SKIP
 @pytest.mark.parametrize("which", list(WHICH))
 @pytest.mark.parametrize("temperature", [1.0, 0.7], ids=["t1", "t0.7"])
 @pytest.mark.parametrize("shape", [(13, 101), (1, 53), (6, 1)], ids=["odd", "n1", "v1"])
@@ -65,6 +112,7 @@ def test_fp32(shape, temperature, which):
         compare(logits, y, upstream(n, which), temperature=temperature)
 
 
+@TRITON_SKIP
 @pytest.mark.parametrize("split", [1, 4])
 def test_splits_and_3d(split):
     logits, y = make(12, 70)
@@ -74,6 +122,7 @@ def test_splits_and_3d(split):
         compare(logits, y, upstream((3, 4), "both"), temperature=1.4)
 
 
+@TRITON_SKIP
 def test_default_config_and_ignore_index_in_range():
     logits, y = make(21, 700)
     y[4] = 7
@@ -81,12 +130,14 @@ def test_default_config_and_ignore_index_in_range():
     assert got.logprobs[4] == 0 and (g[4] == 0).all()
 
 
+@TRITON_SKIP
 def test_fp64():
     logits, y = make(9, 77)
     with small():
         compare(logits, y, upstream(9, "both"), dtype=F64, atol=1e-12, rtol=1e-12, temperature=0.6)
 
 
+@TRITON_SKIP
 def test_very_negative_neg_inf_and_ignored_rows():
     logits, y = make(10, 60)
     logits[1] -= 250.0  # all logits of the row below -100
@@ -102,6 +153,7 @@ def test_very_negative_neg_inf_and_ignored_rows():
     assert (g[3, 10:40] == 0).all()
 
 
+@TRITON_SKIP
 def test_all_rows_ignored_and_empty():
     logits, y = make(5, 40)
     y[:] = -100
@@ -115,6 +167,7 @@ def test_all_rows_ignored_and_empty():
     assert z.grad.shape == (0, 40)
 
 
+@TRITON_SKIP
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
 def test_low_precision_no_worse_than_torch(dtype):
     logits, y = make(17, 90)
