@@ -9,13 +9,14 @@ return the row statistics of ``RowStats`` as 8 tensors, ``[0]``-sized where a fi
 so ``torch.compile(fullgraph=True)`` traces through them with dynamic shapes and meta tensors
 propagate shapes; the backward is a second custom op, so dynamo never looks inside either pass.
 
-The impls call the backend functions (``backends/torch_chunked.py``, ``backends/triton.py``) that the
-autograd Functions of ``_autograd.py`` called: the numbers are the same. The Triton launchers stay
+The impls call the backend functions (``backends/torch_chunked.py``, ``backends/triton.py``) directly;
+their autograd (``register_autograd``) masks the upstream gradients and calls the backward op. The Triton launchers stay
 plain Python inside the op (not ``triton_op``/``wrap_triton``): they allocate per row chunk and pick
 kernels from host-side sizes, so inductor gains nothing from seeing the individual launches.
 
-Layering: functional -> this module -> backends. The vocabulary-parallel path (``process_group``)
-stays on ``_distributed.VocabParallelLinearLogprobsFunction``: its collectives are not compiled.
+Layering: functional, _grpo -> this module -> _autograd (once_differentiable) -> backends, launchers.
+The vocabulary-parallel path (``process_group``) stays on
+``_autograd.VocabParallelLinearLogprobsFunction``: its collectives are not compiled.
 """
 from __future__ import annotations
 
@@ -24,7 +25,7 @@ from typing import List, Optional, Tuple
 import torch
 from torch import Tensor
 
-from ._autograd import _masked_grad, once_differentiable
+from ._autograd import masked_grad, once_differentiable
 from ._common import compute_dtype
 from ._types import LogitTransform, RowStats
 
@@ -45,7 +46,7 @@ def _backend(name: str, device: torch.device):
 
 def backend_name(be) -> str:
     """The name ``get_backend`` resolved to (``"torch"`` or ``"triton"``) for the op's ``backend`` argument."""
-    return "triton" if be.__name__.rsplit(".", 1)[-1] == "triton" else "torch"
+    return be.NAME
 
 
 def _pack(stats: RowStats, like: Tensor) -> Tuple[Tensor, ...]:
@@ -132,7 +133,7 @@ def _(x, weight, bias, targets, stats, grad_logprobs, grad_entropy, grad_clamped
 def _mask_grads(grads, targets: Tensor, ignore_index: int, entropy: bool, has_k: bool):
     g_lp, g_ent, g_cl = grads
     valid = targets != ignore_index
-    return tuple(_masked_grad(g, valid) for g in (g_lp, g_ent if entropy else None, g_cl if has_k else None))
+    return tuple(masked_grad(g, valid) for g in (g_lp, g_ent if entropy else None, g_cl if has_k else None))
 
 
 def _linear_setup(ctx, inputs, output):
@@ -235,6 +236,8 @@ _CFG_FLOATS = ("eps_low", "eps_high", "beta", "tau_pos", "tau_neg", "k_pos", "la
 
 
 def _cfg(loss_type: str, flags, floats, delta):
+    # An upward import (_grpo sits above this module), lazy and the only one: this op is GRPO's and
+    # belongs in the _grpo package, which owns _Cfg and its derived properties (issue 14: to move there).
     from ._grpo import _Cfg
 
     values = dict(zip(_CFG_FLAGS, flags), **dict(zip(_CFG_FLOATS, floats)), loss_type=loss_type, delta=delta)

@@ -48,25 +48,20 @@ from typing import NamedTuple, Optional
 
 import torch
 
-from ._autograd import once_differentiable
+from ._distributed import comm_device
 from ._types import LogitTransform
 from .backends.torch_chunked import (
     U_MIN,
-    _apply_transform_,
     _chain_transform_,
-    _compute_dtype,
     _rowdot,
     _softcap_factor,
     _Workspace,
-    chunk_rows,
     workspace_bytes,
 )
 
-__all__ = ["SamplingParams", "resolve", "SampledLinearFunction", "SampledLogitsFunction"]
-
 # float blocks of one chunk: logits, probabilities, kept weights, softcap factor; the kept mask is a
 # bool block (counted as one more float block, generously)
-_BLOCKS = 5
+BLOCKS = 5
 # first candidate count of the top-p search; multiplied by 4 while the candidates hold less than p
 _TOP_P_FIRST = 64
 
@@ -139,7 +134,7 @@ def resolve(top_k, top_p, min_p, shape, device) -> Optional[SamplingParams]:
 # ---------------------------------------------------------------------------------------------
 
 
-class _Local:
+class Local:
     """Reductions over the vocabulary when this process holds all of it."""
 
     def max(self, t):
@@ -152,17 +147,16 @@ class _Local:
         return t
 
 
-class _Group(_Local):
+class Group(Local):
     """The same reductions over the shards of ``group`` (every rank calls them in the same order)."""
 
     def __init__(self, group):
-        from . import _distributed as D
+        import torch.distributed as dist
 
-        self.group, self.D = group, D
-        self.dist = D._dist()
+        self.group, self.dist = group, dist
 
     def _reduce(self, t, op):
-        dev = self.D._comm_device(self.group, t.device)
+        dev = comm_device(self.group, t.device)
         buf = t.to(dev).contiguous()
         self.dist.all_reduce(buf, op=op, group=self.group)
         return buf.to(t.device)
@@ -174,7 +168,7 @@ class _Group(_Local):
         return self._reduce(t, self.dist.ReduceOp.SUM)
 
     def cat(self, t):
-        dev = self.D._comm_device(self.group, t.device)
+        dev = comm_device(self.group, t.device)
         buf = t.to(dev).contiguous()
         parts = [torch.empty_like(buf) for _ in range(self.dist.get_world_size(self.group))]
         self.dist.all_gather(parts, buf, group=self.group)
@@ -186,19 +180,19 @@ class _Group(_Local):
 # ---------------------------------------------------------------------------------------------
 
 
-def _largest(z: torch.Tensor, k: int, red: _Local) -> torch.Tensor:
+def _largest(z: torch.Tensor, k: int, red: Local) -> torch.Tensor:
     """The ``k`` largest logits of each row over the whole (possibly split) vocabulary, descending,
     padded with -inf where a row has fewer."""
     kl = min(k, z.shape[1])
     vals = torch.topk(z, kl, dim=1, sorted=True).values if kl > 0 else z.new_empty(z.shape[0], 0)
     if kl < k:
         vals = torch.cat([vals, vals.new_full((z.shape[0], k - kl), -torch.inf)], dim=1)
-    if type(red) is _Local:
+    if type(red) is Local:
         return vals
     return torch.topk(red.cat(vals), k, dim=1, sorted=True).values
 
 
-def _top_p_threshold(z, t, shift, top_p, vocab: int, red: _Local) -> torch.Tensor:
+def _top_p_threshold(z, t, shift, top_p, vocab: int, red: Local) -> torch.Tensor:
     """Smallest kept logit of the top-p rule over ``{z >= t}`` (see the module docstring), rows ``[c]``.
 
     Candidates: the ``c`` largest logits, those below ``t`` dropped. Their mass decides every row
@@ -249,7 +243,7 @@ def _top_p_threshold(z, t, shift, top_p, vocab: int, red: _Local) -> torch.Tenso
     return out
 
 
-def _threshold(z, m, shift, live, prm: SamplingParams, vocab: int, red: _Local) -> torch.Tensor:
+def _threshold(z, m, shift, live, prm: SamplingParams, vocab: int, red: Local) -> torch.Tensor:
     """``t [c]``: kept = ``z >= t``; -inf where nothing is truncated (and on rows of only -inf)."""
     t = torch.full_like(m, -torch.inf)
     if prm.min_p is not None:
@@ -276,7 +270,7 @@ def _threshold(z, m, shift, live, prm: SamplingParams, vocab: int, red: _Local) 
 # ---------------------------------------------------------------------------------------------
 
 
-class _RowStats(NamedTuple):
+class ChunkStats(NamedTuple):
     """Per-row results of a chunk (and what backward needs): global values on every rank."""
 
     shift: torch.Tensor  # row max, 0 on a row of only -inf logits
@@ -292,7 +286,7 @@ class _RowStats(NamedTuple):
     truncated_entropy: torch.Tensor
 
 
-def _chunk_forward(z, ws, y_local, here, valid, prm: SamplingParams, vocab: int, red: _Local) -> _RowStats:
+def chunk_forward(z, ws, y_local, here, valid, prm: SamplingParams, vocab: int, red: Local) -> ChunkStats:
     """Statistics of a chunk ``z [c, V_r]`` (transformed logits, overwritten)."""
     c = z.shape[0]
     m = red.max(z.amax(-1))
@@ -315,7 +309,7 @@ def _chunk_forward(z, ws, y_local, here, valid, prm: SamplingParams, vocab: int,
     inf = torch.full_like(m, -torch.inf)
     lp = torch.where(valid, torch.where(live, (z_y - shift) - log_s, inf), zero)
     tlp = torch.where(valid, torch.where(live & in_kept, (z_y - shift) - log_s_k, inf), zero)
-    return _RowStats(
+    return ChunkStats(
         shift, live, t, log_s, log_s_k, in_kept & ok, lp,
         torch.where(ok, log_s - sums[1] / s, zero),
         tlp,
@@ -324,7 +318,7 @@ def _chunk_forward(z, ws, y_local, here, valid, prm: SamplingParams, vocab: int,
     )
 
 
-def _chunk_grad(z, ws, y_local, here, st, g, tf: LogitTransform):
+def chunk_grad(z, ws, y_local, here, st, g, tf: LogitTransform):
     """dL/d(h.W + b) of a chunk (a view of ``z``'s buffer) from the upstream gradients ``g`` (five ``[c]``
     tensors or None, zero on ignored rows): logprobs, entropy, truncated logprobs, log kept mass,
     truncated entropy."""
@@ -365,7 +359,7 @@ def _chunk_grad(z, ws, y_local, here, st, g, tf: LogitTransform):
     return _chain_transform_(p, factor, tf)
 
 
-class _SamplingWorkspace(_Workspace):
+class SamplingWorkspace(_Workspace):
     def get_bool(self, name: str, rows: int) -> torch.Tensor:
         buf = self._bufs.get(name)
         if buf is None:
@@ -373,15 +367,15 @@ class _SamplingWorkspace(_Workspace):
         return buf[:rows]
 
 
-def _stack(parts, n, device, dtype) -> _RowStats:
+def stack_rows(parts, n, device, dtype) -> ChunkStats:
     if not parts:
         z = torch.zeros(n, device=device, dtype=dtype)
         b = torch.zeros(n, device=device, dtype=torch.bool)
-        return _RowStats(z, b, z, z, z, b, z, z, z, z, z)
-    return _RowStats(*(torch.cat(col) for col in zip(*parts)))
+        return ChunkStats(z, b, z, z, z, b, z, z, z, z, z)
+    return ChunkStats(*(torch.cat(col) for col in zip(*parts)))
 
 
-def _local_targets(targets, ignore_index: int, offset: int, vocab_local: int):
+def local_targets(targets, ignore_index: int, offset: int, vocab_local: int):
     valid = targets != ignore_index
     here = valid & (targets >= offset) & (targets < offset + vocab_local)
     return valid, here, torch.where(here, targets - offset, torch.zeros_like(targets))
@@ -390,140 +384,20 @@ def _local_targets(targets, ignore_index: int, offset: int, vocab_local: int):
 _SAVED = ("shift", "live", "t", "log_s", "log_s_kept", "in_kept", "entropy", "truncated_entropy")
 
 
-def _saved(st: _RowStats):
+def saved_rows(st: ChunkStats):
     return [getattr(st, f) for f in _SAVED]
 
 
-def _restore(saved) -> _RowStats:
+def restore_rows(saved) -> ChunkStats:
     d = dict(zip(_SAVED, saved))
-    return _RowStats(d["shift"], d["live"], d["t"], d["log_s"], d["log_s_kept"], d["in_kept"], None, d["entropy"],
+    return ChunkStats(d["shift"], d["live"], d["t"], d["log_s"], d["log_s_kept"], d["in_kept"], None, d["entropy"],
                      None, None, d["truncated_entropy"])
 
 
-def _outputs(st: _RowStats):
+def outputs(st: ChunkStats):
     return st.logprobs, st.entropy, st.truncated_logprobs, st.log_kept_mass, st.truncated_entropy
 
 
-def _grads_of(grads, valid):
+def masked_grads(grads, valid):
     zero = torch.zeros((), dtype=torch.float64, device=valid.device)
     return tuple(None if g is None else torch.where(valid, g, zero.to(g.dtype)) for g in grads)
-
-
-class SampledLinearFunction(torch.autograd.Function):
-    """``(x [N,H], W [V_r,H], b [V_r]|None, targets [N]) -> (logprobs, entropy, truncated_logprobs,
-    log_kept_mass, truncated_entropy)`` ``[N]`` each; global values with a vocabulary split
-    (``group``, this rank's ``offset`` and the global ``vocab``). Saves x, W, b, targets and ``O(N)``
-    row statistics; backward recomputes the logits chunk by chunk (one product) and forms dX, dW, db
-    (two more). ``full_hidden_grad``: all-reduce dX over ``group`` (else this rank's share)."""
-
-    @staticmethod
-    def forward(ctx, x, weight, bias, targets, tf: LogitTransform, ignore_index: int, prm: SamplingParams,
-                vocab: int, offset: int, group, full_hidden_grad: bool):
-        n, vl = x.shape[0], weight.shape[0]
-        cdt = _compute_dtype(x.dtype)
-        red = _Local() if group is None else _Group(group)
-        step = chunk_rows(n, vl, _BLOCKS, torch.empty((), dtype=cdt).element_size())
-        ws = _SamplingWorkspace(min(step, max(n, 1)), vl, cdt, x.device)
-        w = weight.to(cdt)
-        valid, here, y_local = _local_targets(targets, ignore_index, offset, vl)
-        parts = []
-        for start in range(0, n, step):
-            sl = slice(start, min(start + step, n))
-            z = _logits(x[sl], w, bias, tf, ws.get("z", sl.stop - sl.start))
-            parts.append(_chunk_forward(z, ws, y_local[sl], here[sl], valid[sl], prm.rows(sl), vocab, red))
-        st = _stack(parts, n, x.device, cdt)
-        ctx.set_materialize_grads(False)
-        ctx.save_for_backward(x, weight, bias, targets, *_saved(st))
-        ctx.meta = (tf, ignore_index, offset, group, full_hidden_grad, step)
-        return _outputs(st)
-
-    @staticmethod
-    @once_differentiable
-    def backward(ctx, *grads):
-        x, weight, bias, targets, *saved = ctx.saved_tensors
-        tf, ignore_index, offset, group, full, step = ctx.meta
-        st = _restore(saved)
-        n, vl = x.shape[0], weight.shape[0]
-        cdt = _compute_dtype(x.dtype)
-        valid, here, y_local = _local_targets(targets, ignore_index, offset, vl)
-        grads = _grads_of(grads, valid)
-        need_x, need_w, need_b = ctx.needs_input_grad[0], ctx.needs_input_grad[1], bias is not None and ctx.needs_input_grad[2]
-        gx = torch.zeros(x.shape, device=x.device, dtype=cdt) if need_x else None
-        gw = torch.zeros(weight.shape, device=x.device, dtype=cdt) if need_w else None
-        gb = torch.zeros(vl, device=x.device, dtype=cdt) if need_b else None
-        if any(g is not None for g in grads):
-            ws = _SamplingWorkspace(min(step, max(n, 1)), vl, cdt, x.device)
-            w = weight.to(cdt)
-            for start in range(0, n, step):
-                sl = slice(start, min(start + step, n))
-                x_c = x[sl].to(cdt)
-                z = _logits(x_c, w, bias, tf, ws.get("z", sl.stop - sl.start))
-                rows = _RowStats(*(None if f is None else f[sl] for f in st))
-                dz = _chunk_grad(z, ws, y_local[sl], here[sl], rows, tuple(None if g is None else g[sl] for g in grads), tf)
-                if need_x:
-                    torch.mm(dz, w, out=gx[sl])
-                if need_w:
-                    gw.addmm_(dz.T, x_c)
-                if need_b:
-                    gb.add_(dz.sum(0))
-        if need_x and group is not None and full and n > 0:
-            gx = _Group(group).sum(gx)
-        return (
-            None if gx is None else gx.to(x.dtype),
-            None if gw is None else gw.to(weight.dtype),
-            None if gb is None else gb.to(bias.dtype),
-            None, None, None, None, None, None, None, None,
-        )
-
-
-def _logits(x_c, w, bias, tf, out):
-    torch.mm(x_c.to(out.dtype), w.T, out=out)
-    if bias is not None:
-        out.add_(bias.to(out.dtype))
-    return _apply_transform_(out, tf)
-
-
-class SampledLogitsFunction(torch.autograd.Function):
-    """``(logits [N,V], targets [N]) -> the five [N] outputs of SampledLinearFunction``; saves the logits
-    and row statistics and writes the logits gradient directly."""
-
-    @staticmethod
-    def forward(ctx, logits, targets, tf: LogitTransform, ignore_index: int, prm: SamplingParams):
-        n, vocab = logits.shape
-        cdt = _compute_dtype(logits.dtype)
-        step = chunk_rows(n, vocab, _BLOCKS, torch.empty((), dtype=cdt).element_size())
-        ws = _SamplingWorkspace(min(step, max(n, 1)), vocab, cdt, logits.device)
-        valid, here, y_local = _local_targets(targets, ignore_index, 0, vocab)
-        red = _Local()
-        parts = []
-        for start in range(0, n, step):
-            sl = slice(start, min(start + step, n))
-            z = ws.get("z", sl.stop - sl.start)
-            _apply_transform_(z.copy_(logits[sl]), tf)
-            parts.append(_chunk_forward(z, ws, y_local[sl], here[sl], valid[sl], prm.rows(sl), vocab, red))
-        st = _stack(parts, n, logits.device, cdt)
-        ctx.set_materialize_grads(False)
-        ctx.save_for_backward(logits, targets, *_saved(st))
-        ctx.meta = (tf, ignore_index, step)
-        return _outputs(st)
-
-    @staticmethod
-    @once_differentiable
-    def backward(ctx, *grads):
-        logits, targets, *saved = ctx.saved_tensors
-        tf, ignore_index, step = ctx.meta
-        st = _restore(saved)
-        n, vocab = logits.shape
-        cdt = _compute_dtype(logits.dtype)
-        valid, here, y_local = _local_targets(targets, ignore_index, 0, vocab)
-        grads = _grads_of(grads, valid)
-        out = torch.zeros_like(logits)
-        if any(g is not None for g in grads):
-            ws = _SamplingWorkspace(min(step, max(n, 1)), vocab, cdt, logits.device)
-            for start in range(0, n, step):
-                sl = slice(start, min(start + step, n))
-                z = ws.get("z", sl.stop - sl.start)
-                _apply_transform_(z.copy_(logits[sl]), tf)
-                rows = _RowStats(*(None if f is None else f[sl] for f in st))
-                out[sl] = _chunk_grad(z, ws, y_local[sl], here[sl], rows, tuple(None if g is None else g[sl] for g in grads), tf)
-        return out, None, None, None, None

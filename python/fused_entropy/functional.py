@@ -21,8 +21,10 @@ from . import _validate as V
 from . import _custom_ops as _ops
 from ._common import IGNORE_INDEX
 from ._types import LogitTransform, TokenStats
+from . import _distributed as D
 from . import _sampling
-from .backends import get_backend
+from ._autograd import SampledLinearFunction, SampledLogitsFunction, VocabParallelLinearLogprobsFunction
+from .backends import get_backend, resolve
 
 
 def _finish(outs, lead_shape, entropy: bool, has_k: bool) -> TokenStats:
@@ -35,7 +37,7 @@ def _finish(outs, lead_shape, entropy: bool, has_k: bool) -> TokenStats:
 
 
 def _with_sampling(stats: TokenStats, sampled, lead_shape, entropy: bool) -> TokenStats:
-    """``stats`` with the outputs of a ``_sampling`` Function: its full log-prob and entropy replace
+    """``stats`` with the outputs of a sampling Function (``_autograd.sampling``): its full log-prob and entropy replace
     the kernels' (same pass), plus the three truncated fields."""
     lp, ent, tlp, lkm, tent = (t.reshape(lead_shape) for t in sampled)
     return stats._replace(logprobs=lp, entropy=ent if entropy else None, truncated_logprobs=tlp,
@@ -123,10 +125,8 @@ def _check_vocab_size(vocab_size) -> None:
 
 
 def _check_hidden_grad(hidden_grad) -> None:
-    from ._distributed import HIDDEN_GRADS
-
-    if hidden_grad not in HIDDEN_GRADS:
-        raise ValueError(f"hidden_grad must be one of {HIDDEN_GRADS}, got {hidden_grad!r}")
+    if hidden_grad not in D.HIDDEN_GRADS:
+        raise ValueError(f"hidden_grad must be one of {D.HIDDEN_GRADS}, got {hidden_grad!r}")
 
 
 # Stands in for ignore_index=None inside the backends: every target is then checked to be in [0, V).
@@ -264,7 +264,7 @@ def linear_logprobs(
         return stats
     if k is None:
         stats = TokenStats(None)
-    sampled = _sampling.SampledLinearFunction.apply(x, w, b, y, tf, int(ignore_index), prm, vocab, 0, None, True)
+    sampled = SampledLinearFunction.apply(x, w, b, y, tf, int(ignore_index), prm, vocab, 0, None, True)
     return _with_sampling(stats, sampled, lead, bool(entropy))
 
 
@@ -276,8 +276,6 @@ def _linear_logprobs_vocab_parallel(hidden, weight, targets, bias, temperature, 
     Every check whose failure could differ between ranks goes through one collective, so that either
     every rank raises or none does (a rank that raised alone would leave the others waiting).
     """
-    from . import _distributed as D
-
     D.check_group(group)
     err, tf, be, be_name, prm = None, None, None, "torch", None
     try:
@@ -287,12 +285,10 @@ def _linear_logprobs_vocab_parallel(hidden, weight, targets, bias, temperature, 
         V.resolve_k(topk, clamp_p, sys.maxsize)  # types and ranges; k <= V is checked against the global V
         _check_vocab_size(vocab_size)
         _check_hidden_grad(hidden_grad)
-        be_name = backend
-        if backend == "auto":
-            be_name = "triton" if device.type == "cuda" else "torch"
+        be_name = resolve(backend, device)  # agreed on by name: every rank must resolve to the same one
         be = get_backend(be_name, device)
         prm = _sampling.resolve(sampling_top_k, sampling_top_p, sampling_min_p, targets.shape, device)
-    except (TypeError, ValueError) as e:
+    except (TypeError, ValueError, ImportError) as e:  # ImportError: backend='triton' without triton
         err = e
     grad_x = torch.is_grad_enabled() and isinstance(hidden, torch.Tensor) and hidden.requires_grad
     layout = D.agree(group, err, weight=weight, hidden=hidden, targets=targets, bias=bias, tf=tf,
@@ -305,7 +301,7 @@ def _linear_logprobs_vocab_parallel(hidden, weight, targets, bias, temperature, 
     ig = _NO_IGNORE if ignore_index is None else int(ignore_index)
     w, b = weight.contiguous(), None if bias is None else bias.contiguous()
     if prm is None or layout.k is not None:
-        outs = D.VocabParallelLinearLogprobsFunction.apply(
+        outs = VocabParallelLinearLogprobsFunction.apply(
             x, w, b, y, tf, ig, bool(entropy) and prm is None, layout, be, group, hidden_grad == "full",
         )
         stats = _finish(outs, lead, bool(entropy) and prm is None, layout.k is not None)
@@ -313,8 +309,8 @@ def _linear_logprobs_vocab_parallel(hidden, weight, targets, bias, temperature, 
         return stats
     if layout.k is None:
         stats = TokenStats(None)
-    sampled = _sampling.SampledLinearFunction.apply(x, w, b, y, tf, ig, prm, layout.vocab, layout.offset, group,
-                                                    hidden_grad == "full")
+    sampled = SampledLinearFunction.apply(x, w, b, y, tf, ig, prm, layout.vocab, layout.offset, group,
+                                          hidden_grad == "full")
     return _with_sampling(stats, sampled, lead, bool(entropy))
 
 
@@ -369,7 +365,7 @@ def logprobs_from_logits(
         return stats
     if k is None:
         stats = TokenStats(None)
-    sampled = _sampling.SampledLogitsFunction.apply(z, y.long(), tf, ignore_index, prm)
+    sampled = SampledLogitsFunction.apply(z, y.long(), tf, ignore_index, prm)
     return _with_sampling(stats, sampled, lead, bool(entropy))
 
 # GRPO-family losses on per-token tensors (MATH.md sections 4-6); implementation in _grpo.py.

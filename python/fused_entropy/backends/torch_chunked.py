@@ -37,6 +37,9 @@ import torch
 
 from .._common import compute_dtype as _compute_dtype
 from .._types import LogitTransform, RowStats
+from .torch_topk import radix_topk_stats
+
+NAME = "torch"  # what backends.resolve_name gives for this module
 
 DEFAULT_WORKSPACE_MIB = 64
 WORKSPACE_ENV = "FUSED_ENTROPY_WORKSPACE_MIB"
@@ -334,12 +337,20 @@ def linear_logit_blocks(x, weight, bias, tf):
     """Yield ``(rows, z)``: the transformed logits ``z [C, V]`` of each chunk of rows, computed exactly
     as ``linear_forward``/``linear_backward`` compute them (same chunks, same products, same dtype).
 
-    For callers that reduce over the vocabulary themselves (the vocabulary-parallel top-k selection
-    in ``_distributed.py``). ``z`` is a reused workspace: it is overwritten by the next block.
+    For callers that reduce over the vocabulary themselves (``linear_topk_select``, the
+    vocabulary-parallel top-k selection). ``z`` is a reused workspace: it is overwritten by the next block.
     """
     plan = _Plan(x, weight, blocks=workspace_blocks(tf))
     for sl in plan.chunks():
         yield sl, _logit_block(x[sl], plan.w, bias, tf, plan.ws.get("z", sl.stop - sl.start))
+
+
+def linear_topk_select(x, weight, bias, tf, k, shift, all_reduce):
+    """``(tau, tie_frac, s_S, t_S)`` [N] of a vocabulary split across ranks, from this rank's shard
+    (``torch_topk.radix_topk_stats`` over ``linear_logit_blocks``: one product per radix digit);
+    the same protocol as the Triton backend's ``linear_topk_select``."""
+    blocks = lambda: linear_logit_blocks(x, weight, bias, tf)  # noqa: E731
+    return radix_topk_stats(blocks, x.shape[0], k, shift, _compute_dtype(x.dtype), all_reduce)
 
 
 def _recompute(z, ws, y, valid, stats_rows, k, tf):

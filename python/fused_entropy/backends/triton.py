@@ -16,9 +16,8 @@ gradient itself. fp16/bf16/fp32/fp64 inputs.
 Beyond the interface, ``linear_forward_backward`` is the single pass of ``LinearGRPOLoss`` (as in
 ``torch_chunked``): statistics, upstream gradients and dz from the same logits buffer, then cuBLAS for
 dX and dW, 3 GEMM passes instead of 4; ``single_pass_rows`` tells the module the chunk the buffer
-holds. ``linear_topk_select`` is the vocabulary-parallel top-k select that
-``_distributed.VocabParallelLinearLogprobsFunction`` uses when a backend provides one (the torch
-backend goes through ``_distributed.radix_topk_stats`` instead); it recomputes a GEMM pass per digit.
+holds. ``linear_topk_select`` is the vocabulary-parallel top-k select of the interface
+(``torch_chunked`` has its own); it recomputes a GEMM pass per digit.
 """
 from __future__ import annotations
 
@@ -26,6 +25,8 @@ import torch
 
 from .. import _launch
 from .._types import RowStats
+
+NAME = "triton"  # what backends.resolve_name gives for this module
 
 
 def _empty_stats(n_dtype: torch.dtype, device, entropy: bool, k) -> RowStats:
@@ -50,7 +51,7 @@ def linear_backward(x, weight, bias, targets, tf, ignore_index, stats: RowStats,
 
 def linear_topk_select(x, weight, bias, tf, k, shift, all_reduce):
     """(tau, tie_frac, s_S, t_S) [N] of a vocabulary split across ranks, from this rank's shard;
-    the protocol of ``_distributed.radix_topk_stats`` (see ``_launch.linear_topk_select``)."""
+    the protocol of ``torch_topk.radix_topk_stats`` (see ``_launch.linear_topk_select``)."""
     return _launch.linear_topk_select(x, weight, bias, tf, k, shift, all_reduce)
 
 
