@@ -12,11 +12,11 @@ from typing import Optional
 
 from trl import GRPOConfig
 
-from ... import _grpo
+from ..._grpo.losses import ENTROPY_SOURCES, GRPO_BACKENDS  # noqa: F401 (ENTROPY_SOURCES: re-exported)
+from ..._grpo.options import GRPOOptions
 from ..._validate import resolve_k
 from ...control import AdaptiveEntropyCoef, AEntCoef, REPOZeta, StaticEntropyCoef
 
-ENTROPY_SOURCES = _grpo.ENTROPY_SOURCES
 CONTROLLERS = (None, "static", "adaptive", "aent")
 
 
@@ -117,11 +117,32 @@ def sampling_truncation(args) -> Optional[tuple]:
     return None if k is None and p is None and mp is None else (k, p, mp)
 
 
+def loss_options(args) -> GRPOOptions:
+    """The ``grpo_loss`` options a config fixes for the whole run, as the trainer passes them: TRL's
+    fields as ``GRPOTrainer`` reads them (``epsilon_high`` falls back to ``epsilon``), the added
+    options, and TRL 1.16's normalizations. Building them checks them (``GRPOOptions``)."""
+    return GRPOOptions(
+        loss_type=args.loss_type, epsilon_low=args.epsilon,
+        epsilon_high=args.epsilon if args.epsilon_high is None else args.epsilon_high,
+        delta=args.delta, beta=args.beta, use_bias_correction_kl=bool(args.use_bias_correction_kl),
+        importance_sampling_level=args.importance_sampling_level,
+        sapo_temperature_pos=args.sapo_temperature_pos, sapo_temperature_neg=args.sapo_temperature_neg,
+        vespo_k_pos=args.vespo_k_pos, vespo_lambda_pos=args.vespo_lambda_pos,
+        vespo_k_neg=args.vespo_k_neg, vespo_lambda_neg=args.vespo_lambda_neg,
+        max_completion_length=args.max_completion_length, top_entropy_quantile=args.top_entropy_quantile,
+        entropy_source=option(args, "entropy_source"), luspo_normalization="trl",
+        clip_cov_ratio=option(args, "clip_cov_ratio"), clip_cov_lb=option(args, "clip_cov_lb"),
+        clip_cov_ub=option(args, "clip_cov_ub"), kl_cov_ratio=option(args, "kl_cov_ratio"),
+        ppo_kl_coef=option(args, "ppo_kl_coef"), backend=option(args, "fused_backend"), bonus_normalization="mean",
+    )
+
+
 def validate_options(args) -> None:
-    """Reject option combinations the trainer cannot honour, naming the option (no model needed)."""
+    """Reject option combinations the trainer cannot honour, naming the option (no model needed).
+
+    The loss options are checked by building them (:func:`loss_options`); the checks here are the
+    adapter's own: the clamped set, the controllers, and what only a TRL config can get wrong."""
     src = option(args, "entropy_source")
-    if src not in ENTROPY_SOURCES:
-        raise ValueError(f"entropy_source must be one of {ENTROPY_SOURCES}, got {src!r}")
     topk, clamp_p = option(args, "topk"), option(args, "clamp_p")
     if topk is not None and clamp_p is not None:
         raise ValueError(f"give at most one of topk and clamp_p, got topk={topk} and clamp_p={clamp_p}")
@@ -141,22 +162,11 @@ def validate_options(args) -> None:
         if missing:
             raise ValueError(f"entropy_controller='aent' needs {', '.join(missing)} (AEnt's band and step size)")
     build_controller(args)  # the controllers check their own numbers (bounds, init within bounds)
-    if args.loss_type not in _grpo.LOSS_TYPES:
-        raise ValueError(f"loss_type must be one of {_grpo.LOSS_TYPES}, got {args.loss_type!r}")
-    if args.importance_sampling_level not in _grpo.IMPORTANCE_SAMPLING_LEVELS:
-        raise ValueError(
-            f"importance_sampling_level must be one of {_grpo.IMPORTANCE_SAMPLING_LEVELS}, got {args.importance_sampling_level!r}"
-        )
-    if args.loss_type in _grpo.COV_TYPES and args.importance_sampling_level != "token":
-        raise ValueError(f"loss_type={args.loss_type!r} is token-level; importance_sampling_level must be 'token'")
-    _grpo._check_quantile(args.top_entropy_quantile)
+    if option(args, "fused_backend") not in GRPO_BACKENDS:  # named as the config names it
+        raise ValueError(f"fused_backend must be one of {GRPO_BACKENDS}, got {option(args, 'fused_backend')!r}")
+    loss_options(args)
     if args.loss_type == "vespo" and args.off_policy_mask_threshold is not None:
         raise ValueError("off_policy_mask_threshold is not supported with loss_type='vespo' by FusedEntropyGRPOTrainer")
-    if args.loss_type in _grpo.COV_TYPES:
-        _grpo._check_fraction("clip_cov_ratio", option(args, "clip_cov_ratio"))
-        _grpo._check_fraction("kl_cov_ratio", option(args, "kl_cov_ratio"))
-        if option(args, "clip_cov_lb") >= option(args, "clip_cov_ub"):
-            raise ValueError(f"clip_cov_lb must be < clip_cov_ub, got {option(args, 'clip_cov_lb')} >= {option(args, 'clip_cov_ub')}")
     if option(args, "use_repo_r"):
         build_repo(args)
     if option(args, "sampling_replay"):
@@ -166,8 +176,6 @@ def validate_options(args) -> None:
         if sampling_truncation(args) is None:
             raise ValueError("sampling_replay=True but top_k, top_p and min_p truncate nothing "
                              f"(top_k={args.top_k}, top_p={args.top_p}, min_p={args.min_p})")
-    if option(args, "fused_backend") not in _grpo.GRPO_BACKENDS:
-        raise ValueError(f"fused_backend must be one of {_grpo.GRPO_BACKENDS}, got {option(args, 'fused_backend')!r}")
 
 
 def build_controller(args):

@@ -13,10 +13,11 @@ from transformers.trainer_callback import ExportableState
 from trl import GRPOConfig, GRPOTrainer
 from trl.trainer.utils import nanmax, nanmin
 
-from ... import _grpo
+from ..._grpo.losses import TOKEN_NORMALIZED
 from ..._types import TokenStats
 from ...backends import get_backend
 from ...control import AdaptiveEntropyCoef, StaticEntropyCoef, repo_r_advantages
+from ...functional import grpo_loss
 from .config import FusedEntropyGRPOConfig, build_controller, build_repo, option, sampling_truncation, validate_options
 from .head import HeadRequest, install_fused_head
 
@@ -104,7 +105,6 @@ class FusedEntropyGRPOTrainer(GRPOTrainer):
             raise ValueError(f"topk must be in [1, V={vocab}], got {self._topk}")
         backend = option(args, "fused_backend")
         get_backend(backend, self.accelerator.device)  # e.g. 'triton' without CUDA: fail now, not in step 1
-        _grpo._resolve_backend(backend, self.accelerator.device)
         head = dict(temperature=self.temperature, topk=self._topk, clamp_p=self._clamp_p, backend=backend)
         install_fused_head(policy, **head)
         if self.ref_model is not None:
@@ -243,7 +243,7 @@ class FusedEntropyGRPOTrainer(GRPOTrainer):
             loss_adv = repo_r_advantages(advantages, old_or_current, self._repo.zeta)
 
         num_items = None
-        if self.loss_type in _grpo.TOKEN_NORMALIZED:
+        if self.loss_type in TOKEN_NORMALIZED:
             # TRL divides by num_items / world * GA / steps_per_generation and then not by GA; dividing
             # grpo_loss's micro-batch loss by GA below needs num_items / steps_per_generation here.
             num_items = inputs["num_items_in_batch"]
@@ -256,7 +256,7 @@ class FusedEntropyGRPOTrainer(GRPOTrainer):
             generator = torch.Generator(device=logps.device)
             generator.manual_seed(hash((self.args.seed, self.accelerator.process_index, self._step)) % (1 << 62))
 
-        loss, m = _grpo.grpo_loss(
+        loss, m = grpo_loss(
             logps, loss_adv, mask,
             old_logprobs=old, ref_logprobs=inputs.get("ref_per_token_logps") if self.beta != 0.0 else None,
             entropy=entropies, clamped_entropy=clamped, entropy_source=self._entropy_source,
@@ -282,7 +282,7 @@ class FusedEntropyGRPOTrainer(GRPOTrainer):
 
         if ctrl is not None:
             policy_loss = m["policy_loss"]
-            if self.loss_type in _grpo.TOKEN_NORMALIZED:
+            if self.loss_type in TOKEN_NORMALIZED:
                 policy_loss = policy_loss / ga  # TRL reports the window-normalized value for these types
             self._metrics[mode]["policy_loss"].append(self.accelerator.gather(policy_loss).nanmean().item())
             self._metrics[mode]["entropy_coef_applied"].append(applied_coef)
