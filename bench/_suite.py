@@ -1,5 +1,5 @@
 """Shared by the benchmark files: the timing of one provider (see conftest.py). The cases are the
-presets of ``fused_entropy.tools.bench_providers.PRESETS``, the list ``fused-entropy bench`` uses."""
+presets of ``fused_entropy.tools.bench.providers.PRESETS``, the list ``fused-entropy bench`` uses."""
 from __future__ import annotations
 
 import importlib.util
@@ -7,7 +7,7 @@ import importlib.util
 import pytest
 import torch
 
-from fused_entropy.tools.bench_providers import PROVIDERS, Case
+from fused_entropy.tools.bench.providers import PROVIDERS, Case
 
 ROUNDS = {"cpu": 6, "cuda": 20}
 # rows of another family shown in a family's group: clamped entropy next to plain entropy

@@ -3,10 +3,10 @@
 
 One file per function family; each test is parametrized over the providers of its family (this
 package, the materialized reference, torch.compile of it, TRL, Liger, and the GEMM floor), which
-come from :mod:`fused_entropy.tools.bench_providers`, the same code ``fused-entropy bench`` runs.
+come from :mod:`fused_entropy.tools.bench.providers`, the same code ``fused-entropy bench`` runs.
 A provider is skipped, with the reason, only when its package is not installed; rows that do not
 run on the chosen device (Triton-only peers on CPU) are not generated. The cases and the providers
-are those of a preset of ``bench_providers.PRESETS``, the list the CLI uses: ``small`` by default
+are those of a preset of ``providers.PRESETS``, the list the CLI uses: ``small`` by default
 (a smaller case, every provider, a few minutes on a 2-core CPU), ``quick`` or ``sweep`` for the
 CLI's (providers: the preset's, per family).
 
@@ -21,7 +21,7 @@ import pytest
 import torch
 
 from _suite import COMPARE_WITH
-from fused_entropy.tools.bench_providers import PRESETS, PROVIDERS, family_providers
+from fused_entropy.tools.bench.providers import PRESETS, PROVIDERS, family_providers
 
 
 def pytest_addoption(parser):

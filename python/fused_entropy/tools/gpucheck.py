@@ -534,7 +534,7 @@ def _perf_rows(case, device) -> List[tuple]:
     or raises ImportError/RuntimeError with the reason the row cannot run."""
     import torch
 
-    from . import bench_providers as P
+    from .bench import providers as P
 
     rows = []
 
@@ -690,7 +690,7 @@ def _perf_rows(case, device) -> List[tuple]:
 def _perf_case(args, rec: Recorder, device, shape, ceiling: Optional[float], profile: bool) -> bool:
     import torch
 
-    from . import bench_providers as P
+    from .bench import providers as P
 
     n, h, v = shape
     dtype = "bfloat16" if device.type == "cuda" else "float32"
@@ -777,7 +777,7 @@ def _profile(rec, case, device) -> None:
 
     from fused_entropy import linear_logprobs
 
-    from . import bench_providers as P
+    from .bench import providers as P
 
     try:
         x, w, y = P.linear_inputs(case, device)
@@ -903,7 +903,7 @@ def step_tiles(args, rec: Recorder) -> bool:
     from fused_entropy import linear_logprobs
     from fused_entropy.kernels import configs as C
 
-    from . import bench_providers as P
+    from .bench import providers as P
 
     device = _device(args)
     if device.type != "cuda":

@@ -114,7 +114,7 @@ class Provider:
     check: Optional[Callable[[torch.device], Optional[str]]] = None
     full_warmup: bool = False  # warm up at full size (torch.compile specializes on shapes)
     mem_nv: float = 0.5  # rough working memory in fp32 [N, V] buffers, to skip cases that cannot fit
-    preload: Tuple[str, ...] = ()  # modules a fork server imports once for this row (see bench_worker)
+    preload: Tuple[str, ...] = ()  # modules a fork server imports once for this row (see .worker)
     cpu_note: str = ""  # what the row runs on CPU when that is not what it runs on a GPU (table note)
 
 

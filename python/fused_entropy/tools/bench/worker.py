@@ -4,13 +4,13 @@
 timed step in turn (A B C A B C ...), so that a change in the machine's load lands on every provider
 alike instead of on whichever rows ran during it. Every worker is a process of its own:
 
-- CPU: ``python -m fused_entropy.tools.bench_worker --serve --preload mod,...`` is a fork server.
+- CPU: ``python -m fused_entropy.tools.bench.worker --serve --preload mod,...`` is a fork server.
   It imports torch and the peers' packages once (importing TRL and transformers alone takes ~8 s of
   CPU here), never runs a torch operation itself, and forks one child per ``open`` request; it relays
   the ``step`` and ``close`` requests of that child by ``id``. Every child starts with the allocator,
   thread pools and peak of a just-imported process.
 - CUDA (a CUDA context does not survive fork), or ``bench --spawn``: ``python -m
-  fused_entropy.tools.bench_worker --session`` is one worker speaking the same protocol on stdin/stdout.
+  fused_entropy.tools.bench.worker --session`` is one worker speaking the same protocol on stdin/stdout.
 
 Protocol: one JSON object per line each way. ``{"op": "open", "provider", "case": [n, h, v, dtype,
 seq_len], "device", "timeout"}`` -> ``{"ok": true, "info": {...}}``; ``{"op": "step"}`` ->
@@ -40,7 +40,7 @@ growth beyond the inputs and their gradients (which any implementation must hold
   ``memory_allocated`` before, for one step with the gradients reset (before the timed steps:
   ``do_bench`` allocates its own cache-flush buffer).
 
-Floors have no gradients; their memory is not reported. ``python -m fused_entropy.tools.bench_worker
+Floors have no gradients; their memory is not reported. ``python -m fused_entropy.tools.bench.worker
 --provider NAME --n N ... --repeats R`` measures one provider alone (R steps, one JSON line), by hand.
 """
 from __future__ import annotations
@@ -58,7 +58,7 @@ import traceback
 
 import torch
 
-from .bench_providers import PROVIDERS, Case
+from .providers import PROVIDERS, Case
 
 TINY = Case(n=64, h=32, v=512, seq_len=16)
 CUDA_REP_MS = 200  # do_bench's timed window per step request
@@ -287,7 +287,7 @@ def _reap(children, wid) -> int:
 
 
 def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m fused_entropy.tools.bench_worker")
+    ap = argparse.ArgumentParser(prog="python -m fused_entropy.tools.bench.worker")
     ap.add_argument("--serve", action="store_true", help="fork server: requests on stdin, results on stdout")
     ap.add_argument("--session", action="store_true", help="one worker: open/step/close requests on stdin")
     ap.add_argument("--preload", default="", help="with --serve: comma-separated modules to import once")
