@@ -37,7 +37,6 @@ releases and stock ``GRPOTrainer`` can resume the run.
 Layout: :mod:`.config` (the options and their checks), :mod:`.head` (the fused head installed on the
 model's forward), :mod:`.trainer` (the trainer and its checkpoint callback).
 """
-
 from __future__ import annotations
 
 import warnings
