@@ -1,7 +1,7 @@
 """Numerics and input robustness (issue 13): odd inputs get the right value or a clear error.
 
-Each test names the item of the issue it covers. Both backends where both apply: ``backend="torch"``
-and ``backend="triton"`` (CUDA, or CPU under ``TRITON_INTERPRET=1``). Shapes are tiny.
+Each test names the item of the issue it covers. Both backends where both apply (the ``backend``
+fixture: ``"torch"`` and ``"triton"``, CUDA or CPU under ``TRITON_INTERPRET=1``). Shapes are tiny.
 """
 from __future__ import annotations
 
@@ -10,11 +10,10 @@ import math
 import pytest
 import torch
 
-from conftest import DEVICE, TRITON_OK
+from conftest import DEVICE
 from fused_entropy import LinearGRPOLoss, grpo_loss, linear_logprobs, logprobs_from_logits
 from fused_entropy.reference import grpo as ref_grpo
 
-BACKENDS = ["torch", pytest.param("triton", marks=pytest.mark.skipif(not TRITON_OK, reason="Triton needs CUDA or TRITON_INTERPRET=1"))]
 TOKEN_NORMALIZED = ("dapo", "cispo", "vespo")
 B, T, H, VOCAB = 4, 5, 8, 11
 
@@ -48,7 +47,6 @@ def _tok_batch(seed=0, bsz=B, seqlen=T, dtype=torch.float64):
 # ---------------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("loss_type", TOKEN_NORMALIZED)
 def test_item2_bonus_window_exact_grpo_loss(loss_type, backend):
     lp, old, adv, ent, mask = _tok_batch(bsz=8)
@@ -108,7 +106,6 @@ def test_item2_bonus_window_exact_linear_grpo(loss_type, single_pass):
 # ---------------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
 def test_item14_quantile_zero_keeps_the_highest_entropy_token(backend):
     lp, old, adv, ent, mask = _tok_batch()
     top = ent.masked_fill(~mask, -1).argmax()
@@ -150,7 +147,6 @@ def _liger_luspo(x, w, ids, mask, adv, **kw):
     return loss.detach(), metrics, xx.grad, ww.grad
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("level", ["token", "sequence"])
 @pytest.mark.parametrize("old", [False, True], ids=["no_old", "old"])
 @pytest.mark.parametrize("ref", ["none", "model"])
@@ -186,7 +182,6 @@ def test_item11_luspo_masked_padding_ids_equal_liger(backend, level, old, ref):
 BAD_MASK_VALUES = [0.5, 2.0, -1.0, float("nan")]
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("value", BAD_MASK_VALUES, ids=str)
 def test_item3_grpo_loss_rejects_non_binary_mask(value, backend):
     lp, old, adv, ent, mask = _tok_batch()
@@ -200,7 +195,6 @@ def test_item3_grpo_loss_rejects_non_binary_mask(value, backend):
         grpo_normalizers(m)
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
 def test_item3_binary_masks_of_every_dtype_agree(backend):
     lp, old, adv, ent, mask = _tok_batch()
     want, _ = grpo_loss(lp, adv, mask, old_logprobs=old, backend=backend)
@@ -209,7 +203,6 @@ def test_item3_binary_masks_of_every_dtype_agree(backend):
         torch.testing.assert_close(got, want, rtol=0, atol=0)
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("value", BAD_MASK_VALUES, ids=str)
 def test_item3_linear_grpo_rejects_non_binary_attention_mask(value, backend):
     x, w, ids, mask, adv, old = _head_batch()
@@ -252,7 +245,6 @@ INT_DTYPES = [torch.int8, torch.uint8, torch.int16, torch.uint16, torch.int32, t
 WIDE_V = {torch.int8: 200, torch.uint8: 300, torch.int16: 32768, torch.uint16: 70000}
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("dtype", INT_DTYPES, ids=str)
 def test_item4_every_integer_target_dtype(dtype, backend):
     # the range check is the same code for both backends; the interpreter only needs a small V
@@ -304,7 +296,6 @@ def test_item4_module_and_verl_accept_narrow_ids():
 # ---------------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
 def test_item7_ignore_index_none_in_logprobs_from_logits(backend):
     g = torch.Generator().manual_seed(0)
     z = torch.randn(4, 9, generator=g, dtype=torch.float64).to(DEVICE)
@@ -333,7 +324,6 @@ ADV_CASES = [(lt, lvl) for lt in ("grpo", "dapo", "luspo", "cispo", "sapo", "ves
              for lvl in ("token", "sequence") if not (lvl == "sequence" and lt in ("cispo", "sapo", "vespo", "clip_cov", "kl_cov"))]
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("loss_type,level", ADV_CASES, ids=[f"{a}-{b}" for a, b in ADV_CASES])
 def test_item5_nonfinite_advantages_outside_the_mask(loss_type, level, backend):
     lp, old, adv, ent, mask = _tok_batch(seed=2)
@@ -453,7 +443,6 @@ def test_item9_out_of_range_transform_is_rejected(kw, match):
             linear_cross_entropy(h, w, y, **kw)
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=str)
 @pytest.mark.parametrize("kw", EDGE_TRANSFORMS, ids=str)
 def test_item9_edges_of_the_ranges_compute_finitely(kw, dtype, backend):
@@ -564,7 +553,6 @@ def _second_backward(make_loss, leaf):
         g.pow(2).sum().backward()
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
 def test_item8_double_backward_is_a_clear_error(backend):
     g = torch.Generator().manual_seed(0)
     h = torch.randn(4, 8, generator=g).to(DEVICE).requires_grad_(True)
@@ -588,7 +576,6 @@ def test_item8_double_backward_is_a_clear_error(backend):
 # ---------------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("autocast", [False, True], ids=["plain", "autocast"])
 @pytest.mark.parametrize("single_pass", [False, None], ids=["two", "auto"])
 def test_item12_bf16_hidden_fp32_head_runs_in_bf16(backend, autocast, single_pass):

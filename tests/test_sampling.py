@@ -20,7 +20,7 @@ import torch
 import torch.distributed as dist
 
 import fused_entropy as fe
-from conftest import DEVICE, TRITON_OK
+from conftest import DEVICE, backend_params
 from fused_entropy import reference as R
 from fused_entropy.backends import torch_chunked
 
@@ -28,7 +28,7 @@ F64, F32 = torch.float64, torch.float32
 INF = math.inf
 IGNORE = -100
 NEW = ("truncated_logprobs", "log_kept_mass", "truncated_entropy")
-TRITON = pytest.param("triton", marks=pytest.mark.skipif(not TRITON_OK, reason="Triton needs CUDA or TRITON_INTERPRET=1"))
+TRITON = backend_params("triton")[0]
 BACKENDS = ["torch", TRITON]
 KW = {"top_k": "sampling_top_k", "top_p": "sampling_top_p", "min_p": "sampling_min_p"}
 
@@ -370,7 +370,6 @@ LOGITS_CASES = {**LINEAR_CASES, "all_temp0.6": dict(top_k=6, top_p=0.9, min_p=0.
 
 @pytest.mark.parametrize("dtype", [F64, F32], ids=["fp64", "fp32"])
 @pytest.mark.parametrize("case", list(LOGITS_CASES))
-@pytest.mark.parametrize("backend", BACKENDS)
 def test_logits_matches_reference(backend, case, dtype):
     if backend == "triton" and dtype == F64 and case != "all":
         pytest.skip("the interpreter is slow: fp64 on the combined case only")
@@ -390,7 +389,6 @@ def test_logits_matches_reference(backend, case, dtype):
 
 
 @pytest.mark.parametrize("dtype", [F64, F32], ids=["fp64", "fp32"])
-@pytest.mark.parametrize("backend", BACKENDS)
 def test_per_row_tensors_linear(backend, dtype):
     """[N] tensors, one value per row, including rows that truncate nothing (k >= V, p = 1, min_p = 0)."""
     v = 40
@@ -402,7 +400,6 @@ def test_per_row_tensors_linear(backend, dtype):
     assert bool(ref[3][3].all()), "row 3 keeps everything"
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
 def test_per_sequence_broadcast(backend):
     """[B, 1] parameters broadcast over [B, T] targets (one sampling configuration per sequence)."""
     bsz, seq = 3, 2
@@ -419,7 +416,6 @@ def test_per_sequence_broadcast(backend):
         torch.testing.assert_close(getattr(st2, name), getattr(st, name).detach(), rtol=0, atol=0)
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
 def test_per_row_tensors_logits_3d(backend):
     """logprobs_from_logits with [B, T, V] logits and [B, 1] / [T] broadcastable parameters."""
     g = torch.Generator().manual_seed(9)
@@ -436,7 +432,6 @@ def test_per_row_tensors_logits_3d(backend):
 
 
 @pytest.mark.parametrize("dtype", [F64, F32], ids=["fp64", "fp32"])
-@pytest.mark.parametrize("backend", BACKENDS)
 def test_target_outside_kept_set(backend, dtype):
     """-inf log-prob, gradient exactly 0 through it (never NaN); the other outputs stay finite."""
     x, w, b, _ = _data(n=6, h=16, v=40, seed=11)
@@ -476,7 +471,6 @@ def _mass_above(row, value):
 
 
 @pytest.mark.parametrize("dtype", [F64, F32], ids=["fp64", "fp32"])
-@pytest.mark.parametrize("backend", BACKENDS)
 def test_ties_at_the_boundaries(backend, dtype):
     z = _tie_logits()
     n = z.shape[0]
@@ -506,7 +500,6 @@ def test_ties_at_the_boundaries(backend, dtype):
 
 
 @pytest.mark.parametrize("dtype", [F64, F32], ids=["fp64", "fp32"])
-@pytest.mark.parametrize("backend", BACKENDS)
 def test_no_truncation_equals_untruncated(backend, dtype):
     """k >= V, p = 1, min_p = 0 (alone and together): the plain log-prob and entropy, log_kept_mass 0."""
     v = 40
@@ -537,7 +530,6 @@ def test_fields_none_without_sampling_and_order():
         assert all(getattr(st, n) is not None for n in NEW), name
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
 def test_ignored_rows_zero_and_no_gradient(backend):
     x, w, b, y = _data(n=6, h=16, v=40, seed=13)
     y[[0, 5]] = IGNORE
@@ -699,7 +691,6 @@ def test_vocab_parallel_two_ranks(tmp_path):
 
 
 @pytest.mark.parametrize("dtype", [F64, F32], ids=["fp64", "fp32"])
-@pytest.mark.parametrize("backend", BACKENDS)
 def test_neg_inf_logits(backend, dtype):
     """-inf logits (grammar masks): never kept, no NaN; k larger than the finite count keeps the finite ones."""
     g = torch.Generator().manual_seed(17)
