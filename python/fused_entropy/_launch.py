@@ -170,7 +170,7 @@ def linear_topk_select(x, weight, bias, tf: LogitTransform, k: int, shift, all_r
     size, ``shift`` [N] a finite per-row shift of the sums (``_distributed`` gives the global row
     max, 0 on rows of only -inf logits), ``all_reduce(t)`` sums an int32 or float tensor over the
     ranks (in place, or returning the sum). Returns
-    ``(tau, tie_frac, s_S, t_S)`` [N], the same on every rank, as ``_distributed.radix_topk_stats``
+    ``(tau, tie_frac, s_S, t_S)`` [N], the same on every rank, as ``backends/torch_topk.py``
     defines them: ``s_S = sum_{v in S} e^(z_v - shift)``, ``t_S = sum_{v in S} (z_v - shift) e^(z_v - shift)``.
     The logit tiles are those of ``linear_stats``/``linear_grad`` (same blocks), so the backward's
     ``z == tau`` sees the keys selected here. Cost: one GEMM pass per radix digit (3; 6 for fp64)

@@ -6,6 +6,8 @@ from typing import Optional
 
 import torch
 
+from ._types import LogitTransform, clamp_p_to_k
+
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
 
@@ -137,6 +139,13 @@ def check_transform(temperature, softcap, logit_scale, *, names=("temperature", 
                          f"by), got {s_name}={logit_scale}, {t_name}={temperature}")
 
 
+def logit_transform(temperature, softcap, logit_scale, *, names=("temperature", "softcap", "logit_scale")) -> LogitTransform:
+    """:func:`check_transform`, then the checked scalars as the ``LogitTransform`` every layer below
+    takes (checked and built once, at the public boundary)."""
+    check_transform(temperature, softcap, logit_scale, names=names)
+    return LogitTransform(float(temperature), None if softcap is None else float(softcap), float(logit_scale))
+
+
 def check_targets_range(targets: torch.Tensor, vocab_size: int, ignore_index: int) -> None:
     """Every target is in [0, V) or equals ignore_index (one reduction, one sync)."""
     if targets.numel() == 0 or not reads_values(targets):
@@ -152,8 +161,6 @@ def check_targets_range(targets: torch.Tensor, vocab_size: int, ignore_index: in
 
 def resolve_k(topk: Optional[int], clamp_p: Optional[float], vocab_size: int) -> Optional[int]:
     """Validate topk / clamp_p and return the size k of the clamped set (None when neither is given)."""
-    from ._types import clamp_p_to_k
-
     if topk is not None and clamp_p is not None:
         raise ValueError(f"give at most one of topk and clamp_p, got topk={topk} and clamp_p={clamp_p}")
     if topk is not None:

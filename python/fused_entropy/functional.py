@@ -20,7 +20,7 @@ import torch
 from . import _validate as V
 from . import _custom_ops as _ops
 from ._common import IGNORE_INDEX
-from ._types import LogitTransform, TokenStats
+from ._types import TokenStats
 from . import _distributed as D
 from . import _sampling
 from ._autograd import SampledLinearFunction, SampledLogitsFunction, VocabParallelLinearLogprobsFunction
@@ -37,17 +37,11 @@ def _finish(outs, lead_shape, entropy: bool, has_k: bool) -> TokenStats:
 
 
 def _with_sampling(stats: TokenStats, sampled, lead_shape, entropy: bool) -> TokenStats:
-    """``stats`` with the outputs of a sampling Function (``_autograd.sampling``): its full log-prob and entropy replace
-    the kernels' (same pass), plus the three truncated fields."""
+    """``stats`` with the outputs of a sampling Function (``_autograd.sampling``): its full log-prob
+    and entropy replace the kernels' (same pass), plus the three truncated fields."""
     lp, ent, tlp, lkm, tent = (t.reshape(lead_shape) for t in sampled)
     return stats._replace(logprobs=lp, entropy=ent if entropy else None, truncated_logprobs=tlp,
                           log_kept_mass=lkm, truncated_entropy=tent)
-
-
-
-def _check_transform(temperature, softcap, logit_scale) -> LogitTransform:
-    V.check_transform(temperature, softcap, logit_scale)
-    return LogitTransform(float(temperature), None if softcap is None else float(softcap), float(logit_scale))
 
 
 def _check_linear(hidden, weight, targets, bias, temperature, softcap, logit_scale, ignore_index, entropy=True):
@@ -58,7 +52,7 @@ def _check_linear(hidden, weight, targets, bias, temperature, softcap, logit_sca
     if bias is not None:
         V.check_tensor("bias", bias, floating=True)
     if hidden.dim() < 1:
-        raise ValueError(f"hidden must have shape [..., H], got a 0-d tensor")
+        raise ValueError("hidden must have shape [..., H], got a 0-d tensor")
     if weight.dim() != 2:
         raise ValueError(f"weight must have shape [V, H], got {tuple(weight.shape)}")
     vocab, h = weight.shape
@@ -74,7 +68,7 @@ def _check_linear(hidden, weight, targets, bias, temperature, softcap, logit_sca
     V.check_ignore_index(ignore_index)
     V.check_bool("entropy", entropy)
     V.check_same_device(hidden=hidden, weight=weight, targets=targets, bias=bias)
-    return vocab, h, _check_transform(temperature, softcap, logit_scale)
+    return vocab, h, V.logit_transform(temperature, softcap, logit_scale)
 
 
 _AMP_LOW = (torch.float16, torch.bfloat16)
@@ -348,7 +342,7 @@ def logprobs_from_logits(
     if vocab == 0:
         raise ValueError("logits must have a non-empty vocabulary dimension (V >= 1)")
     V.check_same_device(logits=logits, targets=targets)
-    tf = _check_transform(temperature, None, 1.0)
+    tf = V.logit_transform(temperature, None, 1.0)
     k = V.resolve_k(topk, clamp_p, vocab)
     be = get_backend(backend, logits.device)
     ignore_index = _resolve_ignore(targets, vocab, ignore_index)
