@@ -33,7 +33,7 @@ EPS = torch.finfo(F32).eps
 def _grads(fn, a, up):
     """Outputs of ``fn(a)`` and d(sum u * out)/da for each output and its upstream ``u``, all fp64."""
     leaf = a.detach().clone().requires_grad_(True)
-    outs = fn(leaf)
+    outs = [o for o in fn(leaf) if o is not None]  # TokenStats: the fields asked for
     grads = []
     for o, u in zip(outs, up):
         (g,) = torch.autograd.grad((o.double() * u).sum(), leaf, retain_graph=True)
