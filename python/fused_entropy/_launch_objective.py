@@ -1,11 +1,12 @@
 """Launcher of the GRPO per-token objective kernel (``kernels/objective.py``): allocation, grid, launch.
 
-Inputs are validated and sanitized by ``_grpo.py``: ``[B, T]`` tensors in the compute dtype (fp32 or
+Inputs are validated and sanitized by ``_grpo``: ``[B, T]`` tensors in the compute dtype (fp32 or
 fp64; masked positions finite), advantages and ``is_ratio`` as ``[B, 1]`` or ``[B, T]``, masks bool.
+Every loss-type rule (the objective family, whether ``delta`` applies, the luspo weighting, the VESPO
+clamps) comes with ``cfg`` (``_grpo.objective._Cfg``, whose properties read ``_grpo.losses``).
 """
 from __future__ import annotations
 
-import math
 from typing import NamedTuple, Optional
 
 import torch
@@ -14,12 +15,11 @@ import triton.language as tl
 
 from .kernels import objective as K
 
-LOSS_CODES = {
-    "grpo": K.CLIPPED.value, "bnpo": K.CLIPPED.value, "dr_grpo": K.CLIPPED.value, "dapo": K.CLIPPED.value,
-    "luspo": K.CLIPPED.value, "cispo": K.CISPO.value, "sapo": K.SAPO.value, "vespo": K.VESPO.value,
-}
+FAMILY_CODES = {"clipped": K.CLIPPED.value, "cispo": K.CISPO.value, "sapo": K.SAPO.value, "vespo": K.VESPO.value}
+# The loss types the kernel runs, for tools/aot.py's scenarios (the same set as _grpo.KERNEL_LOSS_TYPES;
+# which family each one is comes with cfg).
+LOSS_CODES = dict.fromkeys(("grpo", "bnpo", "dr_grpo", "dapo", "luspo", "cispo", "sapo", "vespo"))
 MAX_BLOCK_T = 1024
-VESPO_LAMBDA_MIN = 1e-4
 
 
 class ObjectiveOut(NamedTuple):
@@ -46,10 +46,9 @@ def _params(cfg, dtype, device) -> torch.Tensor:
     p[K.P_TAU_POS.value] = cfg.tau_pos
     p[K.P_TAU_NEG.value] = cfg.tau_neg
     p[K.P_K_POS.value] = cfg.k_pos
-    p[K.P_LAM_POS.value] = max(cfg.lam_pos, VESPO_LAMBDA_MIN)
     p[K.P_K_NEG.value] = cfg.k_neg
-    p[K.P_LAM_NEG.value] = max(cfg.lam_neg, VESPO_LAMBDA_MIN)
-    p[K.P_VESPO_LOG_LOW.value] = math.log(1e-8)
+    p[K.P_LAM_POS.value], p[K.P_LAM_NEG.value] = cfg.vespo_lambdas  # with Liger/TRL's lower bound
+    p[K.P_VESPO_LOG_LOW.value] = cfg.vespo_log_low
     return torch.tensor(p, dtype=dtype, device=device)
 
 
@@ -86,15 +85,15 @@ def launch_objective(lp, old, ref, adv, valid, emask, isr, row_scale, cfg, *, co
         (emask_u8 if emask_u8 is not None else mask_u8).stride(0),
         isr.stride(0) if isr is not None else 0, (isr.stride(1) if isr.shape[1] != 1 else 0) if isr is not None else 0,
         grad.stride(0) if grad is not None else 0,
-        LOSS=LOSS_CODES[cfg.loss_type],
+        LOSS=FAMILY_CODES[cfg.family],
         SEQUENCE=cfg.sequence,
         HAS_OLD=old is not None,
         HAS_KL=cfg.beta != 0.0,
         BIAS_CORR=cfg.bias_corr,
-        HAS_DELTA=cfg.delta is not None and cfg.loss_type in ("grpo", "bnpo", "dr_grpo", "dapo", "luspo"),
+        HAS_DELTA=cfg.has_delta,
         HAS_ISR=isr is not None,
         HAS_EMASK=emask is not None,
-        MASK_WEIGHTED=not (cfg.loss_type == "luspo" and cfg.luspo_liger),
+        MASK_WEIGHTED=cfg.mask_weighted,
         COMPUTE_GRAD=compute_grad,
         DTYPE=tl.float64 if dt == torch.float64 else tl.float32,
         BLOCK_T=block_t(seqlen),
