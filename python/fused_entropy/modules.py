@@ -21,50 +21,16 @@ from torch import nn
 from . import _grpo as G
 from . import _sampling
 from . import _validate as V
-from ._autograd import once_differentiable
+from ._single_pass import _IGNORE, SINGLE_PASS_ELEMENTS, SinglePass, _SinglePassFunction  # noqa: F401 (re-exported)
 from ._types import LogitTransform
 from .backends import BACKENDS, get_backend
 from .functional import check_head_dtypes, gather_dtensor_head, head_in_hidden_dtype, linear_logprobs
 
-# Rows per chunk of the single pass: about this many logits per chunk. Each chunk holds two fp32
-# [C, V] blocks (7 MiB each here). Measured on the bench's CPU case (V = 32768, so C = 56): smaller
-# chunks pay for the dW update (all of dW is read and written once per chunk) and lose GEMM
-# efficiency; above 56 rows MKL's sgemm packs the weight into an extra ~8 MiB buffer for the
-# logits product at no gain in speed, which took working memory from 0.066 to 0.105 of [N, V].
-SINGLE_PASS_ELEMENTS = 56 * 32768
 # A chunk of whole sequences (sequence-level objectives) is allowed up to this many logits; longer
 # sequences take the two-pass path, whose working memory does not grow with the sequence length.
 WHOLE_SEQUENCE_MAX_ELEMENTS = 1 << 23
-# Rows outside the loss mask are marked with this target so the backends skip their gradients.
-_IGNORE = -100
 ENTROPY_SOURCES = G.ENTROPY_SOURCES
-
-
-def _check_bool(name: str, value) -> None:
-    if not isinstance(value, bool):
-        raise TypeError(f"{name} must be a bool, got {type(value).__name__}")
-
-
-class _SinglePassFunction(torch.autograd.Function):
-    """Loss whose input gradients were computed inside the forward sweep.
-
-    ``sweep()`` returns ``(loss, grad_input, grad_weight, grad_bias)``; backward only multiplies the
-    stored gradients by the upstream scalar (the same contract as Liger's fused linear losses).
-    """
-
-    @staticmethod
-    def forward(ctx, _input, weight, bias, sweep):
-        loss, gx, gw, gb = sweep()  # None for an input that needs no gradient (no product was spent)
-        ctx.save_for_backward(gx, gw, gb)
-        return loss
-
-    @staticmethod
-    @once_differentiable
-    def backward(ctx, grad_loss):
-        grads = ctx.saved_tensors
-        if not bool(grad_loss == 1):
-            grads = [None if g is None else g * grad_loss.to(g.dtype) for g in grads]
-        return (*(g if need else None for g, need in zip(grads, ctx.needs_input_grad[:3])), None)
+_check_bool = G._check_bool
 
 
 def _no_target_logit(x, w, bias, rows, tf: LogitTransform, dtype) -> torch.Tensor:
@@ -237,50 +203,28 @@ class LinearGRPOLoss(nn.Module):
         # importance_sampling_level, sequence level with cispo/sapo/vespo, dr_grpo without
         # max_completion_length): those raise in forward, as Liger's, so code written against Liger
         # catches them where it expects them (_check_liger_config).
-        if importance_sampling_level == "sequence" and loss_type in G.COV_TYPES:  # our loss types: fail early
+        row = G.LOSSES.get(loss_type)
+        if importance_sampling_level == "sequence" and row is not None and not row.sequence:  # ours: fail early
             raise ValueError(
                 f"importance_sampling_level='sequence' is not supported for loss_type={loss_type!r}; "
                 "use importance_sampling_level='token'"
             )
-        G._check_number("beta", beta)
-        G._check_number("epsilon_low", epsilon_low, nonneg=True)
-        G._check_number("epsilon_high", epsilon_high, nonneg=True)
         for name, value in (("delta", delta), ("sapo_temperature_pos", sapo_temperature_pos),
                             ("sapo_temperature_neg", sapo_temperature_neg)):
             # Liger's own constructor checks, with its words (a non-positive value, NaN aside)
             if isinstance(value, (int, float)) and not isinstance(value, bool) and value <= 0:
                 raise ValueError(f"{name} must be positive, got {value}")
-            G._check_number(name, value, positive=True, allow_none=name == "delta")
         # vespo lambdas below 1e-4 act as 1e-4 (TRL/Liger clamp), so any finite value is accepted, as Liger
-        for name, value in (("vespo_k_pos", vespo_k_pos), ("vespo_k_neg", vespo_k_neg),
-                            ("vespo_lambda_pos", vespo_lambda_pos), ("vespo_lambda_neg", vespo_lambda_neg)):
+        for name, value in (("vespo_lambda_pos", vespo_lambda_pos), ("vespo_lambda_neg", vespo_lambda_neg)):
             G._check_number(name, value)
-        if loss_type == "dr_grpo" and max_completion_length is not None:
-            # the only loss type that reads it; Liger ignores it elsewhere, whatever it holds
-            G._check_max_completion_length(loss_type, max_completion_length)
-        _check_bool("use_bias_correction_kl", use_bias_correction_kl)
         _check_bool("use_ref_model", use_ref_model)
         V.check_transform(temperature, softcap, logit_scale)
-        G._check_number("entropy_coef", entropy_coef)
         G._check_choice("entropy_source", entropy_source, ENTROPY_SOURCES)
         V.resolve_k(topk, clamp_p, sys.maxsize)  # types and ranges; topk <= V is checked per call
         if entropy_source == "clamped" and topk is None and clamp_p is None:
             raise ValueError("entropy_source='clamped' needs topk or clamp_p (the size of the clamped set)")
-        G._check_quantile(top_entropy_quantile)
-        if entropy_controller is not None:
-            if entropy_coef != 0.0:
-                raise ValueError(f"give entropy_coef or entropy_controller, not both (entropy_coef={entropy_coef})")
-            if not hasattr(entropy_controller, "coef") or not callable(getattr(entropy_controller, "observe", None)):
-                raise TypeError("entropy_controller must have a `coef` attribute and an `observe(entropy_sum, token_count)` method")
-        G._check_fraction("clip_cov_ratio", clip_cov_ratio)
-        G._check_fraction("kl_cov_ratio", kl_cov_ratio)
-        G._check_number("clip_cov_lb", clip_cov_lb)
-        G._check_number("clip_cov_ub", clip_cov_ub)
-        if clip_cov_lb >= clip_cov_ub:
-            raise ValueError(f"clip_cov_lb must be < clip_cov_ub, got clip_cov_lb={clip_cov_lb}, clip_cov_ub={clip_cov_ub}")
-        G._check_number("ppo_kl_coef", ppo_kl_coef, nonneg=True)
-        if generator is not None and not isinstance(generator, torch.Generator):
-            raise TypeError(f"generator must be a torch.Generator or None, got {type(generator).__name__}")
+        G._check_controller(entropy_controller, entropy_coef)
+        G._check_generator(generator)
         if backend not in BACKENDS:
             raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
         if single_pass is not None:
@@ -294,10 +238,6 @@ class LinearGRPOLoss(nn.Module):
                                 f"got a tensor")
         _sampling.resolve(sampling_top_k, sampling_top_p, sampling_min_p, (1,), torch.device("cpu"))
         sampling = not (sampling_top_k is None and sampling_top_p is None and sampling_min_p is None)
-        why = self._two_pass_reason(loss_type, top_entropy_quantile, sampling)
-        if single_pass and why is not None:
-            raise ValueError(f"single_pass=True is not possible: {why}")
-        G._check_choice("cov_statistics", cov_statistics, G.COV_STATISTICS)
         if single_pass and process_group is not None:
             raise ValueError("single_pass=True is not possible with process_group: the vocabulary-parallel head "
                              "needs every rank's statistics before any gradient")
@@ -345,6 +285,10 @@ class LinearGRPOLoss(nn.Module):
         self.sampling_min_p = sampling_min_p
         self.last_metrics: Dict[str, torch.Tensor] = {}
         self.last_path: Optional[str] = None
+        self._options(constructing=True)  # every loss option, checked once here (GRPOOptions)
+        why = self._two_pass_reason(loss_type, top_entropy_quantile, sampling)
+        if single_pass and why is not None:
+            raise ValueError(f"single_pass=True is not possible: {why}")
 
     # -----------------------------------------------------------------------------------------
     # options
@@ -356,66 +300,61 @@ class LinearGRPOLoss(nn.Module):
             return "the sampling truncation replay (sampling_top_k/top_p/min_p) runs in the two-pass path"
         if top_entropy_quantile < 1.0:
             return "top_entropy_quantile < 1 needs the entropy quantile of the whole batch first"
-        if loss_type in G.COV_TYPES:
+        if loss_type in G.LOSSES and G.LOSSES[loss_type].whole_batch:
             return f"loss_type={loss_type!r} selects tokens from statistics of the whole micro-batch"
         return None
 
-    def _loss_options(self) -> Dict[str, Any]:
-        """The grpo_loss keyword arguments fixed by the constructor."""
-        return dict(
-            loss_type=self.loss_type,
-            epsilon_low=self.epsilon_low,
-            epsilon_high=self.epsilon_high,
-            delta=self.delta,
-            beta=self.beta,
-            use_bias_correction_kl=self.use_bias_correction_kl,
-            importance_sampling_level=self.importance_sampling_level,
-            sapo_temperature_pos=self.sapo_temperature_pos,
-            sapo_temperature_neg=self.sapo_temperature_neg,
-            vespo_k_pos=self.vespo_k_pos,
+    def _options(self, *, constructing: bool = False) -> G.GRPOOptions:
+        """The loss options of the current attributes, checked (``GRPOOptions``). In the constructor,
+        what Liger 0.8.5 rejects only in forward (``_liger_config_error``) stands in as a neutral value,
+        so that every other option is checked there and those in forward, with Liger's words."""
+        loss_type, level = self.loss_type, self.importance_sampling_level
+        if constructing and self._liger_config_error() is not None:
+            loss_type = loss_type if loss_type in G.LOSSES and loss_type != "dr_grpo" else "dapo"
+            level = "token"
+        return G.GRPOOptions(
+            loss_type=loss_type, epsilon_low=self.epsilon_low, epsilon_high=self.epsilon_high, delta=self.delta,
+            beta=self.beta, use_bias_correction_kl=self.use_bias_correction_kl, importance_sampling_level=level,
+            sapo_temperature_pos=self.sapo_temperature_pos, sapo_temperature_neg=self.sapo_temperature_neg,
             # below VESPO_LAMBDA_MIN a lambda acts as VESPO_LAMBDA_MIN (TRL/Liger clamp; grpo_loss wants > 0)
-            vespo_lambda_pos=max(self.vespo_lambda_pos, G.VESPO_LAMBDA_MIN),
-            vespo_k_neg=self.vespo_k_neg,
-            vespo_lambda_neg=max(self.vespo_lambda_neg, G.VESPO_LAMBDA_MIN),
-            max_completion_length=self._used_max_completion_length(),
-            top_entropy_quantile=self.top_entropy_quantile,
-            entropy_source=self.entropy_source,
-            luspo_normalization="liger",
-            clip_cov_ratio=self.clip_cov_ratio,
-            clip_cov_lb=self.clip_cov_lb,
-            clip_cov_ub=self.clip_cov_ub,
-            kl_cov_ratio=self.kl_cov_ratio,
-            ppo_kl_coef=self.ppo_kl_coef,
-            generator=self.generator,
-            dp_group=self.dp_group,
-            cov_statistics=self.cov_statistics,
+            vespo_k_pos=self.vespo_k_pos, vespo_lambda_pos=max(self.vespo_lambda_pos, G.VESPO_LAMBDA_MIN),
+            vespo_k_neg=self.vespo_k_neg, vespo_lambda_neg=max(self.vespo_lambda_neg, G.VESPO_LAMBDA_MIN),
+            # only dr_grpo reads it; Liger ignores it (whatever it holds) for the other loss types
+            max_completion_length=self.max_completion_length if loss_type == "dr_grpo" else None,
+            entropy_coef=self.entropy_coef, top_entropy_quantile=self.top_entropy_quantile,
+            entropy_source=self.entropy_source, luspo_normalization="liger", clip_cov_ratio=self.clip_cov_ratio,
+            clip_cov_lb=self.clip_cov_lb, clip_cov_ub=self.clip_cov_ub, kl_cov_ratio=self.kl_cov_ratio,
+            ppo_kl_coef=self.ppo_kl_coef, backend=self.backend, cov_statistics=self.cov_statistics,
         )
 
     def _check_liger_config(self) -> None:
-        """The configurations Liger 0.8.5's constructor accepts and its forward rejects, rejected here
-        in the same order, with Liger's exception type and words (this package's after them)."""
+        error = self._liger_config_error()
+        if error is not None:
+            raise error
+
+    def _liger_config_error(self) -> Optional[Exception]:
+        """The configurations Liger 0.8.5's constructor accepts and its forward rejects, in the same
+        order, with Liger's exception type and words (this package's after them)."""
         loss_type, level = self.loss_type, self.importance_sampling_level
-        if level == "sequence" and loss_type in ("cispo", "sapo", "vespo"):
-            raise ValueError(
+        row = G.LOSSES.get(loss_type)
+        if level == "sequence" and row is not None and row.sequence and not row.sequence_liger:
+            return ValueError(
                 f"Sequence-level importance sampling is not supported for loss_type='{loss_type}'. "
                 f"Use importance_sampling_level='token' instead. ({loss_type} weights tokens, not sequences)"
             )
         if loss_type == "dr_grpo" and self.max_completion_length is None:
-            raise LigerAssertionError(
+            return LigerAssertionError(
                 "max_completion_length must be provided for loss_type 'dr_grpo' (the normalizer "
                 "B * max_completion_length)"
             )
         if level not in G.IMPORTANCE_SAMPLING_LEVELS:
-            raise ValueError(
+            return ValueError(
                 f"Unknown importance sampling level: {level}. Possible values are 'token' and 'sequence'. "
                 f"(importance_sampling_level must be one of {G.IMPORTANCE_SAMPLING_LEVELS}, got {level!r})"
             )
         if loss_type not in G.LOSS_TYPES:
-            raise ValueError(f"Unknown loss type: {loss_type} (loss_type must be one of {G.LOSS_TYPES}, got {loss_type!r})")
-
-    def _used_max_completion_length(self):
-        # only dr_grpo reads it; Liger ignores it (whatever it holds) for the other loss types
-        return self.max_completion_length if self.loss_type == "dr_grpo" else None
+            return ValueError(f"Unknown loss type: {loss_type} (loss_type must be one of {G.LOSS_TYPES}, got {loss_type!r})")
+        return None
 
     def _sampling_kwargs(self) -> Optional[Dict[str, Any]]:
         kw = dict(sampling_top_k=getattr(self, "sampling_top_k", None), sampling_top_p=getattr(self, "sampling_top_p", None),
@@ -453,9 +392,10 @@ class LinearGRPOLoss(nn.Module):
         num_items_in_batch=None,
     ) -> Tuple[torch.Tensor, Tuple[torch.Tensor, ...]]:
         self._check_liger_config()
+        options = self._options()  # checked once per call; the chunks of the single pass reuse it
         if self.process_group is not None:
             return self._forward_vocab_parallel(
-                _input, lin_weight, selected_token_ids, attention_mask, advantages, bias, ref_per_token_logps,
+                options, _input, lin_weight, selected_token_ids, attention_mask, advantages, bias, ref_per_token_logps,
                 old_per_token_logps, ref_input, ref_weight, ref_bias, vllm_is_ratio, num_items_in_batch,
             )
         lin_weight, bias = gather_dtensor_head(lin_weight, bias)  # FSDP2: gathered, gradient to the shards
@@ -472,7 +412,7 @@ class LinearGRPOLoss(nn.Module):
         valid = attention_mask.bool()
         # Liger's luspo weights every position of a row (masked or not), so there every token is
         # computed; elsewhere rows outside the mask are skipped by the backends.
-        every_position = self.loss_type == "luspo"
+        every_position = options.row.aggregation == "luspo"
         ids = selected_token_ids.long()
         no_target = None
         if every_position:
@@ -494,7 +434,7 @@ class LinearGRPOLoss(nn.Module):
         coef = self._coef()
 
         why = self._two_pass_reason(self.loss_type, self.top_entropy_quantile, self._sampling_kwargs() is not None)
-        whole_sequences = self.importance_sampling_level == "sequence" or self.loss_type == "vespo"
+        whole_sequences = G.whole_sequences(options.loss_type, options.importance_sampling_level)
         if why is None and not hasattr(be, "linear_forward_backward"):
             why = f"backend {be.__name__.rsplit('.', 1)[-1]} has no single-pass linear_forward_backward"
         if why is None and whole_sequences and seqlen * vocab > WHOLE_SEQUENCE_MAX_ELEMENTS:
@@ -513,7 +453,7 @@ class LinearGRPOLoss(nn.Module):
         use_single = use_single and not (self.single_pass is None and torch.compiler.is_compiling())
 
         common = dict(
-            advantages=advantages, mask=attention_mask, old=old_per_token_logps, ref=ref, is_ratio=vllm_is_ratio,
+            options=options, advantages=advantages, mask=attention_mask, old=old_per_token_logps, ref=ref, is_ratio=vllm_is_ratio,
             num_items_in_batch=num_items_in_batch, coef=coef, observe=observe, k=k, tf=tf, be=be,
         )
         if use_single:
@@ -621,12 +561,7 @@ class LinearGRPOLoss(nn.Module):
                                                          stats.logprobs.dtype)
         return stats.logprobs
 
-    def _grpo_kwargs(self, old, ref, is_ratio, num_items_in_batch):
-        kw = self._loss_options()
-        kw.update(old_logprobs=old, ref_logprobs=ref, is_ratio=is_ratio, num_items_in_batch=num_items_in_batch)
-        return kw
-
-    def _forward_vocab_parallel(self, x, w, selected_token_ids, mask, advantages, bias, ref_lp, old_lp, ref_input,
+    def _forward_vocab_parallel(self, options, x, w, selected_token_ids, mask, advantages, bias, ref_lp, old_lp, ref_input,
                                 ref_weight, ref_bias, is_ratio, num_items_in_batch):
         """``forward`` with the head split over ``process_group``: two passes through
         ``linear_logprobs(process_group=...)``. A check that fails here fails on every rank (this
@@ -645,7 +580,7 @@ class LinearGRPOLoss(nn.Module):
                 raise ValueError(f"selected_token_ids inside attention_mask must be global vocabulary ids; "
                                  f"found {int(inside[inside < 0][0])}")
             # the range [0, V) of the global vocabulary is checked by linear_logprobs on all ranks together
-            keep = valid | (ids >= 0) if self.loss_type == "luspo" else valid
+            keep = valid | (ids >= 0) if options.row.aggregation == "luspo" else valid
             targets = torch.where(keep, ids, torch.full_like(ids, _IGNORE))
             tf = LogitTransform(float(self.temperature), None if self.softcap is None else float(self.softcap),
                                 float(self.logit_scale))
@@ -657,7 +592,7 @@ class LinearGRPOLoss(nn.Module):
         observe = self.training and torch.is_grad_enabled() and self.entropy_controller is not None
         needs_grad = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (x, w, bias))
         loss, metrics = self._two_pass(
-            x, w, bias, targets, advantages=advantages, mask=mask, old=old_lp, ref=ref, is_ratio=is_ratio,
+            x, w, bias, targets, options=options, advantages=advantages, mask=mask, old=old_lp, ref=ref, is_ratio=is_ratio,
             num_items_in_batch=num_items_in_batch, coef=self._coef(), observe=observe, k=None, tf=tf, be=None,
         )
         self.last_path = "two" if needs_grad else "forward"
@@ -670,7 +605,7 @@ class LinearGRPOLoss(nn.Module):
     # two passes: linear_logprobs (autograd) -> grpo_loss -> backward recomputes the logits
     # -----------------------------------------------------------------------------------------
 
-    def _two_pass(self, x, w, bias, targets, *, advantages, mask, old, ref, is_ratio, num_items_in_batch,
+    def _two_pass(self, x, w, bias, targets, *, options, advantages, mask, old, ref, is_ratio, num_items_in_batch,
                   coef, observe, k, tf, be, no_target=None):
         stats = linear_logprobs(
             x, w, targets, bias=bias, temperature=tf.temperature, softcap=tf.softcap, logit_scale=tf.logit_scale,
@@ -688,13 +623,14 @@ class LinearGRPOLoss(nn.Module):
             logp = logp - _no_target_logit(x, w, bias, no_target, tf, logp.dtype)
         if self.beta != 0.0 and ref is None:
             ref = logp.detach()
-        kw = self._grpo_kwargs(old, ref, is_ratio, num_items_in_batch)
-        if observe:
-            kw["entropy_controller"] = self.entropy_controller
-        else:
-            kw["entropy_coef"] = coef
-        loss, metrics = G.grpo_loss(logp, advantages, mask, entropy=stats.entropy, clamped_entropy=stats.clamped_entropy,
-                                    **kw)
+        inputs = G.GRPOInputs(logp, advantages, mask, old, ref, stats.entropy, stats.clamped_entropy, is_ratio)
+        inputs.check()
+        if not observe:
+            options = options.replace(entropy_coef=coef)
+        call = G.check_call(options, inputs, num_items_in_batch=num_items_in_batch,
+                            entropy_controller=self.entropy_controller if observe else None, generator=self.generator,
+                            dp_group=self.dp_group)
+        loss, metrics = G.compute(options, call, inputs, observe=torch.is_grad_enabled())
         if not_kept is not None:
             valid = mask.bool()
             metrics["sampling/not_kept_frac"] = (not_kept & valid).sum().to(logp.dtype) / valid.sum().clamp(min=1)
@@ -704,113 +640,13 @@ class LinearGRPOLoss(nn.Module):
     # single pass: per chunk of rows, logits -> statistics -> d loss/d (logp, H, H~) -> dX, dW, db
     # -----------------------------------------------------------------------------------------
 
-    def _single_pass(self, x, w, bias, targets, whole_sequences, *, advantages, mask, old, ref, is_ratio,
+    def _single_pass(self, x, w, bias, targets, whole_sequences, *, options, advantages, mask, old, ref, is_ratio,
                      num_items_in_batch, coef, observe, k, tf, be):
-        bsz, seqlen, hidden = x.shape
-        vocab = w.shape[0]
-        n = bsz * seqlen
-        cdt = torch.float64 if x.dtype == torch.float64 else torch.float32
-        flat_targets = targets.reshape(n)
-        # Token-level objectives only need the rows inside the mask: gather them, so padding costs
-        # no matrix product. Sequence-level ones keep the [B*T] layout and chunk by whole sequences;
-        # luspo (Liger) has no masked rows to skip.
-        rows_in = None
-        if not whole_sequences and self.loss_type != "luspo":
-            keep = flat_targets != _IGNORE
-            if not bool(keep.all()):
-                rows_in = keep.nonzero().squeeze(1)
-        n_rows = n if rows_in is None else rows_in.numel()
-        # the backend's own chunk when it has one (Triton: the rows its bounded logits buffer holds)
-        rows_for = getattr(be, "single_pass_rows", None)
-        base = rows_for(n_rows, vocab, x.dtype) if rows_for is not None else SINGLE_PASS_ELEMENTS // vocab
-        step = self.rows_per_chunk or max(1, base)
-        if whole_sequences:
-            step = seqlen * max(1, step // max(seqlen, 1))
-        step = max(1, min(step, n_rows)) if n_rows > 0 else 1
-        norms = G.grpo_normalizers(
-            mask, loss_type=self.loss_type, max_completion_length=self._used_max_completion_length(),
-            num_items_in_batch=num_items_in_batch, luspo_normalization="liger", dtype=cdt, dp_group=self.dp_group,
+        sweep = SinglePass(
+            x, w, bias, targets, options=options, inputs=G.GRPOInputs(None, advantages, mask, old, ref, None, None, is_ratio),
+            num_items_in_batch=num_items_in_batch, coef=coef, controller=self.entropy_controller if observe else None,
+            generator=self.generator, dp_group=self.dp_group, k=k, tf=tf, be=be, whole_sequences=whole_sequences,
+            rows_per_chunk=self.rows_per_chunk,
         )
-        has_k = k is not None
-        bonus_src = self.entropy_source
-        bonus = coef != 0.0
-        policy_ref_is_self = self.beta != 0.0 and ref is None
-        lp_full = torch.zeros(bsz, seqlen, dtype=cdt, device=x.device)
-        ent_full = torch.zeros_like(lp_full)
-        cl_full = torch.zeros_like(lp_full) if has_k else None
-        kw = self._grpo_kwargs(old, ref, is_ratio, num_items_in_batch)
-        chunk_kw = dict(kw, entropy_coef=coef, normalizers=norms)
-
-        def rows(t, b0, b1):
-            if t is None or t.dim() == 0:
-                return t
-            return t[b0:b1]
-
-        def grad_fn(sl, logp_c, ent_c, cl_c):
-            # flat [B*T] positions of the chunk's rows: a slice, or the gathered mask positions
-            if rows_in is None:
-                flat, first, last = sl, sl.start, sl.stop - 1
-            else:
-                flat = rows_in[sl]
-                first, last = int(flat[0]), int(flat[-1])
-            lp_full.view(-1)[flat] = logp_c
-            ent_full.view(-1)[flat] = ent_c
-            if has_k:
-                cl_full.view(-1)[flat] = cl_c
-            b0, b1 = first // seqlen, last // seqlen + 1
-            # Rows b0..b1 hold every token of the chunk. For token-level objectives a token's gradient
-            # depends only on its own values and the mask-derived weights, so the entries of those rows
-            # outside the chunk (not computed yet, or already done) only produce gradients we drop.
-            # Sequence-level objectives get chunks of whole sequences (step is a multiple of T).
-            kwc = dict(chunk_kw)
-            for name in ("old_logprobs", "is_ratio"):
-                kwc[name] = rows(kwc[name], b0, b1)
-            lp_rows = lp_full[b0:b1]
-            kwc["ref_logprobs"] = lp_rows.clone() if policy_ref_is_self else rows(kwc["ref_logprobs"], b0, b1)
-            ent_arg = ent_full[b0:b1] if bonus and bonus_src == "full" else None
-            cl_arg = cl_full[b0:b1] if bonus and bonus_src == "clamped" else None
-            _, _, g_lp, g_ent, g_cl = G.grpo_loss_and_grads(
-                lp_rows, advantages[b0:b1], mask[b0:b1], entropy=ent_arg, clamped_entropy=cl_arg, **kwc
-            )
-            if rows_in is None:
-                at = slice(sl.start - b0 * seqlen, sl.stop - b0 * seqlen)
-            else:
-                at = flat - b0 * seqlen
-            take = lambda g: None if g is None else g.reshape(-1)[at]  # noqa: E731
-            return take(g_lp), take(g_ent), take(g_cl)
-
-        def sweep():
-            x2 = x.reshape(n, hidden)
-            y = flat_targets
-            if rows_in is not None:
-                x2, y = x2.index_select(0, rows_in), y.index_select(0, rows_in)
-            needs = tuple(t is not None and t.requires_grad for t in (x, w, bias))
-            _, gx, gw, gb = be.linear_forward_backward(
-                x2.contiguous(), w.contiguous(), None if bias is None else bias.contiguous(), y.contiguous(), tf,
-                _IGNORE, True, k, grad_fn, rows_per_chunk=step, needs=needs,
-            )
-            if rows_in is not None and gx is not None:
-                # rows outside the mask have exactly zero gradient
-                gx = torch.zeros((n, hidden), dtype=gx.dtype, device=gx.device).index_copy_(0, rows_in, gx)
-            # Loss and metrics of the whole batch from the per-token statistics (O(N) work); the
-            # controller, if any, observes here once per call.
-            fkw = dict(kw, normalizers=norms)
-            if policy_ref_is_self:
-                fkw["ref_logprobs"] = lp_full
-            if observe:
-                fkw["entropy_controller"] = self.entropy_controller
-            else:
-                fkw["entropy_coef"] = coef
-            with torch.set_grad_enabled(observe):
-                loss, metrics = G.grpo_loss(lp_full, advantages, mask, entropy=ent_full, clamped_entropy=cl_full, **fkw)
-            return loss.detach(), None if gx is None else gx.reshape(x.shape), gw, gb, metrics
-
-        box = {}
-
-        def run():
-            loss, gx, gw, gb, metrics = sweep()
-            box["metrics"] = metrics
-            return loss, gx, gw, gb
-
-        loss = _SinglePassFunction.apply(x, w, bias, run)
-        return loss, box["metrics"]
+        loss = sweep()
+        return loss, sweep.metrics
