@@ -195,3 +195,16 @@ def test_triton_backend_without_triton_is_a_clear_error(interpret):
         with pytest.raises(ImportError, match=r"(?s)triton.*backend='torch'"):
             linear_logprobs(x, w, t, backend="triton")
     """, interpret=interpret)
+
+
+def test_every_subpackage_is_in_the_wheel():
+    """pyproject lists the packages explicitly (two source roots): every folder with an __init__.py
+    under python/fused_entropy must be listed, or a built wheel silently leaves it out (the editable
+    install would not notice)."""
+    tomllib = pytest.importorskip("tomllib")  # Python 3.11+
+
+    listed = set(tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]["packages"])
+    src = ROOT / "python" / "fused_entropy"
+    found = {".".join(("fused_entropy",) + p.parent.relative_to(src).parts) for p in src.rglob("__init__.py")}
+    found.add("fused_entropy.kernels")
+    assert found - listed == set(), f"packages missing from [tool.setuptools] packages: {sorted(found - listed)}"

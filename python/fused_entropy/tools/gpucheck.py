@@ -60,9 +60,9 @@ TILE_CANDIDATES = ((128, 128, 64, 8, 3), (128, 256, 64, 8, 3), (256, 128, 64, 8,
 FULL_SHAPES = ((8192, 4096, 131072), (4096, 2048, 131072), (4096, 2048, 32768), (8192, 4096, 151936))
 QUICK_SHAPES = ((256, 64, 1000),)
 # test files whose tests follow FUSED_ENTROPY_TEST_DEVICE (tests/conftest.py)
-DEVICE_TESTS = ("tests/test_triton_linear.py", "tests/test_triton_logits.py", "tests/test_triton_topk.py",
-                "tests/test_triton_backward.py", "tests/test_triton_logits_buffer.py", "tests/test_grpo_triton.py",
-                "tests/test_shipped_configs.py", "tests/test_numerics.py")
+DEVICE_TESTS = ("tests/test_linear_logprobs.py", "tests/test_logprobs_from_logits.py", "tests/test_clamped_entropy.py",
+                "tests/test_triton_backward.py", "tests/test_triton_logits_buffer.py", "tests/test_grpo_loss.py",
+                "tests/test_shipped_configs.py", "tests/test_numerics.py", "tests/test_sampling.py")
 QUICK_TESTS = ("tests/test_validation.py",)
 MIN_BUDGET_S = 10
 MAX_SHAPE_ELEMENTS = 2 ** 36  # 128 GiB of bf16: more than an H200 holds
