@@ -11,7 +11,8 @@ from typing import Any, Dict, Optional, Tuple
 import torch
 
 from . import _grpo as G
-from ._autograd import once_differentiable
+from ._autograd import SinglePassFunction
+from ._common import IGNORE_INDEX, compute_dtype
 from ._types import LogitTransform
 
 # Rows per chunk of the single pass: about this many logits per chunk. Each chunk holds two fp32
@@ -21,29 +22,7 @@ from ._types import LogitTransform
 # logits product at no gain in speed, which took working memory from 0.066 to 0.105 of [N, V].
 SINGLE_PASS_ELEMENTS = 56 * 32768
 # Rows outside the loss mask are marked with this target so the backends skip their gradients.
-_IGNORE = -100
-
-
-class _SinglePassFunction(torch.autograd.Function):
-    """Loss whose input gradients were computed inside the forward sweep.
-
-    ``sweep()`` returns ``(loss, grad_input, grad_weight, grad_bias)``; backward only multiplies the
-    stored gradients by the upstream scalar (the same contract as Liger's fused linear losses).
-    """
-
-    @staticmethod
-    def forward(ctx, _input, weight, bias, sweep):
-        loss, gx, gw, gb = sweep()  # None for an input that needs no gradient (no product was spent)
-        ctx.save_for_backward(gx, gw, gb)
-        return loss
-
-    @staticmethod
-    @once_differentiable
-    def backward(ctx, grad_loss):
-        grads = ctx.saved_tensors
-        if not bool(grad_loss == 1):
-            grads = [None if g is None else g * grad_loss.to(g.dtype) for g in grads]
-        return (*(g if need else None for g, need in zip(grads, ctx.needs_input_grad[:3])), None)
+_IGNORE = IGNORE_INDEX
 
 
 class SinglePass:
@@ -64,7 +43,7 @@ class SinglePass:
         bsz, seqlen, _ = x.shape
         self.seqlen = seqlen
         n = bsz * seqlen
-        cdt = torch.float64 if x.dtype == torch.float64 else torch.float32
+        cdt = compute_dtype(x.dtype)
         self.targets = targets.reshape(n)
         # Token-level objectives only need the rows inside the mask: gather them, so padding costs
         # no matrix product. Sequence-level ones keep the [B*T] layout and chunk by whole sequences;
@@ -101,7 +80,7 @@ class SinglePass:
         self.metrics: Dict[str, torch.Tensor] = {}
 
     def __call__(self) -> torch.Tensor:
-        return _SinglePassFunction.apply(self.x, self.w, self.bias, self._sweep)
+        return SinglePassFunction.apply(self.x, self.w, self.bias, self._sweep)
 
     def _chunk_grads(self, sl, logp_c, ent_c, cl_c):
         """The backend's callback for one chunk of rows: ``d loss / d (logp, H, H~)`` of its tokens."""

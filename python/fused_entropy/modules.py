@@ -21,7 +21,7 @@ from torch import nn
 from . import _grpo as G
 from . import _sampling
 from . import _validate as V
-from ._single_pass import _IGNORE, SINGLE_PASS_ELEMENTS, SinglePass, _SinglePassFunction  # noqa: F401 (re-exported)
+from ._single_pass import _IGNORE, SINGLE_PASS_ELEMENTS, SinglePass  # noqa: F401 (re-exported)
 from ._types import LogitTransform
 from .backends import BACKENDS, get_backend
 from .functional import check_head_dtypes, gather_dtensor_head, head_in_hidden_dtype, linear_logprobs
@@ -407,7 +407,7 @@ class LinearGRPOLoss(nn.Module):
         # the head runs in _input's dtype (Liger: weight.to(_input.dtype)); gradients keep each dtype
         lin_weight, bias = head_in_hidden_dtype(_input, lin_weight, bias)
         k = V.resolve_k(self.topk, self.clamp_p, vocab)
-        tf = LogitTransform(float(self.temperature), None if self.softcap is None else float(self.softcap), float(self.logit_scale))
+        tf = V.logit_transform(self.temperature, self.softcap, self.logit_scale)
         be = get_backend(self.backend, _input.device)
         valid = attention_mask.bool()
         # Liger's luspo weights every position of a row (masked or not), so there every token is
@@ -582,8 +582,7 @@ class LinearGRPOLoss(nn.Module):
             # the range [0, V) of the global vocabulary is checked by linear_logprobs on all ranks together
             keep = valid | (ids >= 0) if options.row.aggregation == "luspo" else valid
             targets = torch.where(keep, ids, torch.full_like(ids, _IGNORE))
-            tf = LogitTransform(float(self.temperature), None if self.softcap is None else float(self.softcap),
-                                float(self.logit_scale))
+            tf = V.logit_transform(self.temperature, self.softcap, self.logit_scale)
         except (TypeError, ValueError) as e:
             D.agree(group, e)
             raise

@@ -12,6 +12,7 @@ from typing import NamedTuple, Optional
 import torch
 
 from .. import _validate as V
+from .._common import compute_dtype as _compute_dtype
 from .inputs import _check_bt
 from .losses import BONUS_NORMALIZATIONS, LOSS_TYPES, LOSSES, LUSPO_NORMALIZATIONS
 from .options import _check_choice, _check_max_completion_length, _check_num_items, _check_quantile
@@ -89,10 +90,6 @@ def _all_reduce_sum(t: torch.Tensor, group=None) -> torch.Tensor:
 # ---------------------------------------------------------------------------------------------
 # the 80/20 mask
 # ---------------------------------------------------------------------------------------------
-
-
-def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
-    return torch.float64 if dtype == torch.float64 else torch.float32
 
 
 def quantile_threshold(values: torch.Tensor, q: float) -> torch.Tensor:

@@ -11,7 +11,7 @@ from typing import Dict, NamedTuple, Optional, Tuple
 
 import torch
 
-from .._autograd import once_differentiable
+from .._autograd.grpo import GRPOObjectiveFunction  # noqa: F401 (re-exported)
 from .cov import _LOCAL, _clip_cov_selection, _CovScope, _kl_cov_selection
 from .losses import LOSSES, VESPO_LAMBDA_MIN, VESPO_LOG_HIGH, VESPO_LOG_LOW, VESPO_LOG_RATIO_CLAMP
 from .normalizers import GRPONormalizers
@@ -177,35 +177,6 @@ def _objective_torch(lp, old, ref, adv, valid, emask, isr, cfg: _Cfg, norms: GRP
     return loss, sums
 
 
-
-
-class GRPOObjectiveFunction(torch.autograd.Function):
-    """Policy + KL part of the loss through the Triton kernel: ``(logp [B, T], ...) -> (loss, kl, low, high)``.
-
-    The kernel writes ``d loss / d logp`` in the same launch as the loss (the objective is elementwise
-    given the row statistics), so forward saves that ``[B, T]`` gradient and backward only scales it.
-    ``kl``, ``low``, ``high`` are masked sums for the metrics (not differentiable). ``_objective_triton``
-    goes through the custom op ``fused_entropy::grpo_objective`` instead (opaque to ``torch.compile``);
-    this Function is the same computation for callers outside ``torch.library``.
-    """
-
-    @staticmethod
-    def forward(ctx, lp, old, ref, adv, valid, emask, isr, row_scale, cfg, compute_grad: bool):
-        from .._launch_objective import launch_objective
-
-        out = launch_objective(lp, old, ref, adv, valid, emask, isr, row_scale, cfg, compute_grad=compute_grad)
-        ctx.save_for_backward(out.grad)
-        kl, low, high = out.row_kl.sum(), out.row_low.sum(), out.row_high.sum()
-        ctx.mark_non_differentiable(kl, low, high)
-        return out.row_loss.sum(), kl, low, high
-
-    @staticmethod
-    @once_differentiable
-    def backward(ctx, g_loss, *_):
-        (grad,) = ctx.saved_tensors
-        if grad is None or g_loss is None:
-            return (None,) * 10
-        return (grad * g_loss,) + (None,) * 9
 
 
 def _objective_triton(lp, old, ref, adv, valid, emask, isr, cfg: _Cfg, norms: GRPONormalizers):

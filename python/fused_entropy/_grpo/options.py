@@ -13,6 +13,7 @@ from typing import Optional
 import torch
 
 from .. import _validate as V
+from ..backends import resolve
 from .losses import (BONUS_NORMALIZATIONS, COV_STATISTICS, ENTROPY_SOURCES, GRPO_BACKENDS, IMPORTANCE_SAMPLING_LEVELS,
                      LOSS_TYPES, LOSSES, LUSPO_NORMALIZATIONS, LossType)
 
@@ -106,19 +107,9 @@ def _check_generator(generator) -> None:
 
 
 def _resolve_backend(backend: str, device: torch.device) -> str:
+    """``"torch"`` or ``"triton"`` for tensors on ``device`` (``backends.resolve``: the one "auto" rule)."""
     _check_choice("backend", backend, GRPO_BACKENDS)
-    from ..backends import resolve_name
-
-    backend = resolve_name(backend, device)
-    if backend == "triton" and device.type != "cuda":
-        from ..backends import interpreting
-
-        if not interpreting():
-            raise ValueError(
-                f"backend='triton' needs CUDA tensors, got tensors on {device}; set TRITON_INTERPRET=1 "
-                "to run the Triton kernel on CPU through the interpreter, or use backend='torch'"
-            )
-    return backend
+    return resolve(backend, device)
 
 
 @dataclasses.dataclass(frozen=True)
