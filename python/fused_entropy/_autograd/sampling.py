@@ -27,7 +27,8 @@ from .._sampling import (
     stack_rows,
 )
 from .._types import LogitTransform
-from ..backends.torch_chunked import _apply_transform_, chunk_rows
+from ..backends.torch_chunked import HeadGrads, _apply_transform_, chunk_rows
+from ..backends.torch_chunked import _logit_block as logit_block
 from .common import once_differentiable
 
 __all__ = ["SampledLinearFunction", "SampledLogitsFunction"]
@@ -53,7 +54,7 @@ class SampledLinearFunction(torch.autograd.Function):
         parts = []
         for start in range(0, n, step):
             sl = slice(start, min(start + step, n))
-            z = _logits(x[sl], w, bias, tf, ws.get("z", sl.stop - sl.start))
+            z = logit_block(x[sl], w, bias, tf, ws.get("z", sl.stop - sl.start))
             parts.append(chunk_forward(z, ws, y_local[sl], here[sl], valid[sl], prm.rows(sl), vocab, red))
         st = stack_rows(parts, n, x.device, cdt)
         ctx.set_materialize_grads(False)
@@ -71,40 +72,20 @@ class SampledLinearFunction(torch.autograd.Function):
         cdt = compute_dtype(x.dtype)
         valid, here, y_local = local_targets(targets, ignore_index, offset, vl)
         grads = masked_grads(grads, valid)
-        need_x, need_w, need_b = ctx.needs_input_grad[0], ctx.needs_input_grad[1], bias is not None and ctx.needs_input_grad[2]
-        gx = torch.zeros(x.shape, device=x.device, dtype=cdt) if need_x else None
-        gw = torch.zeros(weight.shape, device=x.device, dtype=cdt) if need_w else None
-        gb = torch.zeros(vl, device=x.device, dtype=cdt) if need_b else None
+        out = HeadGrads(x, weight, bias, cdt, ctx.needs_input_grad[:3])
         if any(g is not None for g in grads):
             ws = SamplingWorkspace(min(step, max(n, 1)), vl, cdt, x.device)
             w = weight.to(cdt)
             for start in range(0, n, step):
                 sl = slice(start, min(start + step, n))
                 x_c = x[sl].to(cdt)
-                z = _logits(x_c, w, bias, tf, ws.get("z", sl.stop - sl.start))
+                z = logit_block(x_c, w, bias, tf, ws.get("z", sl.stop - sl.start))
                 rows = ChunkStats(*(None if f is None else f[sl] for f in st))
                 dz = chunk_grad(z, ws, y_local[sl], here[sl], rows, tuple(None if g is None else g[sl] for g in grads), tf)
-                if need_x:
-                    torch.mm(dz, w, out=gx[sl])
-                if need_w:
-                    gw.addmm_(dz.T, x_c)
-                if need_b:
-                    gb.add_(dz.sum(0))
-        if need_x and group is not None and full and n > 0:
-            gx = Group(group).sum(gx)
-        return (
-            None if gx is None else gx.to(x.dtype),
-            None if gw is None else gw.to(weight.dtype),
-            None if gb is None else gb.to(bias.dtype),
-            None, None, None, None, None, None, None, None,
-        )
-
-
-def _logits(x_c, w, bias, tf, out):
-    torch.mm(x_c.to(out.dtype), w.T, out=out)
-    if bias is not None:
-        out.add_(bias.to(out.dtype))
-    return _apply_transform_(out, tf)
+                out.add(sl, dz, x_c, w)
+        if out.x is not None and group is not None and full and n > 0:
+            out.x = Group(group).sum(out.x)
+        return (*out.result(), None, None, None, None, None, None, None, None)
 
 
 class SampledLogitsFunction(torch.autograd.Function):

@@ -302,6 +302,31 @@ def _logit_block(x_c, w_c, bias, tf, out):
     return _apply_transform_(out, tf)
 
 
+class HeadGrads:
+    """dX, dW, db of a linear head accumulated chunk by chunk in the compute dtype (each None where not
+    needed): the rows of dX written per chunk, dW and db summed over chunks; ``result()`` casts each
+    back to the dtype of the tensor it belongs to."""
+
+    def __init__(self, x, weight, bias, cdt: torch.dtype, needs=(True, True, True)):
+        kw = dict(device=x.device, dtype=cdt)
+        self.x = torch.zeros(x.shape, **kw) if needs[0] else None
+        self.w = torch.zeros(weight.shape, **kw) if needs[1] else None
+        self.b = torch.zeros(weight.shape[0], **kw) if needs[2] and bias is not None else None
+        self._dtypes = (x.dtype, weight.dtype, None if bias is None else bias.dtype)
+
+    def add(self, sl: slice, dz: torch.Tensor, x_c: torch.Tensor, w: torch.Tensor) -> None:
+        """The chunk of rows ``sl``: ``dz [C, V]`` (dL/d(h.W + b)), its inputs ``x_c [C, H]``, ``w [V, H]``."""
+        if self.x is not None:
+            torch.mm(dz, w, out=self.x[sl])
+        if self.w is not None:
+            self.w.addmm_(dz.T, x_c)
+        if self.b is not None:
+            self.b.add_(dz.sum(0))
+
+    def result(self):
+        return tuple(None if g is None else g.to(dt) for g, dt in zip((self.x, self.w, self.b), self._dtypes))
+
+
 class _Plan:
     """Chunking, compute dtype, upcast weight and workspace of one call."""
 
@@ -378,10 +403,7 @@ def _recompute(z, ws, y, valid, stats_rows, k, tf):
 def linear_backward(x, weight, bias, targets, tf, ignore_index, stats: RowStats, g_lp, g_ent, g_cl, k,
                     *, needs=(True, True, True)):
     plan = _Plan(x, weight, blocks=workspace_blocks(tf))
-    need_x, need_w, need_b = needs[0], needs[1], needs[2] and bias is not None
-    grad_x = torch.empty(x.shape, device=x.device, dtype=plan.cdt) if need_x else None
-    grad_w = torch.zeros(plan.w.shape, device=x.device, dtype=plan.cdt) if need_w else None
-    grad_b = torch.zeros(plan.vocab, device=x.device, dtype=plan.cdt) if need_b else None
+    grads = HeadGrads(x, weight, bias, plan.cdt, needs)
     for sl in plan.chunks():
         x_c = x[sl].to(plan.cdt)
         y = targets[sl]
@@ -391,17 +413,8 @@ def linear_backward(x, weight, bias, targets, tf, ignore_index, stats: RowStats,
         f, factor = _recompute(z, plan.ws, y, valid, rows, k if g_cl is not None else None, tf)
         dz = _grad_from_fwd(f, y, valid, _rows(stats.entropy, sl), _rows(stats.clamped_entropy, sl),
                             _rows(g_lp, sl), _rows(g_ent, sl), _rows(g_cl, sl), plan.ws, factor, tf)
-        if need_x:
-            torch.mm(dz, plan.w, out=grad_x[sl])
-        if need_w:
-            grad_w.addmm_(dz.T, x_c)
-        if need_b:
-            grad_b.add_(dz.sum(0))
-    return (
-        None if grad_x is None else grad_x.to(x.dtype),
-        None if grad_w is None else grad_w.to(weight.dtype),
-        None if grad_b is None else grad_b.to(bias.dtype),
-    )
+        grads.add(sl, dz, x_c, plan.w)
+    return grads.result()
 
 
 def linear_forward_backward(x, weight, bias, targets, tf, ignore_index, entropy, k, grad_fn, rows_per_chunk=None,
@@ -419,10 +432,7 @@ def linear_forward_backward(x, weight, bias, targets, tf, ignore_index, entropy,
     False is None and costs no matrix product.
     """
     plan = _Plan(x, weight, rows_per_chunk, blocks=workspace_blocks(tf))
-    need_x, need_w, need_b = needs[0], needs[1], needs[2] and bias is not None
-    grad_x = torch.empty(x.shape, device=x.device, dtype=plan.cdt) if need_x else None
-    grad_w = torch.zeros(plan.w.shape, device=x.device, dtype=plan.cdt) if need_w else None
-    grad_b = torch.zeros(plan.vocab, device=x.device, dtype=plan.cdt) if need_b else None
+    grads = HeadGrads(x, weight, bias, plan.cdt, needs)
     parts = []
     for sl in plan.chunks():
         c = sl.stop - sl.start
@@ -435,19 +445,9 @@ def linear_forward_backward(x, weight, bias, targets, tf, ignore_index, entropy,
         parts.append(f.stats())
         g_lp, g_ent, g_cl = grad_fn(sl, f.logprobs, f.entropy, f.clamped_entropy)
         dz = _grad_from_fwd(f, y, valid, f.entropy, f.clamped_entropy, g_lp, g_ent, g_cl, plan.ws, factor, tf)
-        if need_x:
-            torch.mm(dz, plan.w, out=grad_x[sl])
-        if need_w:
-            grad_w.addmm_(dz.T, x_c)
-        if need_b:
-            grad_b.add_(dz.sum(0))
+        grads.add(sl, dz, x_c, plan.w)
     stats = _to_stats(parts, plan.n, x.device, plan.cdt, entropy, k)
-    return (
-        stats,
-        None if grad_x is None else grad_x.to(x.dtype),
-        None if grad_w is None else grad_w.to(weight.dtype),
-        None if grad_b is None else grad_b.to(bias.dtype),
-    )
+    return (stats, *grads.result())
 
 
 # ---------------------------------------------------------------------------------------------
