@@ -13,7 +13,7 @@ from transformers.trainer_callback import ExportableState
 from trl import GRPOConfig, GRPOTrainer
 from trl.trainer.utils import nanmax, nanmin
 
-from ..._grpo.losses import TOKEN_NORMALIZED
+from ..._grpo.losses import LOSSES, TOKEN_NORMALIZED
 from ..._types import TokenStats
 from ...backends import get_backend
 from ...control import AdaptiveEntropyCoef, StaticEntropyCoef, repo_r_advantages
@@ -332,8 +332,9 @@ class FusedEntropyGRPOTrainer(GRPOTrainer):
             self._metrics[mode]["entropy"].append(global_masked_mean(entropies.detach()))
             if clamped is not None:
                 self._metrics[mode]["clamped_entropy"].append(global_masked_mean(clamped.detach()))
-            if self.loss_type in ("grpo", "bnpo", "dr_grpo", "dapo", "luspo", "clip_cov"):
-                if self.args.delta is not None and self.loss_type != "clip_cov":
+            row = LOSSES[self.loss_type]
+            if row.family == "clipped":  # the PPO surrogate (clip_cov too): TRL's low/high clip metrics
+                if self.args.delta is not None and row.delta:
                     coef_1 = coef_1.clamp(max=self.args.delta)  # TRL measures the clip after the delta clamp
                 low = ((coef_1 < 1 - self.epsilon_low) & (advantages < 0)).to(mask.dtype)
                 high = ((coef_1 > 1 + self.epsilon_high) & (advantages > 0)).to(mask.dtype)
