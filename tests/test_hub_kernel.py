@@ -108,3 +108,50 @@ def test_get_local_kernel_forward_backward_match_installed(built):
     assert res["has_ops"] and res["ns"] == res["module"]  # ops under the generated namespace
     assert res["max_diff"] < 1e-12
     assert res["fullgraph"] is True
+
+
+HEAD_CHECK = r'''
+import json, pathlib, sys
+sys.path.append(sys.argv[2])  # tests/, for the tiny model
+import torch
+from _tiny_model import make_model
+from fused_entropy.integrations.trl import HeadRequest, install_fused_head, kernel_function
+
+fn = kernel_function(sys.argv[1])
+torch.manual_seed(0)
+outs = []
+for f in (fn, None):
+    model = make_model().double()
+    install_fused_head(model, temperature=0.7, topk=4, **({} if f is None else {"linear_logprobs": f}))
+    ids = torch.randint(4, 30, (2, 9), generator=torch.Generator().manual_seed(1))
+    st = model(input_ids=ids, attention_mask=torch.ones_like(ids),
+               fused_entropy=HeadRequest(5, entropy=True, clamped=True))
+    loss = st.logprobs.sum() + st.entropy.sum() + st.clamped_entropy.sum()
+    g = torch.autograd.grad(loss, model.lm_head.weight)[0]
+    outs.append([st.logprobs.detach(), st.entropy.detach(), st.clamped_entropy.detach(), g])
+print(json.dumps({"module": fn.__module__, "max_diff": max(float((a - b).abs().max()) for a, b in zip(*outs))}))
+'''
+
+
+def test_trl_head_takes_linear_logprobs_from_the_kernel(built):
+    """FusedEntropyGRPOConfig(fused_kernel=...) -> kernel_function -> install_fused_head: the head runs the
+    kernel's linear_logprobs and gives the installed package's values and gradients."""
+    pytest.importorskip("trl")
+    tmp, out = built
+    r = _run(tmp, "-c", HEAD_CHECK, str(out), str(ROOT / "tests"))
+    assert r.returncode == 0, r.stderr[-3000:]
+    res = json.loads(r.stdout.strip().splitlines()[-1])
+    assert res["module"].startswith("_fused_entropy_")
+    assert res["max_diff"] < 1e-12
+
+
+def test_fused_kernel_option_needs_a_pinned_revision(tmp_path):
+    pytest.importorskip("trl")
+    from fused_entropy.integrations.trl import FusedEntropyGRPOConfig
+
+    base = dict(output_dir=str(tmp_path), use_cpu=True, bf16=False, report_to="none",
+                per_device_train_batch_size=4, num_generations=4)
+    with pytest.raises(ValueError, match="fused_kernel must be 'owner/repo@revision'"):
+        FusedEntropyGRPOConfig(**base, fused_kernel="fused-entropy/fused-entropy")
+    FusedEntropyGRPOConfig(**base, fused_kernel="fused-entropy/fused-entropy@0123abc")
+    FusedEntropyGRPOConfig(**base, fused_kernel=str(tmp_path))  # a local build directory

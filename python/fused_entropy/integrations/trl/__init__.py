@@ -70,7 +70,7 @@ check_trl_version(trl.__version__)  # on import, before the submodules subclass 
 from .config import (  # noqa: E402
     CONTROLLERS, ENTROPY_SOURCES, FusedEntropyGRPOConfig, sampling_truncation, validate_options,
 )
-from .head import HeadRequest, install_fused_head, logit_transform_of  # noqa: E402
+from .head import HeadRequest, install_fused_head, kernel_function, logit_transform_of  # noqa: E402
 from .trainer import (  # noqa: E402
     STATE_FILE, TRAINER_STATE_FILE, TRL_STATE_FILE, ControllerStateCallback, FusedEntropyGRPOTrainer,
 )

@@ -81,6 +81,12 @@ class FusedEntropyGRPOConfig(GRPOConfig):
                   "(vLLM logprobs_mode='processed_logprobs') carries no log S. Needs use_vllm and "
                   "vllm_importance_sampling_correction."},
     )
+    fused_kernel: Optional[str] = field(
+        default=None,
+        metadata={"help": "Take the head's linear_logprobs from a Hub function kernel of this package: "
+                  "'owner/repo@<commit sha>' (kernels.get_kernel, pinned) or a local build directory. "
+                  "None: the installed package."},
+    )
     fused_backend: str = field(
         default="auto", metadata={"help": "fused-entropy backend: 'auto' (Triton on CUDA, torch elsewhere), 'torch', 'triton'."}
     )
@@ -162,6 +168,14 @@ def validate_options(args) -> None:
         if missing:
             raise ValueError(f"entropy_controller='aent' needs {', '.join(missing)} (AEnt's band and step size)")
     build_controller(args)  # the controllers check their own numbers (bounds, init within bounds)
+    spec = option(args, "fused_kernel")
+    if spec is not None:
+        import os
+
+        repo, sep, revision = str(spec).partition("@")
+        if not isinstance(spec, str) or not (os.path.isdir(spec) or (sep and revision and repo.count("/") == 1)):
+            raise ValueError(f"fused_kernel must be 'owner/repo@revision' (a pinned commit) or a local build "
+                             f"directory, got {spec!r}")
     if option(args, "fused_backend") not in GRPO_BACKENDS:  # named as the config names it
         raise ValueError(f"fused_backend must be one of {GRPO_BACKENDS}, got {option(args, 'fused_backend')!r}")
     loss_options(args)

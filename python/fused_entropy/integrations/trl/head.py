@@ -51,8 +51,41 @@ def logit_transform_of(config) -> tuple:
     return softcap, scale
 
 
-def install_fused_head(model, *, temperature: float, topk=None, clamp_p=None, backend: str = "auto") -> None:
+def kernel_function(spec: str, name: str = "linear_logprobs"):
+    """``name`` from a Hub function kernel built from this package's ``hub/fused_entropy`` project.
+
+    ``spec``: ``"owner/repo@revision"`` (loaded with ``kernels.get_kernel(repo, revision=revision)``;
+    pin a commit sha so every run of a job gets the same code) or the path of a local build directory
+    (``kernels.get_local_kernel``, e.g. the output of ``scripts/build_hub_kernel.py``). Raises
+    ImportError without the ``kernels`` package and ValueError for a Hub repo without a revision.
+    """
+    import os
+
+    try:
+        import kernels as hub
+        hub.get_local_kernel  # noqa: B018 (a folder named kernels/ on sys.path is not the package)
+    except (ImportError, AttributeError) as e:
+        raise ImportError("fused_kernel needs the `kernels` package (pip install kernels), importable as "
+                          "`kernels` (not shadowed by a folder of that name on sys.path)") from e
+    if os.path.isdir(spec):
+        from pathlib import Path
+
+        mod = hub.get_local_kernel(Path(spec))
+    else:
+        repo, sep, revision = spec.partition("@")
+        if not sep or not revision or repo.count("/") != 1:
+            raise ValueError(f"fused_kernel must be 'owner/repo@revision' (a pinned commit) or a local build "
+                             f"directory, got {spec!r}")
+        mod = hub.get_kernel(repo, revision=revision)
+    return getattr(mod, name)
+
+
+def install_fused_head(model, *, temperature: float, topk=None, clamp_p=None, backend: str = "auto",
+                       linear_logprobs=linear_logprobs) -> None:
     """Give ``model.forward`` a ``fused_entropy=HeadRequest(...)`` mode; other calls are unchanged.
+
+    ``linear_logprobs``: the function the head calls (this package's, or one taken from a Hub
+    function kernel with :func:`kernel_function`).
 
     In that mode the forward returns :class:`fused_entropy.TokenStats` of ``[B, K]`` tensors (zero where
     the target is padding, i.e. ``attention_mask == 0``) computed from the backbone's last hidden

@@ -19,7 +19,7 @@ from ...backends import get_backend
 from ...control import AdaptiveEntropyCoef, StaticEntropyCoef, repo_r_advantages
 from ...functional import grpo_loss
 from .config import FusedEntropyGRPOConfig, build_controller, build_repo, option, sampling_truncation, validate_options
-from .head import HeadRequest, install_fused_head
+from .head import HeadRequest, install_fused_head, kernel_function
 
 STATE_FILE = "fused_entropy_state.json"
 TRL_STATE_FILE = "entropy_ctrl_state.json"
@@ -106,6 +106,8 @@ class FusedEntropyGRPOTrainer(GRPOTrainer):
         backend = option(args, "fused_backend")
         get_backend(backend, self.accelerator.device)  # e.g. 'triton' without CUDA: fail now, not in step 1
         head = dict(temperature=self.temperature, topk=self._topk, clamp_p=self._clamp_p, backend=backend)
+        if option(args, "fused_kernel") is not None:
+            head["linear_logprobs"] = kernel_function(option(args, "fused_kernel"))
         install_fused_head(policy, **head)
         if self.ref_model is not None:
             install_fused_head(self.accelerator.unwrap_model(self.ref_model), **head)
