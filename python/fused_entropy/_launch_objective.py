@@ -3,7 +3,7 @@
 Inputs are validated and sanitized by ``_grpo``: ``[B, T]`` tensors in the compute dtype (fp32 or
 fp64; masked positions finite), advantages and ``is_ratio`` as ``[B, 1]`` or ``[B, T]``, masks bool.
 Every loss-type rule (the objective family, whether ``delta`` applies, the luspo weighting, the VESPO
-clamps) comes with ``cfg`` (``_grpo.objective._Cfg``, whose properties read ``_grpo.losses``).
+clamps) comes with ``cfg`` (``_grpo.objective_op._Cfg``, whose properties read ``_grpo.losses``).
 """
 from __future__ import annotations
 
@@ -16,9 +16,6 @@ import triton.language as tl
 from .kernels import objective as K
 
 FAMILY_CODES = {"clipped": K.CLIPPED.value, "cispo": K.CISPO.value, "sapo": K.SAPO.value, "vespo": K.VESPO.value}
-# The loss types the kernel runs, for tools/aot.py's scenarios (the same set as _grpo.KERNEL_LOSS_TYPES;
-# which family each one is comes with cfg).
-LOSS_CODES = dict.fromkeys(("grpo", "bnpo", "dr_grpo", "dapo", "luspo", "cispo", "sapo", "vespo"))
 MAX_BLOCK_T = 1024
 
 

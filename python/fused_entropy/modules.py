@@ -11,48 +11,22 @@ with ``H`` the full or the clamped (top-k) entropy of the tokens under the curre
 """
 from __future__ import annotations
 
-import sys
-import warnings
 from typing import Any, Dict, Optional, Tuple
 
 import torch
 from torch import nn
 
 from . import _grpo as G
-from . import _sampling
-from . import _validate as V
+from . import _linear_grpo_inputs as I
+from ._linear_grpo_inputs import LigerAssertionError  # noqa: F401 (re-exported)
 from ._single_pass import _IGNORE, SINGLE_PASS_ELEMENTS, SinglePass  # noqa: F401 (re-exported)
-from ._types import LogitTransform
-from .backends import BACKENDS, get_backend
-from .functional import check_head_dtypes, gather_dtensor_head, head_in_hidden_dtype, linear_logprobs
+from .functional import linear_logprobs
 
 # A chunk of whole sequences (sequence-level objectives) is allowed up to this many logits; longer
 # sequences take the two-pass path, whose working memory does not grow with the sequence length.
 WHOLE_SEQUENCE_MAX_ELEMENTS = 1 << 23
 ENTROPY_SOURCES = G.ENTROPY_SOURCES
 _check_bool = G._check_bool
-
-
-def _no_target_logit(x, w, bias, rows, tf: LogitTransform, dtype) -> torch.Tensor:
-    """``[B, T]``: the transformed logit ``z_0`` of vocabulary id 0 on ``rows`` (0 elsewhere), by autograd.
-
-    A row scored with target 0 gives ``logp_0 = z_0 - lse``, so ``logp_0 - z_0 = -lse`` is the
-    log-prob of a row with no target logit, with gradient ``-p`` (Liger's value for an id outside the
-    vocabulary).
-    """
-    u = x[rows].to(dtype) @ w[0].to(dtype)
-    if bias is not None:
-        u = u + bias[0].to(dtype)
-    u = u * tf.logit_scale
-    if tf.softcap is not None:
-        u = tf.softcap * torch.tanh(u / tf.softcap)
-    z0 = u / tf.temperature
-    return torch.zeros(rows.shape, dtype=dtype, device=x.device).masked_scatter(rows, z0)
-
-
-class LigerAssertionError(AssertionError, ValueError):
-    """Where Liger 0.8.5 asserts (``AssertionError``) this package raises one that is also a
-    ``ValueError`` (its own contract for bad arguments): ``except`` clauses of either kind catch it."""
 
 
 class LinearGRPOLoss(nn.Module):
@@ -199,48 +173,17 @@ class LinearGRPOLoss(nn.Module):
     ):
         super().__init__()
         # Everything knowable without tensors is checked here, with the argument's name, except what
-        # Liger 0.8.5 accepts here and rejects in forward (an unknown loss_type or
-        # importance_sampling_level, sequence level with cispo/sapo/vespo, dr_grpo without
-        # max_completion_length): those raise in forward, as Liger's, so code written against Liger
-        # catches them where it expects them (_check_liger_config).
-        row = G.LOSSES.get(loss_type)
-        if importance_sampling_level == "sequence" and row is not None and not row.sequence:  # ours: fail early
-            raise ValueError(
-                f"importance_sampling_level='sequence' is not supported for loss_type={loss_type!r}; "
-                "use importance_sampling_level='token'"
-            )
-        for name, value in (("delta", delta), ("sapo_temperature_pos", sapo_temperature_pos),
-                            ("sapo_temperature_neg", sapo_temperature_neg)):
-            # Liger's own constructor checks, with its words (a non-positive value, NaN aside)
-            if isinstance(value, (int, float)) and not isinstance(value, bool) and value <= 0:
-                raise ValueError(f"{name} must be positive, got {value}")
-        # vespo lambdas below 1e-4 act as 1e-4 (TRL/Liger clamp), so any finite value is accepted, as Liger
-        for name, value in (("vespo_lambda_pos", vespo_lambda_pos), ("vespo_lambda_neg", vespo_lambda_neg)):
-            G._check_number(name, value)
-        _check_bool("use_ref_model", use_ref_model)
-        V.check_transform(temperature, softcap, logit_scale)
-        G._check_choice("entropy_source", entropy_source, ENTROPY_SOURCES)
-        V.resolve_k(topk, clamp_p, sys.maxsize)  # types and ranges; topk <= V is checked per call
-        if entropy_source == "clamped" and topk is None and clamp_p is None:
-            raise ValueError("entropy_source='clamped' needs topk or clamp_p (the size of the clamped set)")
-        G._check_controller(entropy_controller, entropy_coef)
-        G._check_generator(generator)
-        if backend not in BACKENDS:
-            raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
-        if single_pass is not None:
-            _check_bool("single_pass", single_pass)
-        if rows_per_chunk is not None and (isinstance(rows_per_chunk, bool) or not isinstance(rows_per_chunk, int) or rows_per_chunk < 1):
-            raise ValueError(f"rows_per_chunk must be a positive int or None, got {rows_per_chunk!r}")
-        for name, value in (("sampling_top_k", sampling_top_k), ("sampling_top_p", sampling_top_p),
-                            ("sampling_min_p", sampling_min_p)):
-            if isinstance(value, torch.Tensor):
-                raise TypeError(f"{name} must be a number or None here (per-request tensors: linear_logprobs), "
-                                f"got a tensor")
-        _sampling.resolve(sampling_top_k, sampling_top_p, sampling_min_p, (1,), torch.device("cpu"))
+        # Liger 0.8.5 accepts here and rejects in forward (I.liger_config_error)
+        I.check_arguments(
+            loss_type=loss_type, importance_sampling_level=importance_sampling_level, delta=delta,
+            sapo_temperature_pos=sapo_temperature_pos, sapo_temperature_neg=sapo_temperature_neg,
+            vespo_lambda_pos=vespo_lambda_pos, vespo_lambda_neg=vespo_lambda_neg, use_ref_model=use_ref_model,
+            temperature=temperature, softcap=softcap, logit_scale=logit_scale, entropy_source=entropy_source, topk=topk,
+            clamp_p=clamp_p, entropy_controller=entropy_controller, entropy_coef=entropy_coef, generator=generator,
+            backend=backend, single_pass=single_pass, rows_per_chunk=rows_per_chunk, sampling_top_k=sampling_top_k,
+            sampling_top_p=sampling_top_p, sampling_min_p=sampling_min_p, process_group=process_group,
+        )
         sampling = not (sampling_top_k is None and sampling_top_p is None and sampling_min_p is None)
-        if single_pass and process_group is not None:
-            raise ValueError("single_pass=True is not possible with process_group: the vocabulary-parallel head "
-                             "needs every rank's statistics before any gradient")
 
         self.beta = beta
         self.compiled = compiled
@@ -333,28 +276,7 @@ class LinearGRPOLoss(nn.Module):
             raise error
 
     def _liger_config_error(self) -> Optional[Exception]:
-        """The configurations Liger 0.8.5's constructor accepts and its forward rejects, in the same
-        order, with Liger's exception type and words (this package's after them)."""
-        loss_type, level = self.loss_type, self.importance_sampling_level
-        row = G.LOSSES.get(loss_type)
-        if level == "sequence" and row is not None and row.sequence and not row.sequence_liger:
-            return ValueError(
-                f"Sequence-level importance sampling is not supported for loss_type='{loss_type}'. "
-                f"Use importance_sampling_level='token' instead. ({loss_type} weights tokens, not sequences)"
-            )
-        if loss_type == "dr_grpo" and self.max_completion_length is None:
-            return LigerAssertionError(
-                "max_completion_length must be provided for loss_type 'dr_grpo' (the normalizer "
-                "B * max_completion_length)"
-            )
-        if level not in G.IMPORTANCE_SAMPLING_LEVELS:
-            return ValueError(
-                f"Unknown importance sampling level: {level}. Possible values are 'token' and 'sequence'. "
-                f"(importance_sampling_level must be one of {G.IMPORTANCE_SAMPLING_LEVELS}, got {level!r})"
-            )
-        if loss_type not in G.LOSS_TYPES:
-            return ValueError(f"Unknown loss type: {loss_type} (loss_type must be one of {G.LOSS_TYPES}, got {loss_type!r})")
-        return None
+        return I.liger_config_error(self.loss_type, self.importance_sampling_level, self.max_completion_length)
 
     def _sampling_kwargs(self) -> Optional[Dict[str, Any]]:
         kw = dict(sampling_top_k=getattr(self, "sampling_top_k", None), sampling_top_p=getattr(self, "sampling_top_p", None),
@@ -393,74 +315,34 @@ class LinearGRPOLoss(nn.Module):
     ) -> Tuple[torch.Tensor, Tuple[torch.Tensor, ...]]:
         self._check_liger_config()
         options = self._options()  # checked once per call; the chunks of the single pass reuse it
-        if self.process_group is not None:
-            return self._forward_vocab_parallel(
-                options, _input, lin_weight, selected_token_ids, attention_mask, advantages, bias, ref_per_token_logps,
-                old_per_token_logps, ref_input, ref_weight, ref_bias, vllm_is_ratio, num_items_in_batch,
-            )
-        lin_weight, bias = gather_dtensor_head(lin_weight, bias)  # FSDP2: gathered, gradient to the shards
-        ref_weight, ref_bias = gather_dtensor_head(ref_weight, ref_bias)
-        bsz, seqlen, vocab = self._check_inputs(
+        group = self.process_group
+        b = I.check_batch(
             _input, lin_weight, selected_token_ids, attention_mask, advantages, bias, ref_per_token_logps,
-            old_per_token_logps, vllm_is_ratio,
+            old_per_token_logps, vllm_is_ratio, ref_weight, ref_bias, every_position=options.row.aggregation == "luspo",
+            temperature=self.temperature, softcap=self.softcap, logit_scale=self.logit_scale, topk=self.topk,
+            clamp_p=self.clamp_p, backend=self.backend, process_group=group,
         )
-        # the head runs in _input's dtype (Liger: weight.to(_input.dtype)); gradients keep each dtype
-        lin_weight, bias = head_in_hidden_dtype(_input, lin_weight, bias)
-        k = V.resolve_k(self.topk, self.clamp_p, vocab)
-        tf = V.logit_transform(self.temperature, self.softcap, self.logit_scale)
-        be = get_backend(self.backend, _input.device)
-        valid = attention_mask.bool()
-        # Liger's luspo weights every position of a row (masked or not), so there every token is
-        # computed; elsewhere rows outside the mask are skipped by the backends.
-        every_position = options.row.aggregation == "luspo"
-        ids = selected_token_ids.long()
-        no_target = None
-        if every_position:
-            # Liger scores a masked position whose id is not a vocabulary id (-100 padding) with no
-            # target logit: logp = -lse, gradient -p. Here: target 0, then logp_0 - z_0 (_no_target_logit).
-            no_target = ~valid & ((ids < 0) | (ids >= vocab))
-            targets = torch.where(no_target, torch.zeros_like(ids), ids)
-            if not bool(no_target.any()):
-                no_target = None
-        else:
-            targets = torch.where(valid, ids, torch.full_like(ids, _IGNORE))
-        self._check_ids(targets, valid, vocab)
-
-        ref = self._reference_logprobs(
-            ref_per_token_logps, ref_input, ref_weight, ref_bias, targets, bsz, seqlen, tf, be, no_target=no_target,
-            vocab=vocab,
-        )
+        ref = None  # without use_ref_model (or with beta == 0) the KL is to the policy itself
+        if self.use_ref_model and self.beta != 0.0:
+            ref = I.reference_logprobs(ref_per_token_logps, ref_input, b, backend=self.backend, process_group=group)
         observe = self.training and torch.is_grad_enabled() and self.entropy_controller is not None
         coef = self._coef()
-
-        why = self._two_pass_reason(self.loss_type, self.top_entropy_quantile, self._sampling_kwargs() is not None)
-        whole_sequences = G.whole_sequences(options.loss_type, options.importance_sampling_level)
-        if why is None and not hasattr(be, "linear_forward_backward"):
-            why = f"backend {be.__name__.rsplit('.', 1)[-1]} has no single-pass linear_forward_backward"
-        if why is None and whole_sequences and seqlen * vocab > WHOLE_SEQUENCE_MAX_ELEMENTS:
-            why = f"a whole sequence of T={seqlen} tokens is more than {WHOLE_SEQUENCE_MAX_ELEMENTS} logits"
-        if why is None and no_target is not None:
-            why = "loss_type='luspo' with masked ids outside [0, V) (scored with no target logit, as Liger does)"
-        if self.single_pass and why is not None:
-            raise ValueError(f"single_pass=True is not possible: {why}")
         # Without a gradient to compute, the forward of the two-pass path is all there is to do.
-        needs_grad = torch.is_grad_enabled() and any(
-            t is not None and t.requires_grad for t in (_input, lin_weight, bias)
-        )
-        use_single = why is None and self.single_pass is not False and needs_grad
+        needs_grad = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (b.x, b.w, b.bias))
+        # The vocabulary-parallel head takes the two-pass path: every rank's statistics come before any gradient.
+        whole_sequences = G.whole_sequences(options.loss_type, options.importance_sampling_level)
+        use_single = group is None and self._single_pass_possible(b, whole_sequences) and needs_grad
         # Under torch.compile the auto choice is the two-pass path: it is custom ops plus torch (one graph);
         # the single pass takes gradients inside forward over data-dependent row chunks (graph breaks).
         use_single = use_single and not (self.single_pass is None and torch.compiler.is_compiling())
 
-        common = dict(
-            options=options, advantages=advantages, mask=attention_mask, old=old_per_token_logps, ref=ref, is_ratio=vllm_is_ratio,
-            num_items_in_batch=num_items_in_batch, coef=coef, observe=observe, k=k, tf=tf, be=be,
-        )
+        common = dict(options=options, advantages=advantages, mask=attention_mask, old=old_per_token_logps, ref=ref,
+                      is_ratio=vllm_is_ratio, num_items_in_batch=num_items_in_batch, coef=coef, observe=observe)
         if use_single:
-            loss, metrics = self._single_pass(_input, lin_weight, bias, targets, whole_sequences, **common)
+            loss, metrics = self._single_pass(b, whole_sequences, **common)
             self.last_path = "single"
         else:
-            loss, metrics = self._two_pass(_input, lin_weight, bias, targets, no_target=no_target, **common)
+            loss, metrics = self._two_pass(b, **common)
             self.last_path = "two" if needs_grad else "forward"
         self.last_metrics = metrics
         out = []
@@ -469,145 +351,28 @@ class LinearGRPOLoss(nn.Module):
         out.append(metrics["clip_ratio/region_mean"])
         return loss, tuple(out)
 
-    # -----------------------------------------------------------------------------------------
-
-    def _check_inputs(self, x, w, ids, mask, adv, bias, ref_lp, old_lp, isr):
-        V.check_tensor("_input", x, floating=True)
-        V.check_tensor("lin_weight", w, floating=True)
-        V.check_tensor("selected_token_ids", ids, integer=True)
-        if x.dim() != 3:
-            raise ValueError(f"_input must have shape [B, T, H], got {tuple(x.shape)}")
-        if w.dim() != 2:
-            raise ValueError(f"lin_weight must have shape [V, H], got {tuple(w.shape)}")
-        bsz, seqlen, hidden = x.shape
-        vocab = w.shape[0]
-        if w.shape[1] != hidden:
-            raise ValueError(f"lin_weight has H={w.shape[1]} (shape {tuple(w.shape)}) but _input has H={hidden} (shape {tuple(x.shape)})")
-        if vocab == 0:
-            raise ValueError("lin_weight must have at least one vocabulary row (V >= 1)")
-        bt = (bsz, seqlen)
-        check_head_dtypes(x, w, bias, names=("_input", "lin_weight", "bias"))
-        if tuple(ids.shape) != bt:
-            raise ValueError(f"selected_token_ids must have shape [B, T]={bt} (from _input {tuple(x.shape)}), got {tuple(ids.shape)}")
-        V.check_mask("attention_mask", mask, bt, f" ([B, T] from _input {tuple(x.shape)})")
-        V.check_tensor("advantages", adv, floating=True)
-        if tuple(adv.shape) not in ((bsz,), (bsz, seqlen)):
-            raise ValueError(f"advantages must have shape [B]=({bsz},) or [B, T]={bt}, got {tuple(adv.shape)}")
-        if bias is not None:
-            V.check_tensor("bias", bias, floating=True)
-            if tuple(bias.shape) != (vocab,):
-                raise ValueError(f"bias must have shape [V]=({vocab},), got {tuple(bias.shape)}")
-        for name, t in (("ref_per_token_logps", ref_lp), ("old_per_token_logps", old_lp)):
-            if t is not None:
-                V.check_tensor(name, t, floating=True)
-                if tuple(t.shape) != bt:
-                    raise ValueError(f"{name} must have shape [B, T]={bt}, got {tuple(t.shape)}")
-        if isr is not None:
-            V.check_tensor("vllm_is_ratio", isr, floating=True)
-            if tuple(isr.shape) not in ((bsz,), (bsz, 1), bt):
-                raise ValueError(f"vllm_is_ratio must have shape [B, T]={bt}, [B, 1] or [B]=({bsz},), got {tuple(isr.shape)}")
-        V.check_same_device(_input=x, lin_weight=w, selected_token_ids=ids, attention_mask=mask, advantages=adv,
-                            bias=bias, ref_per_token_logps=ref_lp, old_per_token_logps=old_lp, vllm_is_ratio=isr)
-        return bsz, seqlen, vocab
-
-    @staticmethod
-    def _check_ids(targets, valid, vocab):
-        if targets.numel() == 0 or not V.reads_values(targets):
-            return
-        bad = (targets != _IGNORE) & ((targets < 0) | (targets >= vocab))
-        bad = bad | (valid & (targets == _IGNORE))
-        if bool(bad.any()):
-            value = targets[bad][0].item()
-            raise ValueError(f"selected_token_ids inside attention_mask must be in [0, {vocab}); found {value}")
-
-    def _reference_logprobs(self, ref_lp, ref_input, ref_weight, ref_bias, targets, bsz, seqlen, tf, be,
-                            no_target=None, vocab=None):
-        """Reference log-probs ``[B, T]`` for the KL term, or None (then the KL is to the policy itself)."""
-        if not self.use_ref_model or self.beta == 0.0:
-            return None
-        if ref_lp is not None:
-            if ref_input is not None:
-                warnings.warn("Both ref_per_token_logps and ref_input are provided. Using ref_per_token_logps.")
-            return ref_lp
-        if ref_input is None:
-            raise LigerAssertionError(
-                "If use_ref_model is True, ref_per_token_logps or ref_input must be provided (with beta != 0 "
-                "the KL term needs the reference log-probs; ref_input with ref_weight)"
-            )
-        if ref_weight is None:
-            raise ValueError("ref_input needs ref_weight (the reference model's LM head [V, H])")
-        V.check_tensor("ref_input", ref_input, floating=True)
-        if ref_input.dim() != 3 or tuple(ref_input.shape[:2]) != (bsz, seqlen):
-            raise ValueError(f"ref_input must have shape [B, T, H]=({bsz}, {seqlen}, H), got {tuple(ref_input.shape)}")
-        # the reference head scores the same ids: its vocabulary is the policy's (named here, not as
-        # an out-of-range target further down)
-        V.check_tensor("ref_weight", ref_weight, floating=True)
-        want = (vocab if vocab is not None else ref_weight.shape[0], ref_input.shape[-1])
-        if ref_weight.dim() != 2 or tuple(ref_weight.shape) != want:
-            raise ValueError(f"ref_weight must have shape [V, H']={want} (V of lin_weight, H' of ref_input "
-                             f"{tuple(ref_input.shape)}), got {tuple(ref_weight.shape)}")
-        if ref_bias is not None:
-            V.check_tensor("ref_bias", ref_bias, floating=True)
-            if tuple(ref_bias.shape) != (want[0],):
-                raise ValueError(f"ref_bias must have shape [V]=({want[0]},), got {tuple(ref_bias.shape)}")
-        with torch.no_grad():
-            stats = linear_logprobs(
-                ref_input, ref_weight, targets, bias=ref_bias, temperature=tf.temperature, softcap=tf.softcap,
-                logit_scale=tf.logit_scale, ignore_index=_IGNORE, entropy=False, backend=self.backend,
-                process_group=self.process_group,
-            )
-            if no_target is not None:
-                return stats.logprobs - _no_target_logit(ref_input, ref_weight, ref_bias, no_target, tf,
-                                                         stats.logprobs.dtype)
-        return stats.logprobs
-
-    def _forward_vocab_parallel(self, options, x, w, selected_token_ids, mask, advantages, bias, ref_lp, old_lp, ref_input,
-                                ref_weight, ref_bias, is_ratio, num_items_in_batch):
-        """``forward`` with the head split over ``process_group``: two passes through
-        ``linear_logprobs(process_group=...)``. A check that fails here fails on every rank (this
-        rank joins the agreement collective the others are entering, then raises)."""
-        from . import _distributed as D
-
-        group = self.process_group
-        D.check_group(group)
-        try:
-            bsz, seqlen, _ = self._check_inputs(x, w, selected_token_ids, mask, advantages, bias, ref_lp, old_lp,
-                                                is_ratio)
-            valid = mask.bool()
-            ids = selected_token_ids.long()
-            inside = ids[valid]
-            if inside.numel() and bool((inside < 0).any()):
-                raise ValueError(f"selected_token_ids inside attention_mask must be global vocabulary ids; "
-                                 f"found {int(inside[inside < 0][0])}")
-            # the range [0, V) of the global vocabulary is checked by linear_logprobs on all ranks together
-            keep = valid | (ids >= 0) if options.row.aggregation == "luspo" else valid
-            targets = torch.where(keep, ids, torch.full_like(ids, _IGNORE))
-            tf = V.logit_transform(self.temperature, self.softcap, self.logit_scale)
-        except (TypeError, ValueError) as e:
-            D.agree(group, e)
-            raise
-        ref = self._reference_logprobs(ref_lp, ref_input, ref_weight, ref_bias, targets, bsz, seqlen, tf, None,
-                                       vocab=w.shape[0])
-        observe = self.training and torch.is_grad_enabled() and self.entropy_controller is not None
-        needs_grad = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (x, w, bias))
-        loss, metrics = self._two_pass(
-            x, w, bias, targets, options=options, advantages=advantages, mask=mask, old=old_lp, ref=ref, is_ratio=is_ratio,
-            num_items_in_batch=num_items_in_batch, coef=self._coef(), observe=observe, k=None, tf=tf, be=None,
-        )
-        self.last_path = "two" if needs_grad else "forward"
-        self.last_metrics = metrics
-        out = [metrics["kl"]] if self.beta != 0.0 else []
-        out.append(metrics["clip_ratio/region_mean"])
-        return loss, tuple(out)
+    def _single_pass_possible(self, b: I.Batch, whole_sequences: bool) -> bool:
+        """Whether the single pass can take this call (raises with the reason where ``single_pass=True``)."""
+        why = self._two_pass_reason(self.loss_type, self.top_entropy_quantile, self._sampling_kwargs() is not None)
+        if why is None and not hasattr(b.be, "linear_forward_backward"):
+            why = f"backend {b.be.__name__.rsplit('.', 1)[-1]} has no single-pass linear_forward_backward"
+        if why is None and whole_sequences and b.seqlen * b.vocab > WHOLE_SEQUENCE_MAX_ELEMENTS:
+            why = f"a whole sequence of T={b.seqlen} tokens is more than {WHOLE_SEQUENCE_MAX_ELEMENTS} logits"
+        if why is None and b.no_target is not None:
+            why = "loss_type='luspo' with masked ids outside [0, V) (scored with no target logit, as Liger does)"
+        if self.single_pass and why is not None:
+            raise ValueError(f"single_pass=True is not possible: {why}")
+        return why is None and self.single_pass is not False
 
     # -----------------------------------------------------------------------------------------
     # two passes: linear_logprobs (autograd) -> grpo_loss -> backward recomputes the logits
     # -----------------------------------------------------------------------------------------
 
-    def _two_pass(self, x, w, bias, targets, *, options, advantages, mask, old, ref, is_ratio, num_items_in_batch,
-                  coef, observe, k, tf, be, no_target=None):
+    def _two_pass(self, b: I.Batch, *, options, advantages, mask, old, ref, is_ratio, num_items_in_batch, coef,
+                  observe):
+        tf = b.tf
         stats = linear_logprobs(
-            x, w, targets, bias=bias, temperature=tf.temperature, softcap=tf.softcap, logit_scale=tf.logit_scale,
+            b.x, b.w, b.targets, bias=b.bias, temperature=tf.temperature, softcap=tf.softcap, logit_scale=tf.logit_scale,
             ignore_index=_IGNORE, entropy=True, topk=self.topk, clamp_p=self.clamp_p, backend=self.backend,
             process_group=self.process_group, **(self._sampling_kwargs() or {}),
         )
@@ -618,8 +383,8 @@ class LinearGRPOLoss(nn.Module):
             # case), the full-vocabulary log-prob stands in (finite, with its own gradient)
             not_kept = torch.isinf(stats.truncated_logprobs)
             logp = torch.where(not_kept, logp, stats.truncated_logprobs)
-        if no_target is not None:
-            logp = logp - _no_target_logit(x, w, bias, no_target, tf, logp.dtype)
+        if b.no_target is not None:
+            logp = logp - I.no_target_logit(b.x, b.w, b.bias, b.no_target, tf, logp.dtype)
         if self.beta != 0.0 and ref is None:
             ref = logp.detach()
         inputs = G.GRPOInputs(logp, advantages, mask, old, ref, stats.entropy, stats.clamped_entropy, is_ratio)
@@ -639,12 +404,13 @@ class LinearGRPOLoss(nn.Module):
     # single pass: per chunk of rows, logits -> statistics -> d loss/d (logp, H, H~) -> dX, dW, db
     # -----------------------------------------------------------------------------------------
 
-    def _single_pass(self, x, w, bias, targets, whole_sequences, *, options, advantages, mask, old, ref, is_ratio,
-                     num_items_in_batch, coef, observe, k, tf, be):
+    def _single_pass(self, b: I.Batch, whole_sequences, *, options, advantages, mask, old, ref, is_ratio,
+                     num_items_in_batch, coef, observe):
         sweep = SinglePass(
-            x, w, bias, targets, options=options, inputs=G.GRPOInputs(None, advantages, mask, old, ref, None, None, is_ratio),
+            b.x, b.w, b.bias, b.targets, options=options,
+            inputs=G.GRPOInputs(None, advantages, mask, old, ref, None, None, is_ratio),
             num_items_in_batch=num_items_in_batch, coef=coef, controller=self.entropy_controller if observe else None,
-            generator=self.generator, dp_group=self.dp_group, k=k, tf=tf, be=be, whole_sequences=whole_sequences,
+            generator=self.generator, dp_group=self.dp_group, k=b.k, tf=b.tf, be=b.be, whole_sequences=whole_sequences,
             rows_per_chunk=self.rows_per_chunk,
         )
         loss = sweep()

@@ -1,75 +1,19 @@
 """The per-token GRPO objective: policy + KL part of the loss and the clip-flag sums, in torch
-(autograd-friendly ops) or through the Triton kernel (``kernels/objective.py``, one launch per call).
-
-:class:`_Cfg` is the objective's flat configuration (what the kernel and the custom op
-``fused_entropy::grpo_objective`` take); its properties read the loss-type table, so the launcher
-applies the table's rules without a list of names of its own.
+(autograd-friendly ops) or through the Triton kernel (``kernels/objective.py``, one launch per call, as
+the custom op ``fused_entropy::grpo_objective`` of ``objective_op``, whose flat configuration ``_Cfg`` both
+take).
 """
 from __future__ import annotations
 
-from typing import Dict, NamedTuple, Optional, Tuple
+from typing import Dict
 
 import torch
 
 from .._autograd.grpo import GRPOObjectiveFunction  # noqa: F401 (re-exported)
 from .cov import _LOCAL, _clip_cov_selection, _CovScope, _kl_cov_selection
-from .losses import LOSSES, VESPO_LAMBDA_MIN, VESPO_LOG_HIGH, VESPO_LOG_LOW, VESPO_LOG_RATIO_CLAMP
+from .losses import LOSSES, VESPO_LOG_HIGH, VESPO_LOG_LOW, VESPO_LOG_RATIO_CLAMP
 from .normalizers import GRPONormalizers
-from .options import GRPOOptions
-
-
-class _Cfg(NamedTuple):
-    loss_type: str
-    sequence: bool
-    eps_low: float
-    eps_high: float
-    delta: Optional[float]
-    beta: float
-    bias_corr: bool
-    tau_pos: float
-    tau_neg: float
-    k_pos: float
-    lam_pos: float
-    k_neg: float
-    lam_neg: float
-    luspo_liger: bool
-    clip_cov_ratio: float
-    clip_cov_lb: float
-    clip_cov_ub: float
-    kl_cov_ratio: float
-    ppo_kl_coef: float
-
-    @classmethod
-    def of(cls, o: GRPOOptions) -> "_Cfg":
-        return cls(o.loss_type, o.sequence, float(o.epsilon_low), float(o.epsilon_high),
-                   None if o.delta is None else float(o.delta), float(o.beta), o.use_bias_correction_kl,
-                   float(o.sapo_temperature_pos), float(o.sapo_temperature_neg), float(o.vespo_k_pos),
-                   float(o.vespo_lambda_pos), float(o.vespo_k_neg), float(o.vespo_lambda_neg),
-                   o.luspo_normalization == "liger", float(o.clip_cov_ratio), float(o.clip_cov_lb),
-                   float(o.clip_cov_ub), float(o.kl_cov_ratio), float(o.ppo_kl_coef))
-
-    @property
-    def family(self) -> str:
-        return LOSSES[self.loss_type].family
-
-    @property
-    def has_delta(self) -> bool:
-        """``min(r, delta)`` is taken (a delta is given and the loss type applies it)."""
-        return self.delta is not None and LOSSES[self.loss_type].delta
-
-    @property
-    def mask_weighted(self) -> bool:
-        """``c[b, t]`` carries ``M[b, t]`` (every type but Liger's luspo, which weights every position)."""
-        return not (LOSSES[self.loss_type].aggregation == "luspo" and self.luspo_liger)
-
-    @property
-    def vespo_lambdas(self) -> Tuple[float, float]:
-        """``(lam_pos, lam_neg)`` as VESPO uses them: below ``VESPO_LAMBDA_MIN`` a rate acts as it (TRL/Liger)."""
-        return max(self.lam_pos, VESPO_LAMBDA_MIN), max(self.lam_neg, VESPO_LAMBDA_MIN)
-
-    @property
-    def vespo_log_low(self) -> float:
-        return VESPO_LOG_LOW
+from .objective_op import _Cfg, grpo_objective  # noqa: F401 (_Cfg re-exported)
 
 
 def _token_weight(valid_f: torch.Tensor, cfg: _Cfg, norms: GRPONormalizers) -> torch.Tensor:
@@ -177,14 +121,11 @@ def _objective_torch(lp, old, ref, adv, valid, emask, isr, cfg: _Cfg, norms: GRP
     return loss, sums
 
 
-
-
 def _objective_triton(lp, old, ref, adv, valid, emask, isr, cfg: _Cfg, norms: GRPONormalizers):
     """Same contract as :func:`_objective_torch`, computed by the Triton kernel."""
     row_scale = _row_scale(valid.to(lp.dtype), cfg, norms)
     compute_grad = torch.is_grad_enabled() and lp.requires_grad  # evaluation writes no gradient
-    from .._custom_ops import grpo_objective  # a custom op: opaque to torch.compile
-
+    # a custom op: opaque to torch.compile
     loss, kl, low, high = grpo_objective(lp, old, ref, adv, valid, emask, isr, row_scale, cfg, compute_grad)
     sums = {"low": low, "high": high, "region": low + high}  # low needs A < 0, high A > 0: disjoint
     if cfg.beta != 0.0:

@@ -313,7 +313,7 @@ def _objective_scenarios(rec: _Recorder, shape: str):
     import torch
 
     from ... import _grpo
-    from ..._launch_objective import LOSS_CODES, launch_objective
+    from ..._launch_objective import launch_objective
 
     meta = torch.device("meta")
     base = {f: 0.0 for f in _grpo._Cfg._fields}
@@ -322,7 +322,7 @@ def _objective_scenarios(rec: _Recorder, shape: str):
     bsz = 1 if shape == "single" else 8
     blocks = OBJECTIVE_BLOCKS[:1] if shape == "single" else OBJECTIVE_BLOCKS
     for dtype, block, loss, sequence, rich in itertools.product(
-            (torch.float32, torch.float64), blocks, sorted(LOSS_CODES), (False, True), (False, True)):
+            (torch.float32, torch.float64), blocks, sorted(_grpo.KERNEL_LOSS_TYPES), (False, True), (False, True)):
         seqlen = {"aligned": block, "ragged": block - 3, "single": 1}[shape]
         cfg = dict(base, loss_type=loss, sequence=sequence)
         if rich:
