@@ -374,9 +374,11 @@ def test_repo_r_and_kl_cov_train(tokenizer, tmp_path):
 
 
 def _op_impls():
-    from fused_entropy import _custom_ops as ops
+    from fused_entropy import _custom_ops
+    from fused_entropy._grpo import objective_op
 
-    defs = [getattr(ops, n) for n in dir(ops) if n.endswith("_op") and hasattr(getattr(ops, n), "_init_fn")]
+    defs = [getattr(m, n) for m in (_custom_ops, objective_op) for n in dir(m)
+            if n.endswith("_op") and hasattr(getattr(m, n), "_init_fn")]
     return {d._opoverload: d._init_fn for d in defs}
 
 

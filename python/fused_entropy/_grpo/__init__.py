@@ -54,7 +54,7 @@ from .losses import (BONUS_NORMALIZATIONS, CLIPPED, COV_STATISTICS, COV_TYPES, E
 from .normalizers import (GRPONormalizers, _all_reduce_sum, _bonus_uses_policy_denom, _check_dp_group, _compute_dtype,
                           _dist, _gather_values, _gather_with_offset, _normalizers, _world_size, entropy_threshold,
                           grpo_normalizers, high_entropy_mask, quantile_threshold)
-from .objective import (GRPOObjectiveFunction, _Cfg, _objective_torch, _objective_triton, _pick, _row_scale,
+from .objective import (_Cfg, _objective_torch, _objective_triton, _pick, _row_scale,
                         _token_weight, _vespo_phi)
 from .options import (OPTION_MAX, OPTION_NAMES, POSITIVE_MIN, GRPOOptions, _check_bool, _check_choice,
                       _check_controller,
@@ -62,7 +62,7 @@ from .options import (OPTION_MAX, OPTION_NAMES, POSITIVE_MIN, GRPOOptions, _chec
                       _check_quantile, _resolve_backend)
 
 __all__ = [
-    "GRPOInputs", "GRPONormalizers", "GRPOObjectiveFunction", "GRPOOptions", "LossType", "LOSSES", "LOSS_TYPES",
+    "GRPOInputs", "GRPONormalizers", "GRPOOptions", "LossType", "LOSSES", "LOSS_TYPES",
     "grpo_loss", "grpo_loss_and_grads", "grpo_normalizers", "entropy_threshold", "high_entropy_mask",
     "quantile_threshold",
 ]

@@ -9,7 +9,6 @@ from typing import Dict
 
 import torch
 
-from .._autograd.grpo import GRPOObjectiveFunction  # noqa: F401 (re-exported)
 from .cov import _LOCAL, _clip_cov_selection, _CovScope, _kl_cov_selection
 from .losses import LOSSES, VESPO_LOG_HIGH, VESPO_LOG_LOW, VESPO_LOG_RATIO_CLAMP
 from .normalizers import GRPONormalizers

@@ -123,7 +123,7 @@ grpo_objective_op.register_autograd(_objective_backward, setup_context=_objectiv
 
 
 def grpo_objective(lp, old, ref, adv, valid, emask, isr, row_scale, cfg, compute_grad: bool):
-    """``(loss, kl, low, high)`` 0-d sums, as ``_grpo.GRPOObjectiveFunction`` returned them."""
+    """``(loss, kl, low, high)`` 0-d sums, the objective kernel's launcher returns them."""
     out = grpo_objective_op(lp, old, ref, adv, valid, emask, isr, row_scale, cfg.loss_type,
                             [bool(getattr(cfg, f)) for f in _CFG_FLAGS], [float(getattr(cfg, f)) for f in _CFG_FLOATS],
                             cfg.delta, bool(compute_grad))
