@@ -151,7 +151,8 @@ def test_fused_kernel_option_needs_a_pinned_revision(tmp_path):
 
     base = dict(output_dir=str(tmp_path), use_cpu=True, bf16=False, report_to="none",
                 per_device_train_batch_size=4, num_generations=4)
-    with pytest.raises(ValueError, match="fused_kernel must be 'owner/repo@revision'"):
-        FusedEntropyGRPOConfig(**base, fused_kernel="fused-entropy/fused-entropy")
+    for bad in ("fused-entropy/fused-entropy", "fused-entropy/fused-entropy@main", "fused-entropy@0123abc"):
+        with pytest.raises(ValueError, match="fused_kernel must be 'owner/repo@<commit sha>'"):
+            FusedEntropyGRPOConfig(**base, fused_kernel=bad)
     FusedEntropyGRPOConfig(**base, fused_kernel="fused-entropy/fused-entropy@0123abc")
     FusedEntropyGRPOConfig(**base, fused_kernel=str(tmp_path))  # a local build directory

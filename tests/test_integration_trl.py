@@ -602,6 +602,17 @@ def test_sampling_replay_options(tmp_path):
     assert sampling_truncation(on) == (20, 0.95, 0.05)
     with pytest.raises(ValueError, match="sampling_replay=True needs use_vllm=True"):
         FusedEntropyGRPOConfig(**dict(BASE, output_dir=str(tmp_path), sampling_replay=True, top_k=20))
+    from fused_entropy.integrations.trl.config import _check_replayable
+    from types import SimpleNamespace
+
+    ok = dict(top_k=20, top_p=0.95, min_p=None, repetition_penalty=1.0, generation_kwargs=None)
+    _check_replayable(SimpleNamespace(**ok))
+    for bad, match in ((dict(min_p=2.0), "min_p must be in"), (dict(top_p=0.0), "top_p must be in"),
+                       (dict(top_p=1.5), "top_p must be in"), (dict(top_k=-5), "top_k must be"),
+                       (dict(repetition_penalty=1.2), "cannot replay repetition_penalty"),
+                       (dict(generation_kwargs={"top_p": 0.5}), r"generation_kwargs overrides \['top_p'\]")):
+        with pytest.raises(ValueError, match=match):
+            _check_replayable(SimpleNamespace(**dict(ok, **bad)))
 
 
 def test_sampling_replay_head_returns_truncated_logprobs():

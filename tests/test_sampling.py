@@ -705,3 +705,21 @@ def test_neg_inf_logits(backend, dtype):
     assert not (ref[3] & (z == -INF)).any()
     assert int(ref[3][1].sum()) == 5 and int(ref[3][3].sum()) == 1 and int(ref[3][4].sum()) == 1
     assert float(st.truncated_logprobs[3]) == 0.0 and float(st.truncated_entropy[3]) == 0.0
+
+
+def test_meta_tensors_are_refused_with_a_clear_error():
+    h, w, y = torch.randn(4, 8, device="meta"), torch.randn(16, 8, device="meta"), torch.arange(4, device="meta")
+    with pytest.raises(ValueError, match="sampling_top_k/sampling_top_p/sampling_min_p need tensors with data"):
+        fe.linear_logprobs(h, w, y, sampling_top_k=20)
+
+
+def test_linear_grpo_loss_reference_takes_the_same_truncation():
+    """With ref_input equal to the policy input, the k3 KL is 0 under a sampling truncation too (the
+    reference log-probs are truncated like the policy's, as the TRL head does)."""
+    g = torch.Generator().manual_seed(7)
+    x = torch.randn(3, 6, 16, dtype=torch.float64, generator=g)
+    w = torch.randn(120, 16, dtype=torch.float64, generator=g)
+    y, m, a = torch.randint(0, 120, (3, 6), generator=g), torch.ones(3, 6), torch.randn(3, generator=g)
+    fn = fe.LinearGRPOLoss(beta=0.04, temperature=0.8, sampling_top_k=10, sampling_top_p=0.9)
+    _, (kl, _) = fn(x.clone().requires_grad_(), w, y, m, a, ref_input=x, ref_weight=w)
+    assert float(kl) == 0.0

@@ -249,9 +249,11 @@ def check_batch(x, w, ids, mask, adv, bias, ref_lp, old_lp, isr, ref_weight, ref
     return Batch(x, w, bias, ref_weight, ref_bias, targets, no_target, bsz, seqlen, vocab, k, tf, be)
 
 
-def reference_logprobs(ref_lp, ref_input, b: Batch, *, backend: str, process_group) -> torch.Tensor:
+def reference_logprobs(ref_lp, ref_input, b: Batch, *, backend: str, process_group, sampling=None) -> torch.Tensor:
     """Reference log-probs ``[B, T]`` for the KL term (``use_ref_model`` with ``beta != 0``):
-    ``ref_lp`` when given, else ``ref_input`` through ``b.ref_weight``/``b.ref_bias`` under ``no_grad``."""
+    ``ref_lp`` when given, else ``ref_input`` through ``b.ref_weight``/``b.ref_bias`` under ``no_grad``,
+    under the same sampling truncation as the policy (``sampling``: the ``sampling_*`` keyword
+    arguments, or None), so the KL compares like with like (as the TRL head does)."""
     ref_weight, ref_bias, bsz, seqlen, tf = b.ref_weight, b.ref_bias, b.bsz, b.seqlen, b.tf
     if ref_lp is not None:
         if ref_input is not None:
@@ -282,8 +284,11 @@ def reference_logprobs(ref_lp, ref_input, b: Batch, *, backend: str, process_gro
         stats = linear_logprobs(
             ref_input, ref_weight, b.targets, bias=ref_bias, temperature=tf.temperature, softcap=tf.softcap,
             logit_scale=tf.logit_scale, ignore_index=IGNORE_INDEX, entropy=False, backend=backend,
-            process_group=process_group,
+            process_group=process_group, **(sampling or {}),
         )
+        if stats.truncated_logprobs is not None:  # a dropped target keeps its full log-prob, as the policy's
+            trunc = stats.truncated_logprobs
+            stats = stats._replace(logprobs=torch.where(torch.isinf(trunc), stats.logprobs, trunc))
         if b.no_target is not None:
             return stats.logprobs - no_target_logit(ref_input, ref_weight, ref_bias, b.no_target, tf,
                                                     stats.logprobs.dtype)

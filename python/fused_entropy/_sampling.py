@@ -111,6 +111,9 @@ def resolve(top_k, top_p, min_p, shape, device) -> Optional[SamplingParams]:
     """
     if top_k is None and top_p is None and min_p is None:
         return None
+    if torch.device(device).type == "meta":
+        raise ValueError("sampling_top_k/sampling_top_p/sampling_min_p need tensors with data: the replay's "
+                         "threshold search reads the logits (meta tensors carry none)")
     k = p = mp = None
     if top_k is not None:
         k = _per_row("sampling_top_k", top_k, shape, device, integer=True)

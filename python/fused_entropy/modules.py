@@ -85,8 +85,9 @@ class LinearGRPOLoss(nn.Module):
             ``processed_logprobs`` (``old_per_token_logps`` or ``vllm_is_ratio``) carries no ``log S``.
             A target outside the kept set (the sampler kept it, the policy's truncation does not:
             a numerical boundary case) uses its full-vocabulary log-prob; ``last_metrics
-            ["sampling/not_kept_frac"]`` reports how many did. The reference log-probs of the KL stay
-            full-vocabulary. Two-pass path.
+            ["sampling/not_kept_frac"]`` reports how many did. Reference log-probs computed from
+            ``ref_input`` take the same truncation (given ``ref_per_token_logps`` are used as they
+            are). Two-pass path.
         rows_per_chunk: rows per chunk of the single pass (default: the backend's
             ``single_pass_rows`` where it has one, i.e. on Triton the rows the bounded logits buffer
             holds, ``configs.logits_buffer_bytes()``; else about ``SINGLE_PASS_ELEMENTS`` logits per
@@ -324,7 +325,8 @@ class LinearGRPOLoss(nn.Module):
         )
         ref = None  # without use_ref_model (or with beta == 0) the KL is to the policy itself
         if self.use_ref_model and self.beta != 0.0:
-            ref = I.reference_logprobs(ref_per_token_logps, ref_input, b, backend=self.backend, process_group=group)
+            ref = I.reference_logprobs(ref_per_token_logps, ref_input, b, backend=self.backend, process_group=group,
+                                       sampling=self._sampling_kwargs())
         observe = self.training and torch.is_grad_enabled() and self.entropy_controller is not None
         coef = self._coef()
         # Without a gradient to compute, the forward of the two-pass path is all there is to do.

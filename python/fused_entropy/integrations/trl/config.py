@@ -113,6 +113,13 @@ def _controller_kind(args) -> Optional[str]:
     return "static" if args.entropy_coef != 0.0 else None
 
 
+def pinned_hub_spec(spec: str) -> bool:
+    """``owner/repo@<commit sha>``: a revision of 7-40 hex digits (a branch or tag can move)."""
+    import re
+
+    return re.fullmatch(r"[^/@\s]+/[^/@\s]+@[0-9a-fA-F]{7,40}", spec) is not None
+
+
 def sampling_truncation(args) -> Optional[tuple]:
     """``(top_k, top_p, min_p)`` of a GRPOConfig as ``linear_logprobs``'s ``sampling_*`` values (None for a
     rule that is off: TRL's ``top_k`` 0 or -1, ``top_p`` 1, ``min_p`` None or 0), or None when none
@@ -141,6 +148,33 @@ def loss_options(args) -> GRPOOptions:
         clip_cov_ub=option(args, "clip_cov_ub"), kl_cov_ratio=option(args, "kl_cov_ratio"),
         ppo_kl_coef=option(args, "ppo_kl_coef"), backend=option(args, "fused_backend"), bonus_normalization="mean",
     )
+
+
+# generation settings that change vLLM's sampling distribution beyond what the replay reproduces
+_NOT_REPLAYED = ("top_k", "top_p", "min_p", "temperature", "repetition_penalty", "presence_penalty",
+                 "frequency_penalty", "logit_bias", "allowed_token_ids", "bad_words", "logits_processors")
+
+
+def _check_replayable(args) -> None:
+    """sampling_replay reproduces temperature, top_k, top_p and min_p of the config: their ranges, and
+    nothing else that reshapes the sampler's distribution (a penalty, generation_kwargs overrides)."""
+    k, p, mp = args.top_k, args.top_p, args.min_p
+    if k is not None and (isinstance(k, bool) or not isinstance(k, int) or k < -1):
+        raise ValueError(f"top_k must be an int >= 1, or 0 / -1 for no top-k, got {k!r}")
+    if p is not None and not 0.0 < p <= 1.0:
+        raise ValueError(f"top_p must be in (0, 1] (1: no top-p), got {p!r}")
+    if mp is not None and not 0.0 <= mp <= 1.0:
+        raise ValueError(f"min_p must be in [0, 1] (0 or None: no min-p), got {mp!r}")
+    penalty = getattr(args, "repetition_penalty", 1.0)
+    if penalty not in (None, 1.0):
+        raise ValueError(f"sampling_replay=True cannot replay repetition_penalty={penalty} (it reshapes vLLM's "
+                         "distribution per sequence); set repetition_penalty=1.0 or sampling_replay=False")
+    gen = getattr(args, "generation_kwargs", None) or {}
+    if isinstance(gen, dict):
+        clash = sorted(set(gen) & set(_NOT_REPLAYED))
+        if clash:
+            raise ValueError(f"sampling_replay=True replays the config's top_k/top_p/min_p/temperature; "
+                             f"generation_kwargs overrides {clash}, which the replay would not see")
 
 
 def validate_options(args) -> None:
@@ -172,10 +206,9 @@ def validate_options(args) -> None:
     if spec is not None:
         import os
 
-        repo, sep, revision = str(spec).partition("@")
-        if not isinstance(spec, str) or not (os.path.isdir(spec) or (sep and revision and repo.count("/") == 1)):
-            raise ValueError(f"fused_kernel must be 'owner/repo@revision' (a pinned commit) or a local build "
-                             f"directory, got {spec!r}")
+        if not isinstance(spec, str) or not (os.path.isdir(spec) or pinned_hub_spec(spec)):
+            raise ValueError(f"fused_kernel must be 'owner/repo@<commit sha>' (a pinned commit: 7-40 hex digits, "
+                             f"not a branch) or a local build directory, got {spec!r}")
     if option(args, "fused_backend") not in GRPO_BACKENDS:  # named as the config names it
         raise ValueError(f"fused_backend must be one of {GRPO_BACKENDS}, got {option(args, 'fused_backend')!r}")
     loss_options(args)
@@ -187,6 +220,7 @@ def validate_options(args) -> None:
         if not (getattr(args, "use_vllm", False) and getattr(args, "vllm_importance_sampling_correction", False)):
             raise ValueError("sampling_replay=True needs use_vllm=True and vllm_importance_sampling_correction=True "
                              "(it makes the ratio against vLLM's processed log-probs unbiased)")
+        _check_replayable(args)
         if sampling_truncation(args) is None:
             raise ValueError("sampling_replay=True but top_k, top_p and min_p truncate nothing "
                              f"(top_k={args.top_k}, top_p={args.top_p}, min_p={args.min_p})")

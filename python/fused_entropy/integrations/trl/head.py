@@ -72,10 +72,12 @@ def kernel_function(spec: str, name: str = "linear_logprobs"):
 
         mod = hub.get_local_kernel(Path(spec))
     else:
-        repo, sep, revision = spec.partition("@")
-        if not sep or not revision or repo.count("/") != 1:
-            raise ValueError(f"fused_kernel must be 'owner/repo@revision' (a pinned commit) or a local build "
-                             f"directory, got {spec!r}")
+        from .config import pinned_hub_spec
+
+        if not pinned_hub_spec(spec):
+            raise ValueError(f"fused_kernel must be 'owner/repo@<commit sha>' (a pinned commit: 7-40 hex digits, "
+                             f"not a branch) or a local build directory, got {spec!r}")
+        repo, _, revision = spec.partition("@")
         mod = hub.get_kernel(repo, revision=revision)
     return getattr(mod, name)
 
