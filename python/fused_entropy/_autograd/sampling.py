@@ -27,7 +27,8 @@ from .._sampling import (
     stack_rows,
 )
 from .._types import LogitTransform
-from ..backends.torch_chunked import HeadGrads, _apply_transform_, chunk_rows
+from ..backends.torch_chunked import HeadGrads, chunk_rows
+from ..backends.torch_chunked import _logit_chunks as logit_chunks
 from ..backends.torch_chunked import _logit_block as logit_block
 from .common import once_differentiable
 
@@ -101,10 +102,7 @@ class SampledLogitsFunction(torch.autograd.Function):
         valid, here, y_local = local_targets(targets, ignore_index, 0, vocab)
         red = Local()
         parts = []
-        for start in range(0, n, step):
-            sl = slice(start, min(start + step, n))
-            z = ws.get("z", sl.stop - sl.start)
-            _apply_transform_(z.copy_(logits[sl]), tf)
+        for sl, z in logit_chunks(logits, tf, step, ws):
             parts.append(chunk_forward(z, ws, y_local[sl], here[sl], valid[sl], prm.rows(sl), vocab, red))
         st = stack_rows(parts, n, logits.device, cdt)
         ctx.set_materialize_grads(False)
@@ -125,10 +123,7 @@ class SampledLogitsFunction(torch.autograd.Function):
         out = torch.zeros_like(logits)
         if any(g is not None for g in grads):
             ws = SamplingWorkspace(min(step, max(n, 1)), vocab, cdt, logits.device)
-            for start in range(0, n, step):
-                sl = slice(start, min(start + step, n))
-                z = ws.get("z", sl.stop - sl.start)
-                _apply_transform_(z.copy_(logits[sl]), tf)
+            for sl, z in logit_chunks(logits, tf, step, ws):
                 rows = ChunkStats(*(None if f is None else f[sl] for f in st))
                 out[sl] = chunk_grad(z, ws, y_local[sl], here[sl], rows, tuple(None if g is None else g[sl] for g in grads), tf)
         return out, None, None, None, None

@@ -462,14 +462,19 @@ def _logits_plan(logits, tf):
     return n, cdt, step, _Workspace(min(step, max(n, 1)), vocab, cdt, logits.device)
 
 
-def logits_forward(logits, targets, tf, ignore_index, entropy, k) -> RowStats:
-    n, cdt, step, ws = _logits_plan(logits, tf)
-    parts = []
+def _logit_chunks(logits, tf, step: int, ws: _Workspace):
+    """Yield ``(rows, z)``: each chunk of rows of ``logits`` transformed into the workspace's z block."""
+    n = logits.shape[0]
     for start in range(0, n, step):
         sl = slice(start, min(start + step, n))
         z = ws.get("z", sl.stop - sl.start)
-        z.copy_(logits[sl])
-        _apply_transform_(z, tf)
+        yield sl, _apply_transform_(z.copy_(logits[sl]), tf)
+
+
+def logits_forward(logits, targets, tf, ignore_index, entropy, k) -> RowStats:
+    n, cdt, step, ws = _logits_plan(logits, tf)
+    parts = []
+    for sl, z in _logit_chunks(logits, tf, step, ws):
         y = targets[sl]
         parts.append(_Fwd(z, ws, y, y != ignore_index, entropy, k).stats())
     return _to_stats(parts, n, logits.device, cdt, entropy, k)
@@ -478,11 +483,7 @@ def logits_forward(logits, targets, tf, ignore_index, entropy, k) -> RowStats:
 def logits_backward(logits, targets, tf, ignore_index, stats: RowStats, g_lp, g_ent, g_cl, k):
     n, cdt, step, ws = _logits_plan(logits, tf)
     grad = torch.empty_like(logits)
-    for start in range(0, n, step):
-        sl = slice(start, min(start + step, n))
-        z = ws.get("z", sl.stop - sl.start)
-        z.copy_(logits[sl])
-        _apply_transform_(z, tf)
+    for sl, z in _logit_chunks(logits, tf, step, ws):
         y = targets[sl]
         valid = y != ignore_index
         rows = [_rows(t, sl) for t in (stats.m, stats.log_s, stats.tau, stats.tie_frac, stats.log_s_clamped)]
