@@ -286,10 +286,7 @@ def reference_logprobs(ref_lp, ref_input, b: Batch, *, backend: str, process_gro
             logit_scale=tf.logit_scale, ignore_index=IGNORE_INDEX, entropy=False, backend=backend,
             process_group=process_group, **(sampling or {}),
         )
-        if stats.truncated_logprobs is not None:  # a dropped target keeps its full log-prob, as the policy's
-            trunc = stats.truncated_logprobs
-            stats = stats._replace(logprobs=torch.where(torch.isinf(trunc), stats.logprobs, trunc))
+        logp = stats.policy_logprobs()
         if b.no_target is not None:
-            return stats.logprobs - no_target_logit(ref_input, ref_weight, ref_bias, b.no_target, tf,
-                                                    stats.logprobs.dtype)
-    return stats.logprobs
+            return logp - no_target_logit(ref_input, ref_weight, ref_bias, b.no_target, tf, logp.dtype)
+    return logp

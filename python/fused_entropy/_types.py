@@ -28,6 +28,14 @@ class TokenStats(NamedTuple):
     log_kept_mass: Optional[torch.Tensor] = None
     truncated_entropy: Optional[torch.Tensor] = None
 
+    def policy_logprobs(self) -> torch.Tensor:
+        """The log-probs an importance ratio against the sampler's processed log-probs uses: the
+        truncated ones, and the full-vocabulary one where the truncation drops the target (the sampler
+        kept every target it drew, so that is a numerical boundary case; a finite value with its own
+        gradient stands in for ``-inf``). ``logprobs`` when no truncation was asked for."""
+        t = self.truncated_logprobs
+        return self.logprobs if t is None else torch.where(torch.isinf(t), self.logprobs, t)
+
 
 @dataclass(frozen=True)
 class LogitTransform:

@@ -280,8 +280,8 @@ class LinearGRPOLoss(nn.Module):
         return I.liger_config_error(self.loss_type, self.importance_sampling_level, self.max_completion_length)
 
     def _sampling_kwargs(self) -> Optional[Dict[str, Any]]:
-        kw = dict(sampling_top_k=getattr(self, "sampling_top_k", None), sampling_top_p=getattr(self, "sampling_top_p", None),
-                  sampling_min_p=getattr(self, "sampling_min_p", None))
+        kw = dict(sampling_top_k=self.sampling_top_k, sampling_top_p=self.sampling_top_p,
+                  sampling_min_p=self.sampling_min_p)
         return None if all(v is None for v in kw.values()) else kw
 
     def _coef(self) -> float:
@@ -378,13 +378,7 @@ class LinearGRPOLoss(nn.Module):
             ignore_index=_IGNORE, entropy=True, topk=self.topk, clamp_p=self.clamp_p, backend=self.backend,
             process_group=self.process_group, **(self._sampling_kwargs() or {}),
         )
-        logp = stats.logprobs
-        not_kept = None
-        if stats.truncated_logprobs is not None:
-            # the sampler kept every target it drew; where the policy's truncation does not (a boundary
-            # case), the full-vocabulary log-prob stands in (finite, with its own gradient)
-            not_kept = torch.isinf(stats.truncated_logprobs)
-            logp = torch.where(not_kept, logp, stats.truncated_logprobs)
+        logp = stats.policy_logprobs()  # the truncated log-probs under a sampling replay
         if b.no_target is not None:
             logp = logp - I.no_target_logit(b.x, b.w, b.bias, b.no_target, tf, logp.dtype)
         if self.beta != 0.0 and ref is None:
@@ -397,9 +391,10 @@ class LinearGRPOLoss(nn.Module):
                             entropy_controller=self.entropy_controller if observe else None, generator=self.generator,
                             dp_group=self.dp_group)
         loss, metrics = G.compute(options, call, inputs, observe=torch.is_grad_enabled())
-        if not_kept is not None:
+        if stats.truncated_logprobs is not None:
             valid = mask.bool()
-            metrics["sampling/not_kept_frac"] = (not_kept & valid).sum().to(logp.dtype) / valid.sum().clamp(min=1)
+            not_kept = torch.isinf(stats.truncated_logprobs) & valid
+            metrics["sampling/not_kept_frac"] = not_kept.sum().to(logp.dtype) / valid.sum().clamp(min=1)
         return loss, metrics
 
     # -----------------------------------------------------------------------------------------

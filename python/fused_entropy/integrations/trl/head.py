@@ -130,9 +130,7 @@ def install_fused_head(model, *, temperature: float, topk=None, clamp_p=None, ba
                 backend=backend,
                 **dict(zip(("sampling_top_k", "sampling_top_p", "sampling_min_p"), fused_entropy.sampling or ())),
             )
-            if stats.truncated_logprobs is not None:
-                trunc = stats.truncated_logprobs
-                stats = stats._replace(logprobs=torch.where(torch.isinf(trunc), stats.logprobs, trunc))
+            stats = stats._replace(logprobs=stats.policy_logprobs())
         scatter = lambda x: None if x is None else x.new_zeros(valid.shape).masked_scatter(valid, x)  # noqa: E731
         return TokenStats(*(scatter(x) for x in stats))
 
