@@ -278,12 +278,13 @@ def merge_row_stats(m_r: torch.Tensor, log_s_r: torch.Tensor, d_r: torch.Tensor,
 # ---------------------------------------------------------------------------------------------
 
 
-def all_reduce(t: torch.Tensor, group) -> torch.Tensor:
-    """``t`` summed over ``group`` (a new tensor when the collective ran on another device)."""
+def all_reduce(t: torch.Tensor, group, op: str = "sum") -> torch.Tensor:
+    """``t`` reduced over ``group`` by ``op`` (``"sum"`` or ``"max"``; a new tensor when the
+    collective ran on another device)."""
     dist = _dist()
     dev = comm_device(group, t.device)
     buf = t.to(dev)
-    dist.all_reduce(buf, op=dist.ReduceOp.SUM, group=group)
+    dist.all_reduce(buf, op=dist.ReduceOp.SUM if op == "sum" else dist.ReduceOp.MAX, group=group)
     return buf.to(t.device) if buf is not t else t
 
 

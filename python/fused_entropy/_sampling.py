@@ -48,7 +48,7 @@ from typing import NamedTuple, Optional
 
 import torch
 
-from ._distributed import comm_device
+from ._distributed import all_reduce, gather_rows
 from ._types import LogitTransform
 from .backends.torch_chunked import (
     U_MIN,
@@ -156,26 +156,17 @@ class Group(Local):
     def __init__(self, group):
         import torch.distributed as dist
 
-        self.group, self.dist = group, dist
-
-    def _reduce(self, t, op):
-        dev = comm_device(self.group, t.device)
-        buf = t.to(dev).contiguous()
-        self.dist.all_reduce(buf, op=op, group=self.group)
-        return buf.to(t.device)
+        self.group, self.world = group, dist.get_world_size(group)
 
     def max(self, t):
-        return self._reduce(t, self.dist.ReduceOp.MAX)
+        return all_reduce(t.contiguous(), self.group, "max")
 
     def sum(self, t):
-        return self._reduce(t, self.dist.ReduceOp.SUM)
+        return all_reduce(t.contiguous(), self.group)
 
     def cat(self, t):
-        dev = comm_device(self.group, t.device)
-        buf = t.to(dev).contiguous()
-        parts = [torch.empty_like(buf) for _ in range(self.dist.get_world_size(self.group))]
-        self.dist.all_gather(parts, buf, group=self.group)
-        return torch.cat(parts, dim=1).to(t.device)
+        """``[c, k]`` per rank -> ``[c, world * k]`` (rank order along the columns)."""
+        return torch.cat(list(gather_rows(t, self.group, self.world)), dim=1)
 
 
 # ---------------------------------------------------------------------------------------------
