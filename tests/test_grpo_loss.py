@@ -431,18 +431,24 @@ def test_empty_batch_gives_zero():
     assert loss.item() == 0.0 and all(torch.isfinite(v) for v in metrics.values())
 
 
-@pytest.mark.parametrize("shift", [25.0, -25.0])
-@pytest.mark.parametrize("case_type", ["vespo", "dapo", "sapo", "cispo"])
-def test_extreme_log_ratios_against_reference(case_type, shift):
-    """|log r| beyond VESPO's clamps (+-20 per token, [log 1e-8, 20] per row) and huge ratios."""
-    lp, old, ref, adv, mask, isr, ent, cl = _inputs(seed=11)
-    lp = torch.where(mask, lp, torch.full_like(lp, -2.0))
+def _extreme_log_ratios(lp, old, mask, shift):
+    """``old`` and ``mask`` with column 2 at ``log r = shift`` and one token pulling row 2 back."""
     old = old.clone()
     old[:, 2] = lp[:, 2] - shift  # log r = shift: clamped to +-20 per token ...
     old[2, 4] = lp[2, 4] + shift * 0.96  # ... and pulled back to a moderate row sum by this one
     mask = mask.clone()
     mask[:, 2] = True
     mask[2, 4] = True
+    return old, mask
+
+
+@pytest.mark.parametrize("shift", [25.0, -25.0])
+@pytest.mark.parametrize("case_type", ["vespo", "dapo", "sapo", "cispo"])
+def test_extreme_log_ratios_against_reference(case_type, shift):
+    """|log r| beyond VESPO's clamps (+-20 per token, [log 1e-8, 20] per row) and huge ratios."""
+    lp, old, ref, adv, mask, isr, ent, cl = _inputs(seed=11)
+    lp = torch.where(mask, lp, torch.full_like(lp, -2.0))
+    old, mask = _extreme_log_ratios(lp, old, mask, shift)
     kw = dict(loss_type=case_type, beta=0.02, is_ratio=isr, epsilon_high=1.5 if case_type == "cispo" else 0.28)
     outs = []
     for fn in (grpo_loss, reference.grpo_loss):
@@ -603,12 +609,7 @@ def test_triton_backend_on_cpu_without_interpreter_is_an_error(monkeypatch):
 def test_kernel_extreme_log_ratios(case_type, opt, shift):
     """|log r| beyond VESPO's clamps (+-20 per token, [log 1e-8, 20] per row) and huge ratios."""
     lp, old, ref, adv, mask, isr, ent = _kernel_inputs(3, 11, seed=11)
-    old = old.clone()
-    old[:, 2] = lp[:, 2] - shift  # log r = shift: clamped to +-20 per token ...
-    old[2, 4] = lp[2, 4] + shift * 0.96  # ... and pulled back to a moderate row sum by this one
-    mask = mask.clone()
-    mask[:, 2] = True
-    mask[2, 4] = True
+    old, mask = _extreme_log_ratios(lp, old, mask, shift)
     got = _run(grpo_loss, *[x.to(DEVICE) for x in (lp, old, ref, adv, mask, isr, ent)], case_type, "token", opt,
                backend="triton")
     want = _run(reference.grpo_loss, lp, old, ref, adv, mask, isr, ent, case_type, "token", opt)
