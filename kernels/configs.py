@@ -9,7 +9,8 @@ Frozen defaults were chosen for H100 (sm_90) on paper and checked by compiling e
   BLOCK_H = 32, 5 stages forward / 4 backward (12 KiB of operands per stage, <= 80 KiB of shared
   memory). Larger tiles were tried: 128 x 128 spills in the backward (z, dz and the softmax terms
   live at once when every gradient is on), and BLOCK_H = 64 spills 16 bytes in the sm_80 backward.
-  fp32 inputs ("ieee" products run on FMA units, operands in registers): 64 x 64 x 16, 4 warps.
+  fp32 inputs ("ieee" products run on FMA units, operands in registers): 64 x 64 x 16, 4 warps,
+  3 stages.
   fp64 (DMMA): 32 x 32 x 16, 4 warps.
   Forward, radix passes and backward share BLOCK_N/V/H and num_warps so the backward's
   recomputed logits are bitwise the forward's (the top-k tie test z == tau needs that).
@@ -54,7 +55,8 @@ DTYPES = ("bf16", "fp16", "fp32", "fp64")
 _GEMM = {
     "bf16": Config(128, 64, 32, num_warps=8, num_stages=5),
     "fp16": Config(128, 64, 32, num_warps=8, num_stages=5),
-    "fp32": Config(64, 64, 16, num_warps=4, num_stages=4),
+    # 3 stages: with 4, the top-k + logits-buffer build spills 8 B on sm_90 (at 255 registers)
+    "fp32": Config(64, 64, 16, num_warps=4, num_stages=3),
     "fp64": Config(32, 32, 16, num_warps=4, num_stages=2),
 }
 # the backward holds more live tiles; fewer stages leave it more shared memory and registers
@@ -82,8 +84,16 @@ DEFAULTS = {
 RADIX_DIGITS = {32: (11, 11, 10), 64: (11, 11, 11, 11, 10, 10)}
 RADIX_NBINS = 2048
 
-# the launcher splits the vocabulary until about this many programs per SM are running
+# Launch order and split (``_grid.py``, ``_launch_plan._split``). The forward and radix passes split
+# the vocabulary so that the grid fills whole waves of the programs that fit on the GPU at once: the
+# programs per SM come from the compiled kernel (``programs_per_sm`` of its registers, shared memory
+# and warps) on CUDA; this many where no compiled kernel can be asked (the interpreter), or when
+# asking failed (``_launch_plan.occupancy_report`` says which).
 PROGRAMS_PER_SM = 2
+# A group of row blocks (``_grid.py``) may keep this share of the L2 cache busy with its rows of x;
+# L2_BYTES is assumed where the device does not say (the interpreter): an H100's/H200's 50 MiB.
+L2_SHARE = 0.5
+L2_BYTES = 50 * 2**20
 
 # Linear-head backward: "chunked" (default, deterministic) or "atomic" (see linear_grad.py)
 BACKWARDS = ("chunked", "atomic")
@@ -95,7 +105,7 @@ LOGITS_BUFFER_BYTES = 2**30
 
 _OVERRIDES: dict = {}
 # override() keys that are not kernel configs
-_SETTINGS = ("split", "backward", "grad_buffer_bytes", "logits_buffer_bytes")
+_SETTINGS = ("split", "group_rows", "backward", "grad_buffer_bytes", "logits_buffer_bytes")
 
 
 def get(kernel: str, dtype: str) -> Config:
@@ -113,7 +123,8 @@ def override(**configs: Config):
     For linear kernels the stats, radix and grad configs must share block sizes (the chunked
     backward's ``linear_dz_kernel`` runs with the ``linear_grad`` config).
 
-    Settings beside configs: ``split`` (vocabulary splits of the forward), ``backward``
+    Settings beside configs: ``split`` (vocabulary splits of the forward), ``group_rows`` (row blocks
+    per group of the GEMM kernels' launch order, ``kernels/_grid.py``), ``backward``
     ("chunked" or "atomic"), ``grad_buffer_bytes`` (bound of the chunked backward's dz buffer),
     ``logits_buffer_bytes`` (bound of the row-chunk logits buffer).
     """
@@ -122,6 +133,9 @@ def override(**configs: Config):
         raise ValueError(f"unknown kernels {sorted(unknown)}; known: {sorted(DEFAULTS)} and {list(_SETTINGS)}")
     if "backward" in configs and configs["backward"] not in BACKWARDS:
         raise ValueError(f"backward must be one of {BACKWARDS}, got {configs['backward']!r}")
+    for name in ("split", "group_rows"):
+        if name in configs and not (isinstance(configs[name], int) and configs[name] >= 1):
+            raise ValueError(f"{name} must be a positive int, got {configs[name]!r}")
     for name in ("grad_buffer_bytes", "logits_buffer_bytes"):
         if name in configs and not configs[name] > 0:
             raise ValueError(f"{name} must be positive, got {configs[name]!r}")
@@ -137,6 +151,26 @@ def override(**configs: Config):
 def forced_split():
     """Number of vocabulary splits forced by ``override(split=...)`` (tests), or None."""
     return _OVERRIDES.get("split")
+
+
+def forced_group_rows():
+    """Row blocks per launch-order group forced by ``override(group_rows=...)`` (tests), or None."""
+    return _OVERRIDES.get("group_rows")
+
+
+def programs_per_sm(regs: int, shared_bytes: int, num_warps: int, *, regs_per_sm: int = 65536,
+                    shared_per_sm: int = 228 * 1024, threads_per_sm: int = 2048, max_blocks: int = 32,
+                    reserved_shared: int = 1024) -> int:
+    """Programs (thread blocks) of a compiled kernel that fit on one SM at once, as the CUDA occupancy
+    calculator counts them: the fewest allowed by threads, registers (allocated per warp in units of
+    256, i.e. ``regs`` rounded up to a multiple of 8 per thread) and shared memory (the kernel's plus
+    ``reserved_shared`` per block that the CUDA runtime keeps, 1 KiB since sm_80). The defaults are an
+    sm_90 SM (H100/H200); sm_80 has ``shared_per_sm = 164 KiB``. 0 when one block does not fit."""
+    threads = 32 * num_warps
+    by_threads = threads_per_sm // threads
+    by_regs = regs_per_sm // (8 * -(-max(regs, 1) // 8) * threads)
+    by_shared = shared_per_sm // (shared_bytes + reserved_shared)
+    return max(0, min(by_threads, by_regs, by_shared, max_blocks))
 
 
 def backward_design() -> str:

@@ -4,11 +4,12 @@ Two designs share the recompute and the dL/dz math (``tile_grad``); ``_launch.li
 
 **Chunked (the default): ``linear_dz_kernel`` + two cuBLAS GEMMs, no atomics, bitwise deterministic.**
 The vocabulary is cut into chunks ``[v_lo, v_lo + Vc)`` with ``v_lo`` and ``Vc`` multiples of
-``BLOCK_V``. Per chunk, grid ``(cdiv(N, BLOCK_N), cdiv(Vc, BLOCK_V))``: each program recomputes its
-tile of ``z`` with ``linear_logit_tile`` at the forward's tile origin and blocks (so z is bitwise the
-forward's and the top-k tie test ``z == tau`` holds), forms ``dL/da`` in fp32 registers and stores it
-in the input dtype into ``dz[N, Vc]``, plus the tile's column sums into ``db_part[n_row_blocks, Vc]``
-(fp32, fp64 for fp64). The launcher then runs ``dW[chunk] = dz^T @ x`` and ``dX += dz @ W[chunk]``
+``BLOCK_V``. Per chunk, grid ``(group_rows, cdiv(Vc, BLOCK_V), groups)``, the grouped order of
+``_grid.py`` (a group of row blocks keeps its x in L2 while the chunk's tiles go by): each program
+recomputes its tile of ``z`` with ``linear_logit_tile`` at the forward's tile origin and blocks (so z
+is bitwise the forward's and the top-k tie test ``z == tau`` holds), forms ``dL/da`` in fp32
+registers and stores it in the input dtype into ``dz[N, Vc]``, plus the tile's column sums into
+``db_part[n_row_blocks, Vc]`` (fp32, fp64 for fp64). The launcher then runs ``dW[chunk] = dz^T @ x`` and ``dX += dz @ W[chunk]``
 (cuBLAS, fp32 accumulation) and ``db[chunk] = db_part.sum(0)``. Every output element is written by
 one fixed sequence of operations, so two runs give the same bits.
 
@@ -37,6 +38,7 @@ accumulation stays fp32.
 import triton
 import triton.language as tl
 
+from ._grid import grouped_program
 from ._online import GRAD_HEURISTICS, scalar_arg, tile_grad
 from .linear_stats import linear_logit_tile
 
@@ -49,13 +51,13 @@ from .linear_stats import linear_logit_tile
         "COMPUTE_DB": lambda a: a["db_ptr"] is not None,
     }
 )
-@triton.jit
+@triton.jit(do_not_specialize=["block0"])  # one build whatever the first row block
 def linear_dz_kernel(
     x_ptr, w_ptr, b_ptr, y_ptr,
     m_ptr, log_s_ptr, ent_ptr, tau_ptr, frac_ptr, log_s_c_ptr, ent_c_ptr,
     g_lp_ptr, g_ent_ptr, g_cl_ptr,
     dz_ptr, db_ptr,
-    N, V, H, v_lo, stride_x, stride_w, stride_dz, ignore_index,
+    N, V, H, v_lo, block0, stride_x, stride_w, stride_dz, ignore_index,
     logit_scale, softcap, temperature, inv_temperature, scal_ptr,
     HAS_BIAS: tl.constexpr, HAS_SOFTCAP: tl.constexpr,
     HAS_G_LP: tl.constexpr, HAS_G_ENT: tl.constexpr, HAS_G_CL: tl.constexpr,
@@ -63,7 +65,8 @@ def linear_dz_kernel(
     BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_H: tl.constexpr,
     UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr,
 ):
-    """One vocabulary chunk starting at ``v_lo`` (a multiple of BLOCK_V): row statistics and upstream
+    """One vocabulary chunk starting at ``v_lo`` (a multiple of BLOCK_V), grid (group_rows, chunk tiles,
+    groups) from row block ``block0`` (the grouped order of ``_grid.py``): row statistics and upstream
     gradients [N] -> dz [N, Vc] in the input dtype and db_part [cdiv(N, BLOCK_N), Vc] (fp32, fp64
     for fp64), both with row stride ``stride_dz``; column ``c`` of either is vocabulary entry
     ``v_lo + c``. Nothing is accumulated: every element is stored once.
@@ -72,8 +75,7 @@ def linear_dz_kernel(
     softcap = scalar_arg(scal_ptr, 1, softcap)
     temperature = scalar_arg(scal_ptr, 2, temperature)
     inv_temperature = scalar_arg(scal_ptr, 3, inv_temperature)
-    pid_n = tl.program_id(0)
-    pid_v = tl.program_id(1)
+    pid_n, pid_v = grouped_program(block0)
     offs_n = pid_n.to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N)
     # chunk-local columns; the global ones keep the forward's tile origins
     local_v = pid_v.to(tl.int64) * BLOCK_V + tl.arange(0, BLOCK_V)

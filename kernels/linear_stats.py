@@ -1,7 +1,8 @@
 """Forward of the fused LM head: GEMM tiles of ``z = transform(x W^T + b)`` folded into row statistics.
 
-Grid ``(cdiv(N, BLOCK_N), SPLIT)``. Program ``(i, j)`` owns rows ``i*BLOCK_N ...`` and the ``j``-th
-contiguous run of ``tiles_per_split`` vocabulary tiles. For each tile it accumulates
+Grid ``(group_rows, SPLIT, groups)`` from row block ``block0``, the grouped order of ``_grid.py``:
+program ``(i, j)`` owns rows ``i*BLOCK_N ...`` and the ``j``-th contiguous run of ``tiles_per_split``
+vocabulary tiles. For each tile it accumulates
 ``x[BLOCK_N, H] @ W[BLOCK_V, H]^T`` over H in ``BLOCK_H`` steps (tensor cores, fp32 accumulator),
 applies the transform in the epilogue, sets padded columns ``v >= V`` to -inf (never 0: verl #2656),
 and merges the tile into the online state (m, s, t) of ``_online.py``; the target logit ``z_y`` is
@@ -23,6 +24,7 @@ in all, in chunks of at most ``configs.logits_buffer_bytes()``).
 import triton
 import triton.language as tl
 
+from ._grid import grouped_program
 from ._online import merge_state, scalar_arg, tile_state, transform
 from ._radix import radix_count
 
@@ -88,17 +90,17 @@ def linear_logit_tile(
         "STORE_Z": lambda a: a["z_ptr"] is not None,
     }
 )
-@triton.jit
+@triton.jit(do_not_specialize=["block0"])  # one build whatever the first row block
 def linear_stats_kernel(
     x_ptr, w_ptr, b_ptr, y_ptr, part_ptr, hist_ptr, z_ptr,
     N, V, H, stride_x, stride_w, stride_z, ignore_index,
-    logit_scale, softcap, inv_temperature, scal_ptr, tiles_per_split,
+    logit_scale, softcap, inv_temperature, scal_ptr, tiles_per_split, block0,
     HAS_BIAS: tl.constexpr, HAS_SOFTCAP: tl.constexpr, TOPK: tl.constexpr, STORE_Z: tl.constexpr,
     RADIX_SHIFT: tl.constexpr, RADIX_BITS: tl.constexpr, NBINS: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_H: tl.constexpr,
     UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr,
 ):
-    """x [N, H], W [V, H], b [V], targets [N] -> part [4, SPLIT, N] (m, s, t, z_y per split), and
+    """x [N, H], W [V, H], b [V], targets [N] -> part [4, n_split, N] (m, s, t, z_y per split), and
     with ``z_ptr`` the transformed logits z (row stride ``stride_z``), stored tile by tile without a
     mask: the buffer must hold ``cdiv(N, BLOCK_N) * BLOCK_N`` rows of ``cdiv(V, BLOCK_V) * BLOCK_V``
     columns; padded columns get -inf, rows past N the logits of a clamped row (never read).
@@ -108,8 +110,7 @@ def linear_stats_kernel(
     logit_scale = scalar_arg(scal_ptr, 0, logit_scale)
     softcap = scalar_arg(scal_ptr, 1, softcap)
     inv_temperature = scalar_arg(scal_ptr, 3, inv_temperature)
-    pid_n = tl.program_id(0)
-    pid_s = tl.program_id(1)
+    pid_n, pid_s = grouped_program(block0)
     n_split = tl.num_programs(1)
     offs_n = pid_n.to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N)
     mask_n = offs_n < N
@@ -124,6 +125,8 @@ def linear_stats_kernel(
     z_y = s
     if STORE_Z:
         z_rows = z_ptr + offs_n * stride_z
+    if TOPK:
+        hist_block = hist_ptr + pid_n.to(tl.int64) * BLOCK_N * NBINS
     v_start = pid_s.to(tl.int64) * tiles_per_split * BLOCK_V
     v_stop = tl.minimum(v_start + tiles_per_split * BLOCK_V, V)
     for v0 in range(v_start, v_stop, BLOCK_V):
@@ -143,8 +146,7 @@ def linear_stats_kernel(
             # tile in registers, which the fp64 epilogue on sm_80 could not spare
             tl.store(z_rows[:, None] + v0 + tl.arange(0, BLOCK_V)[None, :], z)
         if TOPK:
-            radix_count(z, mask_n[:, None] & mask_v[None, :], hist_ptr + pid_n.to(tl.int64) * BLOCK_N * NBINS,
-                        0, RADIX_SHIFT, RADIX_BITS, NBINS, True)
+            radix_count(z, mask_n[:, None] & mask_v[None, :], hist_block, 0, RADIX_SHIFT, RADIX_BITS, NBINS, True)
         # last use of z: the state update may overwrite it in place
         m_t, s_t, t_t = tile_state(z)
         m, s, t = merge_state(m, s, t, m_t, s_t, t_t)

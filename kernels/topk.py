@@ -42,6 +42,7 @@ sums s_S, t_S (``SUMS``) for the caller to finish once they are summed over the 
 import triton
 import triton.language as tl
 
+from ._grid import grouped_program
 from ._online import div_rn, scalar_arg
 from ._radix import key_to_float, radix_count
 from .linear_stats import linear_logit_tile
@@ -83,16 +84,17 @@ def _load_prefix(prefix_ptr, offs_n, mask_n):
         "LAST": lambda a: a["above_ptr"] is not None,
     }
 )
-@triton.jit
+@triton.jit(do_not_specialize=["block0"])  # one build whatever the first row block
 def linear_radix_kernel(
     x_ptr, w_ptr, b_ptr, prefix_ptr, m_ptr, hist_ptr, above_ptr,
-    N, V, H, stride_x, stride_w, logit_scale, softcap, inv_temperature, scal_ptr, tiles_per_split,
+    N, V, H, stride_x, stride_w, logit_scale, softcap, inv_temperature, scal_ptr, tiles_per_split, block0,
     HAS_BIAS: tl.constexpr, HAS_SOFTCAP: tl.constexpr, FIRST: tl.constexpr, LAST: tl.constexpr,
     SHIFT: tl.constexpr, BITS: tl.constexpr, NBINS: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_H: tl.constexpr,
     UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr,
 ):
-    """One radix pass over recomputed GEMM tiles: grid (cdiv(N, BLOCK_N), SPLIT) like the forward.
+    """One radix pass over recomputed GEMM tiles: grid (group_rows, SPLIT, groups) from row block
+    ``block0``, the forward's grouped order (``_grid.py``).
 
     prefix [N] (int32/int64 holding the key bits chosen so far; None: the first digit, for a
     forward that ran without top-k, i.e. the vocabulary-parallel one), m [N] the shift of the sums
@@ -102,8 +104,7 @@ def linear_radix_kernel(
     logit_scale = scalar_arg(scal_ptr, 0, logit_scale)
     softcap = scalar_arg(scal_ptr, 1, softcap)
     inv_temperature = scalar_arg(scal_ptr, 3, inv_temperature)
-    pid_n = tl.program_id(0)
-    pid_s = tl.program_id(1)
+    pid_n, pid_s = grouped_program(block0)
     offs_n = pid_n.to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N)
     mask_n = offs_n < N
     if FIRST:

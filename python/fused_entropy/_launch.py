@@ -14,7 +14,7 @@ import triton
 from ._launch_plan import (
     _addmm_acc, _dot_precision, _fp64_scalars, _grad_stats, _LogitsBuffer, _mm_into, _n_pad, _new_hist,
     _new_stats, _no_grads, _radix_first, _row, _run, _split, _stats_rows, _upcast, acc_dtype, dtype_key,
-    grad_chunk,
+    grad_chunk, group_rows, grouped_launches, programs_per_sm,
 )
 from ._launch_plan import (  # noqa: F401 (re-exported: tests and tools read them here)
     _z_stride, buffer_rows, logits_buffer_rows, radix_buffer_passes, radix_gemm_passes,
@@ -53,53 +53,89 @@ def _finish(part, targets, ignore_index: int, entropy: bool, out=None):
     return m, log_s, logp, ent
 
 
-def _linear_radix_pass(x, weight, bias, tf: LogitTransform, m, hist, cfg: configs.Config, n_blocks: int,
-                       split: int, per: int):
-    """The ``radix_pass`` of ``_clamped`` for the linear head: one ``linear_radix_kernel`` launch."""
+def _call(kernel, grid, warm: bool, *args, **kwargs):
+    """Launch ``kernel`` on ``grid``, or with ``warm`` compile it (or take it from Triton's cache) and
+    return the ``CompiledKernel`` without launching (``programs_per_sm`` reads its resources)."""
+    if warm:
+        return kernel.warmup(*args, grid=grid, **kwargs)
+    return kernel[grid](*args, **kwargs)
+
+
+def _linear_radix_pass(x, weight, bias, tf: LogitTransform, m, hist, cfg: configs.Config, n_blocks: int):
+    """(radix_pass, SPLIT): the ``radix_pass`` of ``_clamped`` for the linear head (one
+    ``linear_radix_kernel`` launch per digit, in the grouped launch order) and the vocabulary split
+    that every pass uses, chosen for the occupancy of the heaviest pass (the last digit's)."""
     n, h = x.shape
     vocab = weight.shape[0]
-
+    group = group_rows(n_blocks, cfg.block_n * h * x.element_size(), x.device)
     scal = _fp64_scalars(tf, x.dtype, x.device)
-    def radix_pass(prefix, above, shift, bits):
-        linear_radix_kernel[(n_blocks, split)](
-            x, weight, bias, prefix, m, hist, above,
-            n, vocab, h, x.stride(0), weight.stride(0),
-            tf.logit_scale, tf.softcap or 0.0, tf.inv_temperature, scal, per,
-            SHIFT=shift, BITS=bits, NBINS=configs.RADIX_NBINS,
-            BLOCK_N=cfg.block_n, BLOCK_V=cfg.block_v, BLOCK_H=cfg.block_h,
-            UPCAST=_upcast(x.dtype), DOT_PRECISION=_dot_precision(x.dtype),
-            num_warps=cfg.num_warps, num_stages=cfg.num_stages,
-        )
 
-    return radix_pass
+    def call(prefix, above, shift, bits, split, per, warm=False):
+        for rows, groups, block0 in grouped_launches(n_blocks, group):
+            compiled = _call(
+                linear_radix_kernel, (rows, split, groups), warm,
+                x, weight, bias, prefix, m, hist, above,
+                n, vocab, h, x.stride(0), weight.stride(0),
+                tf.logit_scale, tf.softcap or 0.0, tf.inv_temperature, scal, per, block0,
+                SHIFT=shift, BITS=bits, NBINS=configs.RADIX_NBINS,
+                BLOCK_N=cfg.block_n, BLOCK_V=cfg.block_v, BLOCK_H=cfg.block_h,
+                UPCAST=_upcast(x.dtype), DOT_PRECISION=_dot_precision(x.dtype),
+                num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+            )
+            if warm:
+                return compiled
+
+    def compile_last():
+        digits = configs.RADIX_DIGITS[64 if x.dtype == torch.float64 else 32]
+        prefix = torch.zeros(n, device=x.device, dtype=torch.int64 if x.dtype == torch.float64 else torch.int32)
+        return call(prefix, torch.empty(2, 2, n, device=x.device, dtype=m.dtype), 0, digits[-1], 2, 2, warm=True)
+
+    key = ("linear_radix", x.dtype, cfg, bias is not None, bool(tf.softcap), _dot_precision(x.dtype))
+    occ = programs_per_sm(key, x.device, compile_last)
+    split, per = _split(n_blocks, triton.cdiv(vocab, cfg.block_v), x.device, occ, group)
+    return (lambda prefix, above, shift, bits: call(prefix, above, shift, bits, split, per)), split
 
 
 def _linear_stats_pass(x, weight, bias, targets, tf: LogitTransform, ignore_index: int, hist, z):
     """One ``linear_stats_kernel`` launch over the rows of ``x``: part [4, SPLIT, N]. ``hist``: count
-    the first radix digit; ``z`` ([N, V] view of the logits buffer): store the logits there too."""
+    the first radix digit; ``z`` ([N, V] view of the logits buffer): store the logits there too.
+    Grouped launch order (``kernels/_grid.py``); the split fills whole waves of the compiled kernel's
+    programs per SM (``_launch_plan.whole_waves``)."""
     n, h = x.shape
     vocab = weight.shape[0]
     dt = dtype_key(x.dtype)
     cfg = configs.get("linear_stats", dt)
     n_blocks = triton.cdiv(n, cfg.block_n)
-    split, per = _split(n_blocks, triton.cdiv(vocab, cfg.block_v), x.device)
-    part = torch.empty(4, split, n, device=x.device, dtype=acc_dtype(x.dtype))
+    group = group_rows(n_blocks, cfg.block_n * h * x.element_size(), x.device)
     shift, bits = _radix_first(None, x.dtype)
-
     scal = _fp64_scalars(tf, x.dtype, x.device)
 
-    def launch(num_warps, num_stages):
-        linear_stats_kernel[(n_blocks, split)](
-            x, weight, bias, targets, part, hist, z,
-            n, vocab, h, x.stride(0), weight.stride(0), 0 if z is None else z.stride(0), ignore_index,
-            tf.logit_scale, tf.softcap or 0.0, tf.inv_temperature, scal, per,
-            RADIX_SHIFT=shift, RADIX_BITS=bits, NBINS=configs.RADIX_NBINS,
-            BLOCK_N=cfg.block_n, BLOCK_V=cfg.block_v, BLOCK_H=cfg.block_h,
-            UPCAST=_upcast(x.dtype), DOT_PRECISION=_dot_precision(x.dtype),
-            num_warps=num_warps, num_stages=num_stages,
-        )
+    def call(part, split, per, num_warps, num_stages, warm=False):
+        for rows, groups, block0 in grouped_launches(n_blocks, group):
+            compiled = _call(
+                linear_stats_kernel, (rows, split, groups), warm,
+                x, weight, bias, targets, part, hist, z,
+                n, vocab, h, x.stride(0), weight.stride(0), 0 if z is None else z.stride(0), ignore_index,
+                tf.logit_scale, tf.softcap or 0.0, tf.inv_temperature, scal, per, block0,
+                RADIX_SHIFT=shift, RADIX_BITS=bits, NBINS=configs.RADIX_NBINS,
+                BLOCK_N=cfg.block_n, BLOCK_V=cfg.block_v, BLOCK_H=cfg.block_h,
+                UPCAST=_upcast(x.dtype), DOT_PRECISION=_dot_precision(x.dtype),
+                num_warps=num_warps, num_stages=num_stages,
+            )
+            if warm:
+                return compiled
 
-    _run("linear_stats", dt, (h, vocab, configs.bucket(n), hist is not None, z is not None), cfg, launch,
+    def compile_it():
+        part = torch.empty(4, 2, n, device=x.device, dtype=acc_dtype(x.dtype))
+        return call(part, 2, 2, cfg.num_warps, cfg.num_stages, warm=True)
+
+    key = ("linear_stats", dt, cfg, bias is not None, bool(tf.softcap), hist is not None, z is not None,
+           _dot_precision(x.dtype))
+    occ = programs_per_sm(key, x.device, compile_it)
+    split, per = _split(n_blocks, triton.cdiv(vocab, cfg.block_v), x.device, occ, group)
+    part = torch.empty(4, split, n, device=x.device, dtype=acc_dtype(x.dtype))
+    _run("linear_stats", dt, (h, vocab, configs.bucket(n), hist is not None, z is not None), cfg,
+         lambda num_warps, num_stages: call(part, split, per, num_warps, num_stages),
          reset=None if hist is None else hist.zero_)
     return part
 
@@ -180,10 +216,9 @@ def linear_topk_select(x, weight, bias, tf: LogitTransform, k: int, shift, all_r
     vocab = weight.shape[0]
     cfg = configs.get("linear_stats", dtype_key(x.dtype))
     n_blocks = triton.cdiv(n, cfg.block_n)
-    split, per = _split(n_blocks, triton.cdiv(vocab, cfg.block_v), x.device)
     hist = _new_hist(n_blocks * cfg.block_n, x.device)
     m = shift.to(acc_dtype(x.dtype)).contiguous()
-    radix_pass = _linear_radix_pass(x, weight, bias, tf, m, hist, cfg, n_blocks, split, per)
+    radix_pass, split = _linear_radix_pass(x, weight, bias, tf, m, hist, cfg, n_blocks)
     return _clamped(radix_pass, hist, m, k, split, _n_pad(vocab, cfg.block_v), all_reduce=all_reduce)
 
 
@@ -285,20 +320,22 @@ def linear_grad_chunked(x, weight, bias, targets, tf: LogitTransform, ignore_ind
     dw = torch.empty(vocab, h, device=x.device, dtype=weight.dtype) if need_weight else None
     db = torch.empty(vocab, device=x.device, dtype=bias.dtype) if need_bias else None
     scal = _fp64_scalars(tf, x.dtype, x.device)
+    group = group_rows(n_blocks, cfg.block_n * h * x.element_size(), x.device)
     for v_lo in range(0, vocab, vc):
         v_hi = min(vocab, v_lo + vc)
-        grid = (n_blocks, triton.cdiv(v_hi - v_lo, cfg.block_v))
+        n_vt = triton.cdiv(v_hi - v_lo, cfg.block_v)
 
         def launch(num_warps, num_stages):
-            linear_dz_kernel[grid](
-                x, weight, bias, targets,
-                *_grad_stats(stats, g_ent, g_cl), g_lp, g_ent, g_cl, dz, db_part,
-                n, vocab, h, v_lo, x.stride(0), weight.stride(0), vc, ignore_index,
-                tf.logit_scale, tf.softcap or 0.0, tf.temperature, tf.inv_temperature, scal,
-                BLOCK_N=cfg.block_n, BLOCK_V=cfg.block_v, BLOCK_H=cfg.block_h,
-                UPCAST=_upcast(x.dtype), DOT_PRECISION=_dot_precision(x.dtype),
-                num_warps=num_warps, num_stages=num_stages,
-            )
+            for rows, groups, block0 in grouped_launches(n_blocks, group):
+                linear_dz_kernel[(rows, n_vt, groups)](
+                    x, weight, bias, targets,
+                    *_grad_stats(stats, g_ent, g_cl), g_lp, g_ent, g_cl, dz, db_part,
+                    n, vocab, h, v_lo, block0, x.stride(0), weight.stride(0), vc, ignore_index,
+                    tf.logit_scale, tf.softcap or 0.0, tf.temperature, tf.inv_temperature, scal,
+                    BLOCK_N=cfg.block_n, BLOCK_V=cfg.block_v, BLOCK_H=cfg.block_h,
+                    UPCAST=_upcast(x.dtype), DOT_PRECISION=_dot_precision(x.dtype),
+                    num_warps=num_warps, num_stages=num_stages,
+                )
 
         _run("linear_grad", dt, ("dz", h, vc, configs.bucket(n), g_lp is not None, g_ent is not None, cl,
                                  dz is not None, db_part is not None), cfg, launch)

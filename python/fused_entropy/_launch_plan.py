@@ -13,6 +13,7 @@ Precision choices:
 from __future__ import annotations
 
 import functools
+import warnings
 from typing import Optional
 
 import torch
@@ -65,16 +66,152 @@ def _num_sms(device: torch.device) -> int:
     return 4  # interpreter: a few programs are enough to exercise the split path
 
 
-def _split(n_row_blocks: int, n_vtiles: int, device: torch.device):
-    """(SPLIT, tiles_per_split): split the vocabulary when the row blocks alone cannot fill the GPU."""
+def _on_gpu(device: torch.device) -> bool:
+    return device.type == "cuda" and not interpreting()
+
+
+@functools.lru_cache(maxsize=16)
+def _sm_limits(device: torch.device) -> dict:
+    """Per-SM limits of a CUDA device for ``configs.programs_per_sm`` (torch's device properties; the
+    sm_80/sm_90 figures where this torch does not report one)."""
+    props = torch.cuda.get_device_properties(device)
+    shared = 228 * 1024 if props.major >= 9 else 164 * 1024
+    return dict(
+        regs_per_sm=int(getattr(props, "regs_per_multiprocessor", 65536)),
+        shared_per_sm=int(getattr(props, "shared_memory_per_multiprocessor", shared)),
+        threads_per_sm=int(getattr(props, "max_threads_per_multi_processor", 2048)),
+    )
+
+
+def _l2_bytes(device: torch.device) -> int:
+    if _on_gpu(device):
+        size = int(getattr(torch.cuda.get_device_properties(device), "L2_cache_size", 0) or 0)
+        if size > 0:
+            return size
+    return configs.L2_BYTES
+
+
+def group_rows(n_row_blocks: int, panel_bytes: int, device: torch.device) -> int:
+    """Row blocks per group of the GEMM kernels' launch order (``kernels/_grid.py``): as many as keep
+    their rows of x (``panel_bytes`` each: BLOCK_N x H x itemsize) within ``configs.L2_SHARE`` of the
+    L2 cache, at least 1, at most ``n_row_blocks`` (one group: the plain order); of those, the largest
+    that divides ``n_row_blocks`` if one is at least half the most, so that one launch covers the
+    batch. At H = 4096 in bf16 a panel is 1 MiB: at most 25 row blocks per group on a 50 MiB L2, and 16
+    for 64 row blocks. ``override(group_rows=...)`` forces it."""
+    forced = configs.forced_group_rows()
+    if forced is not None:
+        return max(1, min(forced, n_row_blocks))
+    most = max(1, min(n_row_blocks, int(configs.L2_SHARE * _l2_bytes(device)) // max(1, panel_bytes)))
+    most = max(most, triton.cdiv(n_row_blocks, MAX_GROUPS))  # the groups are grid z
+    # a group size that divides the row blocks needs no second launch (grouped_launches)
+    for g in range(most, (most + 1) // 2 - 1, -1):
+        if n_row_blocks % g == 0:
+            return g
+    return most
+
+
+MAX_GROUPS = 65535  # CUDA's limit on grid z
+
+
+def grouped_launches(n_row_blocks: int, group: int):
+    """The launches that cover ``n_row_blocks`` row blocks in groups of ``group`` (``kernels/_grid.py``):
+    ``(group, full groups, 0)`` and, when ``group`` does not divide them, ``(rest, 1, first row block
+    of the rest)``; each is ``(grid x, grid z, block0)``."""
+    full, rest = divmod(n_row_blocks, group)
+    launches = [(group, full, 0)] if full else []
+    if rest:
+        launches.append((rest, 1, full * group))
+    return launches
+
+
+_OCCUPANCY: dict = {}
+_OCCUPANCY_WARNED: set = set()
+
+
+def programs_per_sm(key, device: torch.device, compile_kernel) -> int:
+    """Programs of one kernel build that fit on an SM at once. On CUDA from the compiled kernel:
+    ``compile_kernel()`` returns Triton's ``CompiledKernel`` for the build (``JITFunction.warmup``:
+    compiled, or taken from Triton's cache, and not launched); its registers, shared memory and warps
+    go through ``configs.programs_per_sm`` with the device's limits. Cached per ``key`` (the build:
+    kernel, dtype, config, flags) and device. Elsewhere (the interpreter), or when the compiled
+    kernel cannot be asked (a Triton whose ``CompiledKernel`` lacks these fields), the assumed
+    ``configs.PROGRAMS_PER_SM``, with a warning on CUDA. ``occupancy_report()`` lists the answers."""
+    if not _on_gpu(device):
+        return configs.PROGRAMS_PER_SM
+    cache_key = (key, device.index)
+    hit = _OCCUPANCY.get(cache_key)
+    if hit is None:
+        try:
+            compiled = compile_kernel()
+            compiled._init_handles()  # loads the module: fills n_regs (Triton reads it from the driver)
+            meta = compiled.metadata
+            occ = configs.programs_per_sm(int(compiled.n_regs), int(meta.shared), int(meta.num_warps),
+                                          **_sm_limits(device))
+            hit = (max(1, occ), f"compiled: {compiled.n_regs} registers, {meta.shared} B shared, "
+                                f"{meta.num_warps} warps")
+        except Exception as e:  # noqa: BLE001 (any failure to ask falls back, and says so)
+            hit = (configs.PROGRAMS_PER_SM, f"assumed: {type(e).__name__}: {e}")
+            if key[0] not in _OCCUPANCY_WARNED:
+                _OCCUPANCY_WARNED.add(key[0])
+                warnings.warn(f"fused_entropy: could not read the occupancy of the compiled {key[0]} "
+                              f"({type(e).__name__}: {e}); splitting the vocabulary for "
+                              f"{configs.PROGRAMS_PER_SM} programs per SM", RuntimeWarning, stacklevel=3)
+        _OCCUPANCY[cache_key] = hit
+    return hit[0]
+
+
+def occupancy_report() -> list:
+    """(build key, device index, programs per SM, where the number came from) for every build asked
+    so far in this process (``gpucheck`` prints it)."""
+    return [(k, dev, occ, src) for (k, dev), (occ, src) in _OCCUPANCY.items()]
+
+
+def _split(n_row_blocks: int, n_vtiles: int, device: torch.device, programs_per_sm: Optional[int] = None,
+           group: Optional[int] = None):
+    """(SPLIT, tiles_per_split) of a forward or radix pass over ``n_row_blocks`` x ``n_vtiles`` tiles:
+    ``whole_waves`` for ``programs_per_sm`` (``configs.PROGRAMS_PER_SM`` if None) times the SMs, with
+    launch-order groups of ``group`` row blocks (None: no groups); ``override(split=...)`` forces it."""
     forced = configs.forced_split()
     if forced is not None:
-        split = max(1, min(forced, n_vtiles))
-    else:
-        target = configs.PROGRAMS_PER_SM * _num_sms(device)
-        split = 1 if n_row_blocks >= target else max(1, min(n_vtiles, triton.cdiv(target, n_row_blocks)))
-    per = triton.cdiv(n_vtiles, split)
-    return triton.cdiv(n_vtiles, per), per
+        per = triton.cdiv(n_vtiles, max(1, min(forced, n_vtiles)))
+        return triton.cdiv(n_vtiles, per), per
+    slots = (programs_per_sm or configs.PROGRAMS_PER_SM) * _num_sms(device)
+    return whole_waves(n_row_blocks, n_vtiles, slots, group or n_row_blocks)
+
+
+@functools.lru_cache(maxsize=4096)
+def whole_waves(n_row_blocks: int, n_vtiles: int, slots: int, group: int):
+    """(SPLIT, tiles_per_split): the vocabulary split that fills whole waves of ``slots`` programs.
+
+    Each of the ``n_row_blocks * SPLIT`` programs folds ``tiles_per_split`` tiles (the last split of
+    a row may fold fewer). The run takes about ``waves * tiles_per_split`` tile-times with
+    ``waves = cdiv(n_row_blocks * SPLIT, slots)``, so the share of the GPU doing work is
+
+        efficiency = n_row_blocks * n_vtiles / (waves * tiles_per_split * slots)
+
+    and the split is the smallest with an efficiency within 1% of the best of those searched (up to
+    ``max(4 lo, 4 cdiv(slots, n_row_blocks), 64)``, ``lo`` the least allowed). With launch-order groups
+    smaller than the batch (``group < n_row_blocks``), SPLIT is at least ``cdiv(slots, group)``, so
+    that the programs running at once span at most about one group of row blocks (the x that L2
+    holds; ``kernels/_grid.py``). Examples (132 SMs): 64 row blocks, 2048 tiles, 264 slots, groups of
+    16: SPLIT = 33 (8 whole waves, 98.5%); with 132 slots (1 program per SM) also 33 (16 waves).
+    """
+    lo = 1 if group >= n_row_blocks else min(n_vtiles, triton.cdiv(slots, group))
+    hi = min(n_vtiles, max(4 * lo, 4 * triton.cdiv(slots, n_row_blocks), 64))  # splits searched
+    work = n_row_blocks * n_vtiles
+    scored = []
+    for split in range(lo, n_vtiles + 1):
+        if split > hi and scored:
+            break
+        per = triton.cdiv(n_vtiles, split)
+        real = triton.cdiv(n_vtiles, per)  # splits of `per` tiles that cover the vocabulary
+        if real < lo:
+            continue
+        waves = triton.cdiv(n_row_blocks * real, slots)
+        scored.append((work / (waves * per * slots), real, per))
+    best = max(e for e, _, _ in scored)
+    split, per = min((r, p) for e, r, p in scored if e >= best - 0.01)
+    return split, per
 
 
 _TUNED: dict = {}

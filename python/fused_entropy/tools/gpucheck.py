@@ -62,7 +62,8 @@ QUICK_SHAPES = ((256, 64, 1000),)
 # test files whose tests follow FUSED_ENTROPY_TEST_DEVICE (tests/conftest.py)
 DEVICE_TESTS = ("tests/test_linear_logprobs.py", "tests/test_logprobs_from_logits.py", "tests/test_clamped_entropy.py",
                 "tests/test_triton_backward.py", "tests/test_triton_logits_buffer.py", "tests/test_grpo_loss.py",
-                "tests/test_shipped_configs.py", "tests/test_numerics.py", "tests/test_sampling.py")
+                "tests/test_shipped_configs.py", "tests/test_numerics.py", "tests/test_sampling.py",
+                "tests/test_launch_order.py")
 QUICK_TESTS = ("tests/test_validation.py",)
 MIN_BUDGET_S = 10
 MAX_SHAPE_ELEMENTS = 2 ** 36  # 128 GiB of bf16: more than an H200 holds
@@ -917,12 +918,21 @@ def step_tiles(args, rec: Recorder) -> bool:
     case = P.Case(n=n, h=h, v=v, dtype=dtype)
     key = "bf16" if dtype == "bfloat16" else "fp32"
     shipped = C.get("linear_stats", key)
-    cands = [shipped] + [C.Config(bn, bv, bh, num_warps=w, num_stages=st) for bn, bv, bh, w, st in TILE_CANDIDATES]
+    tiles = [C.Config(bn, bv, bh, num_warps=w, num_stages=st) for bn, bv, bh, w, st in TILE_CANDIDATES]
+    runs = [("tile0", _tile_label(shipped) + " (shipped)", {})]
+    # the launch plan before grouped order and whole waves: every row block at once, SPLIT for 2 programs/SM
+    n_blocks = -(-n // shipped.block_n)
+    n_vtiles = -(-v // shipped.block_v)
+    sms = torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 4
+    old_split = 1 if n_blocks >= 2 * sms else max(1, min(n_vtiles, -(-2 * sms // n_blocks)))
+    runs.append(("order_plain", _tile_label(shipped) + f" plain order, split {old_split} (before grouping)",
+                 dict(group_rows=1 << 30, split=old_split)))
+    for i, c in enumerate(tiles, start=1):
+        runs.append((f"tile{i}", _tile_label(c), dict(linear_stats=c, linear_radix=c,
+                                                      linear_grad=replace(c, num_stages=max(2, c.num_stages - 1)))))
     x, w, y = P.linear_inputs(case, device)
     ok = True
-    for i, c in enumerate(cands):
-        label = f"tile {c.block_n}x{c.block_v}x{c.block_h} w{c.num_warps} s{c.num_stages}" + (" (shipped)" if i == 0 else "")
-        over = dict(linear_stats=c, linear_radix=c, linear_grad=replace(c, num_stages=max(2, c.num_stages - 1)))
+    for row, label, over in runs:
 
         def fwd():
             return linear_logprobs(x, w, y, backend="triton")
@@ -935,18 +945,28 @@ def step_tiles(args, rec: Recorder) -> bool:
             with C.override(**over):
                 t_fwd = _time_fn(fwd, device, grad_to_none=[x, w])
                 t_all = _time_fn(fwdbwd, device, grad_to_none=[x, w])
-            rec("perf", shape=[n, h, v], dtype=dtype, row=f"tile{i}", label=label, status="ok", fwd_ms=t_fwd * 1e3,
+            rec("perf", shape=[n, h, v], dtype=dtype, row=row, label=label, status="ok", fwd_ms=t_fwd * 1e3,
                 fwdbwd_ms=t_all * 1e3, gemms_fwd=1, gemms_fwdbwd=4, tflops_fwd=2 * n * h * v / t_fwd / 1e12,
                 tflops_fwdbwd=8 * n * h * v / t_all / 1e12)
             print(f"  {label}: fwd {t_fwd * 1e3:.2f} ms, fwd+bwd {t_all * 1e3:.2f} ms")
         except Exception as e:
-            ok = i > 0 and ok  # a candidate that does not compile is information; the shipped one must run
-            rec("perf", shape=[n, h, v], dtype=dtype, row=f"tile{i}", label=label, status="error",
+            ok = row != "tile0" and ok  # a candidate that does not compile is information; the shipped one must run
+            rec("perf", shape=[n, h, v], dtype=dtype, row=row, label=label, status="error",
                 why=f"{type(e).__name__}: {str(e)[:300]}")
             print(f"  {label}: FAILED {type(e).__name__}: {str(e)[:300]}")
         if device.type == "cuda":
             torch.cuda.empty_cache()
+    # where each build's programs per SM came from (the compiled kernel, or the assumed fallback)
+    from fused_entropy._launch_plan import occupancy_report
+
+    for build, index, occ, source in occupancy_report():
+        rec("occupancy", build=[str(b) for b in build], device_index=index, programs_per_sm=occ, source=source)
+        print(f"  occupancy {build[0]} {build[1]}: {occ} programs/SM ({source})")
     return ok
+
+
+def _tile_label(c) -> str:
+    return f"tile {c.block_n}x{c.block_v}x{c.block_h} w{c.num_warps} s{c.num_stages}"
 
 
 STEP_FNS = {"env": step_env, "correctness": step_correctness, "perf": step_perf, "tiles": step_tiles,
@@ -1015,6 +1035,11 @@ def summarize(recs: List[dict]) -> str:
             lines.append(f"| {shape} | {r['label']} | {_f(r['fwd_ms'])} | {_f(r['fwdbwd_ms'])} | {r['gemms_fwdbwd']} | "
                          f"{_f(r['tflops_fwdbwd'], '{:.3g}')} | {_f(r.get('pct_ceiling_fwdbwd'), '{:.0f}')} | {_f(xf)} | "
                          f"{_f(r.get('peak_mib'), '{:.0f}')} | {_f(r.get('mem_per_nv'), '{:.3f}')} |")
+    occ = [r for r in recs if r.get("kind") == "occupancy"]
+    if occ:
+        lines += ["", "## Occupancy the launcher used (programs per SM, and where the number came from)", "",
+                  "| build | programs/SM | source |", "|---|---|---|"]
+        lines += [f"| {' '.join(r['build'][:2])} | {r['programs_per_sm']} | {r['source'][:120]} |" for r in occ]
     prof = [r for r in recs if r.get("kind") == "profile" and r.get("kernels")]
     for r in prof:
         lines += ["", f"## Fused forward+backward by kernel, {tuple(r['shape'])}", "", "| ms | calls | kernel |", "|---|---|---|"]

@@ -12,6 +12,7 @@ import time
 import warnings
 from typing import Dict, List, Sequence, Tuple
 
+from ...kernels.configs import programs_per_sm
 from .specs import ARCHS, KERNEL_PACKAGE, Build, _jit_function
 
 TENSOR_CORE_OPS = ("HGMMA", "HMMA", "DMMA", "IMMA")
@@ -133,12 +134,11 @@ def check(row: dict, build: Build, arch: int) -> Tuple[List[str], List[str]]:
 
 
 def occupancy(row: dict, build: Build, arch: int) -> int:
-    """Blocks that fit on one SM at once (registers, shared memory, threads)."""
+    """Blocks that fit on one SM at once: ``configs.programs_per_sm`` (the launcher's own rule, which
+    on a GPU reads the same three resources from the compiled kernel) with the arch's limits."""
     if "error" in row:
         return 0
     lim = ARCHS[arch]
-    threads = 32 * build.num_warps
-    by_regs = lim.registers // max(1, 8 * math.ceil(row["regs"] / 8) * threads)
-    smem = row["dyn_smem"] + row["static_smem"]
-    by_smem = lim.smem_per_sm // smem if smem else 32
-    return max(0, min(by_regs, by_smem, lim.max_threads_per_sm // threads, 32))
+    return programs_per_sm(row["regs"], row["dyn_smem"] + row["static_smem"], build.num_warps,
+                           regs_per_sm=lim.registers, shared_per_sm=lim.smem_per_sm,
+                           threads_per_sm=lim.max_threads_per_sm)
