@@ -167,8 +167,8 @@ def grad_z(
     dz = tl.zeros(z.shape, dtype=z.dtype)
     m0 = tl.where(m == float("-inf"), 0.0, m)
     # the clamped term first: its tau/frac/log s_S/H~ row vectors die before log p and p are
-    # formed; the other order kept one more tile live and the fp32 atomic backward spilled on
-    # sm_90 (AOT gate), once log s came in as a row vector of its own
+    # formed; the other order kept one more tile live (a backward kernel that has since been
+    # removed spilled on sm_90, AOT gate, once log s came in as a row vector of its own)
     if HAS_G_CL:
         w = tl.where(z > tau[:, None], 1.0, tl.where(z == tau[:, None], frac[:, None], 0.0))
         log_pi = (z - m0[:, None]) - log_s_c[:, None]

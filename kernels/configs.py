@@ -7,8 +7,9 @@ Frozen defaults were chosen for H100 (sm_90) on paper and checked by compiling e
 - GEMM kernels (linear_stats, linear_radix, linear_grad), 16-bit inputs: 128 x 64 output tiles,
   8 warps (two warpgroups of wgmma m64n64k16 on sm_90, mma.sync m16n8k16 on sm_80),
   BLOCK_H = 32, 5 stages forward / 4 backward (12 KiB of operands per stage, <= 80 KiB of shared
-  memory). Larger tiles were tried: 128 x 128 spills in the backward (z, dz and the softmax terms
-  live at once when every gradient is on), and BLOCK_H = 64 spills 16 bytes in the sm_80 backward.
+  memory). Larger tiles were tried (docs/PERFORMANCE.md, "Tiles"): 128 x 256 x 64 spills in every
+  16-bit build, 128 x 128 x 64 in the clamped-entropy backward and radix passes (z, dz and the
+  softmax terms live at once when every gradient is on).
   fp32 inputs ("ieee" products run on FMA units, operands in registers): 64 x 64 x 16, 4 warps,
   3 stages.
   fp64 (DMMA): 32 x 32 x 16, 4 warps.
@@ -16,13 +17,9 @@ Frozen defaults were chosen for H100 (sm_90) on paper and checked by compiling e
   recomputed logits are bitwise the forward's (the top-k tie test z == tau needs that).
 - Logits kernels stream memory: 16 x 256 tiles (8 x 256 for fp64), 8 warps.
 
-Backward design of the linear head (``backward_design()``, read at every call): "chunked" (default:
-``linear_dz_kernel`` per vocabulary chunk + cuBLAS GEMMs, no atomics, deterministic) or "atomic"
-(``linear_grad_kernel``, fp32 atomics). ``FUSED_ENTROPY_BACKWARD=atomic`` or
-``override(backward="atomic")`` select the atomic one; the launcher ignores that request while
-``torch.use_deterministic_algorithms(True)`` is on. The chunked design's dz buffer is bounded by
-``grad_buffer_bytes()``: ``GRAD_BUFFER_BYTES`` (256 MiB), ``FUSED_ENTROPY_GRAD_BUFFER_MB`` or
-``override(grad_buffer_bytes=...)``. See ``linear_grad.py`` for the costs of both.
+The linear head's backward (``linear_grad.py``) forms dz per vocabulary chunk, no atomics; its dz
+buffer is bounded by ``grad_buffer_bytes()``: ``GRAD_BUFFER_BYTES`` (256 MiB),
+``FUSED_ENTROPY_GRAD_BUFFER_MB`` or ``override(grad_buffer_bytes=...)``.
 
 Row-chunk logits buffer (``logits_buffer_bytes()``): the clamped-entropy forward and the Triton single
 pass of ``LinearGRPOLoss`` keep one chunk of rows' logits ``[Nc, V]`` (fp32; plus dz in the input
@@ -95,9 +92,7 @@ PROGRAMS_PER_SM = 2
 L2_SHARE = 0.5
 L2_BYTES = 50 * 2**20
 
-# Linear-head backward: "chunked" (default, deterministic) or "atomic" (see linear_grad.py)
-BACKWARDS = ("chunked", "atomic")
-# upper bound of the chunked backward's dz buffer [N, Vc] in bytes (at least one tile is used)
+# upper bound of the backward's dz buffer [N, Vc] in bytes (at least one tile is used)
 GRAD_BUFFER_BYTES = 256 * 2**20
 # upper bound of the row-chunk logits buffer [Nc, V] (fp32 z, plus dz in the input dtype for the
 # single pass) in bytes; at least one GEMM row block is used
@@ -105,7 +100,7 @@ LOGITS_BUFFER_BYTES = 2**30
 
 _OVERRIDES: dict = {}
 # override() keys that are not kernel configs
-_SETTINGS = ("split", "group_rows", "backward", "grad_buffer_bytes", "logits_buffer_bytes")
+_SETTINGS = ("split", "group_rows", "grad_buffer_bytes", "logits_buffer_bytes")
 
 
 def get(kernel: str, dtype: str) -> Config:
@@ -124,15 +119,13 @@ def override(**configs: Config):
     backward's ``linear_dz_kernel`` runs with the ``linear_grad`` config).
 
     Settings beside configs: ``split`` (vocabulary splits of the forward), ``group_rows`` (row blocks
-    per group of the GEMM kernels' launch order, ``kernels/_grid.py``), ``backward``
-    ("chunked" or "atomic"), ``grad_buffer_bytes`` (bound of the chunked backward's dz buffer),
+    per group of the GEMM kernels' launch order, ``kernels/_grid.py``), ``grad_buffer_bytes`` (bound
+    of the backward's dz buffer),
     ``logits_buffer_bytes`` (bound of the row-chunk logits buffer).
     """
     unknown = set(configs) - set(DEFAULTS) - set(_SETTINGS)
     if unknown:
         raise ValueError(f"unknown kernels {sorted(unknown)}; known: {sorted(DEFAULTS)} and {list(_SETTINGS)}")
-    if "backward" in configs and configs["backward"] not in BACKWARDS:
-        raise ValueError(f"backward must be one of {BACKWARDS}, got {configs['backward']!r}")
     for name in ("split", "group_rows"):
         if name in configs and not (isinstance(configs[name], int) and configs[name] >= 1):
             raise ValueError(f"{name} must be a positive int, got {configs[name]!r}")
@@ -173,16 +166,6 @@ def programs_per_sm(regs: int, shared_bytes: int, num_warps: int, *, regs_per_sm
     return max(0, min(by_threads, by_regs, by_shared, max_blocks))
 
 
-def backward_design() -> str:
-    """The linear head's backward design asked for now: ``override(backward=...)``, else the env
-    ``FUSED_ENTROPY_BACKWARD``, else "chunked". Read at every call, so one process can A/B both.
-    (The launcher still takes "chunked" under torch's deterministic mode.)"""
-    design = _OVERRIDES.get("backward") or os.environ.get("FUSED_ENTROPY_BACKWARD", "").strip().lower() or "chunked"
-    if design not in BACKWARDS:
-        raise ValueError(f"FUSED_ENTROPY_BACKWARD must be one of {BACKWARDS}, got {design!r}")
-    return design
-
-
 def _buffer_bytes(key: str, env_name: str, default: int) -> int:
     over = _OVERRIDES.get(key)
     if over is not None:
@@ -200,7 +183,7 @@ def _buffer_bytes(key: str, env_name: str, default: int) -> int:
 
 
 def grad_buffer_bytes() -> int:
-    """Bound in bytes of the chunked backward's dz buffer: ``override(grad_buffer_bytes=...)``, else the
+    """Bound in bytes of the backward's dz buffer: ``override(grad_buffer_bytes=...)``, else the
     env ``FUSED_ENTROPY_GRAD_BUFFER_MB`` (MiB, may be fractional), else ``GRAD_BUFFER_BYTES``."""
     return _buffer_bytes("grad_buffer_bytes", "FUSED_ENTROPY_GRAD_BUFFER_MB", GRAD_BUFFER_BYTES)
 

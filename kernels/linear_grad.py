@@ -1,17 +1,16 @@
 """Backward of the fused LM head: recompute logit tiles, form dL/dz, and turn it into dX, dW and db.
 
-Two designs share the recompute and the dL/dz math (``tile_grad``); ``_launch.linear_grad`` picks one.
-
-**Chunked (the default): ``linear_dz_kernel`` + two cuBLAS GEMMs, no atomics, bitwise deterministic.**
-The vocabulary is cut into chunks ``[v_lo, v_lo + Vc)`` with ``v_lo`` and ``Vc`` multiples of
-``BLOCK_V``. Per chunk, grid ``(group_rows, cdiv(Vc, BLOCK_V), groups)``, the grouped order of
-``_grid.py`` (a group of row blocks keeps its x in L2 while the chunk's tiles go by): each program
-recomputes its tile of ``z`` with ``linear_logit_tile`` at the forward's tile origin and blocks (so z
-is bitwise the forward's and the top-k tie test ``z == tau`` holds), forms ``dL/da`` in fp32
-registers and stores it in the input dtype into ``dz[N, Vc]``, plus the tile's column sums into
-``db_part[n_row_blocks, Vc]`` (fp32, fp64 for fp64). The launcher then runs ``dW[chunk] = dz^T @ x`` and ``dX += dz @ W[chunk]``
-(cuBLAS, fp32 accumulation) and ``db[chunk] = db_part.sum(0)``. Every output element is written by
-one fixed sequence of operations, so two runs give the same bits.
+``linear_dz_kernel`` + two cuBLAS GEMMs, no atomics, bitwise deterministic. The vocabulary is cut
+into chunks ``[v_lo, v_lo + Vc)`` with ``v_lo`` and ``Vc`` multiples of ``BLOCK_V``. Per chunk, grid
+``(group_rows, cdiv(Vc, BLOCK_V), groups)``, the grouped order of ``_grid.py`` (a group of row
+blocks keeps its x in L2 while the chunk's tiles go by): each program recomputes its tile of ``z``
+with ``linear_logit_tile`` at the forward's tile origin and blocks (so z is bitwise the forward's
+and the top-k tie test ``z == tau`` holds), forms ``dL/da`` in fp32 registers (``tile_grad``) and
+stores it in the input dtype into ``dz[N, Vc]``, plus the tile's column sums into
+``db_part[n_row_blocks, Vc]`` (fp32, fp64 for fp64). The launcher then runs ``dW[chunk] = dz^T @ x``
+and ``dX += dz @ W[chunk]`` (cuBLAS, fp32 accumulation) and ``db[chunk] = db_part.sum(0)``. Every
+output element is written by one fixed sequence of operations, so two runs give the same bits. dz
+enters the GEMMs in the input dtype (bf16/fp16), like any bf16 matmul backward.
 
 Cost: three GEMM passes, 6*N*V*H flops (recompute here, dW and dX in cuBLAS), plus the dz buffer in
 HBM: written once and read twice, ``3 * N * V * e`` bytes in all (e = 2 for bf16; at N = 8192,
@@ -19,21 +18,11 @@ V = 128k that is 6.4 GB, about 2 ms at 3.35 TB/s beside 27 ms of GEMMs at H = 40
 size is bounded by ``configs.grad_buffer_bytes()`` (256 MiB unless overridden): ``Vc`` is the largest
 multiple of ``BLOCK_V`` with ``N * Vc * e`` under the bound, at least one tile.
 
-**Atomic (opt-in, ``FUSED_ENTROPY_BACKWARD=atomic``): ``linear_grad_kernel``.** Grid
-``(cdiv(N, BLOCK_N), cdiv(V, BLOCK_V))``: one program per (row block, vocabulary tile) recomputes
-its tile and then, per ``BLOCK_H`` slice of the hidden dimension::
-
-    dX[rows, h] += dz @ W[tile, h]          dW[tile, h] += dz^T @ x[rows, h]        db[tile] += sum_rows dz
-
-A row block's dX needs every vocabulary tile and a tile's dW every row block, and neither fits in
-registers across the other loop (dX of 128 rows at H = 4096 is 2 MiB), so partial products are
-added into fp32 buffers with ``atomic_add``: one recompute per tile and no buffer, but a summation
-order that varies run to run (fp32 rounding) and ``V/BLOCK_V`` fp32 atomic adds per element of dX
-and ``N/BLOCK_N`` per element of dW (with the 128 x 64 bf16 tiles at N = 8192, V = 128k,
-H = 4096: 1.0e11 atomic adds, the term that dominates on a GPU). That is why it is not the default.
-
-In both designs dz enters the GEMMs in the input dtype (bf16/fp16), like any bf16 matmul backward;
-accumulation stays fp32.
+An earlier design formed dX and dW in one kernel per (row block, vocabulary tile), adding partial
+products into fp32 buffers with atomics (1.0e11 atomic adds at N = 8192, V = 128k, H = 4096). On an
+H200 it measured 10.69 ms against this design's 2.99 ms at (4096, 2048, 32768) and 308 ms against
+59 ms at (8192, 4096, 131072), backward only, and its results varied run to run
+(``bench/results/gpu/h200-2026-11-30-1252581-backward-ab.md``), so it was removed.
 """
 import triton
 import triton.language as tl
@@ -100,80 +89,3 @@ def linear_dz_kernel(
     if STORE_DZ:
         tl.store(dz_ptr + offs_n[:, None] * stride_dz + local_v[None, :], dz.to(dz_ptr.dtype.element_ty),
                  mask=mask_n[:, None] & mask_v[None, :])
-
-
-@triton.heuristics(
-    {
-        **GRAD_HEURISTICS,
-        "HAS_BIAS": lambda a: a["b_ptr"] is not None,
-        "COMPUTE_DX": lambda a: a["dx_ptr"] is not None,
-        "COMPUTE_DW": lambda a: a["dw_ptr"] is not None,
-        "COMPUTE_DB": lambda a: a["db_ptr"] is not None,
-    }
-)
-@triton.jit
-def linear_grad_kernel(
-    x_ptr, w_ptr, b_ptr, y_ptr,
-    m_ptr, log_s_ptr, ent_ptr, tau_ptr, frac_ptr, log_s_c_ptr, ent_c_ptr,
-    g_lp_ptr, g_ent_ptr, g_cl_ptr,
-    dx_ptr, dw_ptr, db_ptr,
-    N, V, H, stride_x, stride_w, ignore_index,
-    logit_scale, softcap, temperature, inv_temperature, scal_ptr,
-    HAS_BIAS: tl.constexpr, HAS_SOFTCAP: tl.constexpr,
-    HAS_G_LP: tl.constexpr, HAS_G_ENT: tl.constexpr, HAS_G_CL: tl.constexpr,
-    COMPUTE_DX: tl.constexpr, COMPUTE_DW: tl.constexpr, COMPUTE_DB: tl.constexpr,
-    BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_H: tl.constexpr,
-    UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr,
-):
-    """Row statistics [N] (m, log s; entropy when g_ent; tau, frac, log s_S, ent_c when g_cl) and upstream
-    gradients [N] -> atomically adds into dx [N, H], dw [V, H], db [V] (fp32, or fp64 for fp64).
-
-    ``dx``/``dw`` are contiguous with row stride H; ``x``/``W`` have row strides stride_x/stride_w.
-    """
-    logit_scale = scalar_arg(scal_ptr, 0, logit_scale)
-    softcap = scalar_arg(scal_ptr, 1, softcap)
-    temperature = scalar_arg(scal_ptr, 2, temperature)
-    inv_temperature = scalar_arg(scal_ptr, 3, inv_temperature)
-    pid_n = tl.program_id(0)
-    pid_v = tl.program_id(1)
-    offs_n = pid_n.to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N)
-    offs_v = pid_v.to(tl.int64) * BLOCK_V + tl.arange(0, BLOCK_V)
-    mask_n = offs_n < N
-    mask_v = offs_v < V
-    z = linear_logit_tile(
-        x_ptr, w_ptr, b_ptr, offs_n, offs_v, mask_n, mask_v, H, stride_x, stride_w,
-        logit_scale, softcap, inv_temperature, HAS_BIAS, HAS_SOFTCAP,
-        BLOCK_N, BLOCK_V, BLOCK_H, UPCAST, DOT_PRECISION,
-    )
-    dz = tile_grad(
-        z, offs_n, offs_v, mask_n, mask_v, y_ptr,
-        m_ptr, log_s_ptr, ent_ptr, tau_ptr, frac_ptr, log_s_c_ptr, ent_c_ptr,
-        g_lp_ptr, g_ent_ptr, g_cl_ptr, ignore_index,
-        logit_scale, softcap, temperature, inv_temperature,
-        HAS_SOFTCAP, HAS_G_LP, HAS_G_ENT, HAS_G_CL,
-    )
-    if COMPUTE_DB:
-        tl.atomic_add(db_ptr + offs_v, tl.sum(dz, axis=0), mask=mask_v, sem="relaxed")
-    # tensor-core operand: the input dtype (rounded like the interpreter's fp32 stand-in)
-    dz_op = dz.to(w_ptr.dtype.element_ty)
-    if UPCAST:
-        dz_op = dz_op.to(tl.float32)
-    # clamped instead of masked loads (see linear_logit_tile); stores stay masked
-    rows = tl.where(mask_n, offs_n, 0)
-    cols = tl.where(mask_v, offs_v, 0)
-    offs_h = tl.arange(0, BLOCK_H)
-    for h0 in range(0, H, BLOCK_H):
-        hs = h0 + offs_h
-        mask_h = hs < H
-        if COMPUTE_DX:
-            w = tl.load(w_ptr + cols[:, None] * stride_w + hs[None, :], mask=mask_h[None, :], other=0.0)
-            if UPCAST:
-                w = w.to(tl.float32)
-            dx = tl.dot(dz_op, w, input_precision=DOT_PRECISION, out_dtype=dx_ptr.dtype.element_ty)
-            tl.atomic_add(dx_ptr + offs_n[:, None] * H + hs[None, :], dx, mask=mask_n[:, None] & mask_h[None, :], sem="relaxed")
-        if COMPUTE_DW:
-            x = tl.load(x_ptr + rows[:, None] * stride_x + hs[None, :], mask=mask_h[None, :], other=0.0)
-            if UPCAST:
-                x = x.to(tl.float32)
-            dw = tl.dot(tl.trans(dz_op), x, input_precision=DOT_PRECISION, out_dtype=dw_ptr.dtype.element_ty)
-            tl.atomic_add(dw_ptr + offs_v[:, None] * H + hs[None, :], dw, mask=mask_v[:, None] & mask_h[None, :], sem="relaxed")

@@ -13,7 +13,6 @@ statistics. The gold result runs the same formulas in fp64 on the fp32 inputs. C
 uses the tie rule of MATH.md section 3 (ties at the threshold share the remaining weight) in all
 three, so that gradients at exact ties compare.
 """
-import contextlib
 import itertools
 import math
 
@@ -290,7 +289,7 @@ def _fp64_case(path):
 # temperature 0.7, softcap 23.3 and logit_scale 1.3 are not fp32 numbers: rounded to fp32 they move
 # every result by ~1e-8 relative, 1e4 times the tolerance
 FP64_SCALARS = {"temperature": dict(temperature=0.7), "all": dict(temperature=0.7, softcap=23.3, logit_scale=1.3)}
-_SCALAR_KERNELS = ("linear_stats_kernel", "linear_dz_kernel", "linear_grad_kernel", "linear_radix_kernel",
+_SCALAR_KERNELS = ("linear_stats_kernel", "linear_dz_kernel", "linear_radix_kernel",
                    "logits_stats_kernel", "logits_grad_kernel", "logits_radix_kernel")
 
 
@@ -318,14 +317,11 @@ def gpu_float_args(monkeypatch):
 
 @TRITON_SKIP
 @pytest.mark.parametrize("path,scalars", [("logits", "temperature"), ("logits-topk", "temperature"),
-                                          ("linear", "temperature"), ("linear", "all"), ("linear-topk", "all"),
-                                          ("linear-atomic", "all")])
+                                          ("linear", "temperature"), ("linear", "all"), ("linear-topk", "all")])
 def test_fp64_scalars_keep_fp64_precision(path, scalars, gpu_float_args):
     """fp64 kernels read the scalars from ``scal_ptr``, not from the fp32-typed arguments. On CUDA
     (``FUSED_ENTROPY_TEST_DEVICE=cuda``) the kernels are compiled; on CPU ``gpu_float_args`` rounds
     the float arguments as a GPU would."""
-    from fused_entropy.kernels import configs
-
     kw = FP64_SCALARS[scalars]
     h, w, b, y, up = _fp64_case(path)
     k = 9 if path.endswith("topk") else None
@@ -342,10 +338,9 @@ def test_fp64_scalars_keep_fp64_precision(path, scalars, gpu_float_args):
                                      if t is not None), logits.to(DEVICE), [u.to(DEVICE) for u in up])
     else:
         want = _grads(lambda hh: gold_fn(hh @ w.T + b), h, up)
-        with configs.override(backward="atomic") if path.endswith("atomic") else contextlib.nullcontext():
-            got = _grads(lambda hh: tuple(t for t in fe.linear_logprobs(hh, w.to(DEVICE), y.to(DEVICE), bias=b.to(DEVICE),
-                                                                        backend="triton", topk=k, **kw) if t is not None),
-                         h.to(DEVICE), [u.to(DEVICE) for u in up])
+        got = _grads(lambda hh: tuple(t for t in fe.linear_logprobs(hh, w.to(DEVICE), y.to(DEVICE), bias=b.to(DEVICE),
+                                                                    backend="triton", topk=k, **kw) if t is not None),
+                     h.to(DEVICE), [u.to(DEVICE) for u in up])
     for j in (0, 1):
         for a, o in zip(got[j], want[j]):
             torch.testing.assert_close(a.cpu(), o, rtol=1e-12, atol=1e-12)

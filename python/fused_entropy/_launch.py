@@ -23,7 +23,7 @@ from ._launch_radix import _clamped
 from ._types import LogitTransform, RowStats
 from .kernels import configs
 from .kernels._online import finish_stats_kernel
-from .kernels.linear_grad import linear_dz_kernel, linear_grad_kernel
+from .kernels.linear_grad import linear_dz_kernel
 from .kernels.linear_stats import linear_stats_kernel
 from .kernels.logits_stats import logits_grad_kernel, logits_stats_kernel
 from .kernels.topk import linear_radix_kernel, logits_radix_kernel
@@ -269,31 +269,17 @@ def logits_stats(logits, targets, tf: LogitTransform, ignore_index: int, entropy
 
 def linear_grad(x, weight, bias, targets, tf: LogitTransform, ignore_index: int, stats: RowStats,
                 g_lp, g_ent, g_cl, *, need_x: bool = True, need_weight: bool = True, need_bias: bool = True):
-    """Gradients (x [N, H], weight [V, H], bias [V] | None) in the inputs' dtypes; None where not needed.
+    """Gradients (x [N, H], weight [V, H], bias [V] | None) in the inputs' dtypes; None where not
+    needed. g_* are [N] upstream gradients or None (that term is not formed at all).
 
-    g_* are [N] upstream gradients or None (that term is not formed at all). The design is chosen at
-    every call (``configs.backward_design()``): ``linear_grad_chunked`` (default, deterministic), or
-    ``linear_grad_atomic`` when "atomic" was asked for and torch's deterministic mode is off.
-    """
-    if configs.backward_design() == "atomic" and not torch.are_deterministic_algorithms_enabled():
-        grad = linear_grad_atomic
-    else:
-        grad = linear_grad_chunked
-    return grad(x, weight, bias, targets, tf, ignore_index, stats, g_lp, g_ent, g_cl,
-                need_x=need_x, need_weight=need_weight, need_bias=need_bias)
-
-
-def linear_grad_chunked(x, weight, bias, targets, tf: LogitTransform, ignore_index: int, stats: RowStats,
-                        g_lp, g_ent, g_cl, *, need_x: bool = True, need_weight: bool = True,
-                        need_bias: bool = True):
-    """The deterministic backward (no atomics): per vocabulary chunk ``[v_lo, v_lo + Vc)``,
+    Deterministic, no atomics (``kernels/linear_grad.py``): per vocabulary chunk ``[v_lo, v_lo + Vc)``,
     ``linear_dz_kernel`` writes ``dz [N, Vc]`` (input dtype) and per-row-block column sums, then
 
         dW[chunk] = dz^T @ x        dX += dz @ W[chunk]  (fp32 accumulator)        db[chunk] = sum of the sums
 
     ``Vc`` from ``grad_chunk`` (the buffer bound ``configs.grad_buffer_bytes()``). With one chunk dX
     is written by its GEMM directly. A gradient that is not needed skips its GEMM; with neither dX
-    nor dW needed, dz is not stored. Same arguments and results as ``linear_grad``.
+    nor dW needed, dz is not stored.
 
     Bitwise reproducible run to run on one GPU: no atomics, and cuBLAS picks the same algorithm for
     the same shapes (under ``torch.use_deterministic_algorithms(True)`` torch asks for
@@ -353,53 +339,6 @@ def linear_grad_chunked(x, weight, bias, targets, tf: LogitTransform, ignore_ind
     if dx_acc is not None:
         dx.copy_(dx_acc)
     return dx, dw, db
-
-
-def linear_grad_atomic(x, weight, bias, targets, tf: LogitTransform, ignore_index: int, stats: RowStats,
-                       g_lp, g_ent, g_cl, *, need_x: bool = True, need_weight: bool = True,
-                       need_bias: bool = True):
-    """The atomic backward (opt-in): one ``linear_grad_kernel`` launch adding dX, dW, db into fp32
-    buffers with atomics, then a cast. Run-to-run differences of fp32 rounding; see linear_grad.py.
-    Same arguments and results as ``linear_grad``.
-    """
-    n, h = x.shape
-    vocab = weight.shape[0]
-    dt = dtype_key(x.dtype)
-    acc = acc_dtype(x.dtype)
-    cfg = configs.get("linear_grad", dt)
-    dx = torch.zeros(n, h, device=x.device, dtype=acc) if need_x else None
-    dw = torch.zeros(vocab, h, device=x.device, dtype=acc) if need_weight else None
-    db = torch.zeros(vocab, device=x.device, dtype=acc) if (need_bias and bias is not None) else None
-    g_lp, g_ent, g_cl = (_row(g, acc) for g in (g_lp, g_ent, g_cl))
-    cl = g_cl is not None
-    grid = (triton.cdiv(n, cfg.block_n), triton.cdiv(vocab, cfg.block_v))
-
-    scal = _fp64_scalars(tf, x.dtype, x.device)
-
-    def launch(num_warps, num_stages):
-        linear_grad_kernel[grid](
-            x, weight, bias, targets,
-            *_grad_stats(stats, g_ent, g_cl), g_lp, g_ent, g_cl, dx, dw, db,
-            n, vocab, h, x.stride(0), weight.stride(0), ignore_index,
-            tf.logit_scale, tf.softcap or 0.0, tf.temperature, tf.inv_temperature, scal,
-            BLOCK_N=cfg.block_n, BLOCK_V=cfg.block_v, BLOCK_H=cfg.block_h,
-            UPCAST=_upcast(x.dtype), DOT_PRECISION=_dot_precision(x.dtype),
-            num_warps=num_warps, num_stages=num_stages,
-        )
-
-    def reset():
-        for t in (dx, dw, db):
-            if t is not None:
-                t.zero_()
-
-    if n > 0 and (g_lp is not None or g_ent is not None or g_cl is not None):
-        _run("linear_grad", dt, (h, vocab, configs.bucket(n), g_lp is not None, g_ent is not None, cl),
-             cfg, launch, reset)
-    return (
-        None if dx is None else dx.to(x.dtype),
-        None if dw is None else dw.to(weight.dtype),
-        None if db is None else db.to(bias.dtype),
-    )
 
 
 def _logits_grad_launch(logits, targets, tf: LogitTransform, ignore_index: int, stats: RowStats, g_lp, g_ent, g_cl,

@@ -8,9 +8,7 @@ radix digits after the first are selected from there (``kernels/topk.py``). Back
 deterministic, no atomics): per vocabulary chunk a kernel recomputes the logit tiles and stores dL/dz,
 and two cuBLAS GEMMs turn it into dW[chunk] and dX; the chunk's dz buffer is bounded by
 ``configs.grad_buffer_bytes()`` (256 MiB), never a full ``[N, V]`` buffer at large N x V.
-``FUSED_ENTROPY_BACKWARD=atomic`` (or ``configs.override(backward="atomic")``) selects the older
-single-kernel backward with fp32 atomics instead, outside torch's deterministic mode
-(``kernels/linear_grad.py`` compares the two). The logits entry point writes only the logits
+(``kernels/linear_grad.py`` says why the older fp32-atomic backward was removed.) The logits entry point writes only the logits
 gradient itself. fp16/bf16/fp32/fp64 inputs.
 
 Beyond the interface, ``linear_forward_backward`` is the single pass of ``LinearGRPOLoss`` (as in

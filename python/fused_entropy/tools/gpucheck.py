@@ -8,13 +8,13 @@ It settles as much as possible in one call of at most ``--budget-s`` seconds (de
                  clamped entropy (topk=64, clamp_p=0.3) and every gradient against an fp64 torch
                  reference on the same device, next to plain torch's own error at that precision;
                  exact ties at the top-k boundary; run-to-run determinism of forward and backward
-                 per backward design; N*V > 2^31 through ``logprobs_from_logits``; fp32 ieee vs
+                 (bitwise: no atomics); N*V > 2^31 through ``logprobs_from_logits``; fp32 ieee vs
                  tf32; the GRPO objective kernel against the torch path
     perf         bf16 (N, H, V) in (8192, 4096, 131072), (4096, 2048, 131072), (4096, 2048, 32768),
                  (8192, 4096, 151936): forward and forward+backward medians
                  (``triton.testing.do_bench``), peak memory, TFLOP/s and % of the measured matmul
                  ceiling, for the cuBLAS GEMM floor, native materialized torch, TRL, Liger, Cut
-                 Cross-Entropy and this package (each backward design); a kernel breakdown
+                 Cross-Entropy and this package; a kernel breakdown
                  (torch.profiler) of the fused path
     tests        the device-following test suite on CUDA (``FUSED_ENTROPY_TEST_DEVICE=cuda``),
                  split over parallel processes
@@ -350,51 +350,23 @@ def _check_ties(rec, device, dtype) -> bool:
                     base[0] + base[1], torch.ones(n, dtype=torch.bool, device=device))
 
 
-def _designs() -> List[Optional[str]]:
-    """Backward designs this build ships: values of FUSED_ENTROPY_BACKWARD (None: the default)."""
-    try:
-        from fused_entropy.kernels import configs
-
-        known = getattr(configs, "BACKWARDS", None)
-        if known:
-            return list(known)
-    except ImportError:
-        pass
-    return [None]
-
-
-def _set_design(design: Optional[str]) -> None:
-    if design is None:
-        os.environ.pop("FUSED_ENTROPY_BACKWARD", None)
-    else:
-        os.environ["FUSED_ENTROPY_BACKWARD"] = design
-
-
 def _check_determinism(rec, device, n, h, v) -> bool:
     import torch
 
     import fused_entropy as fe
 
     x, w, b, y, up = _linear_case(n, h, v, torch.bfloat16 if device.type == "cuda" else torch.float32, device, seed=5)
-    ok = True
-    for design in _designs():
-        _set_design(design)
-        runs = []
-        for _ in range(3):
-            out, grads = _grads(fe.linear_logprobs, x, w, b, y, [up[0], up[1], None], x.dtype, entropy=True)
-            runs.append([o for o in out if o is not None] + list(grads))
-        diffs = [max((r[i].double() - runs[0][i].double()).abs().max().item() for r in runs[1:])
-                 for i in range(len(runs[0]))]
-        fwd, bwd = max(diffs[:2]), max(diffs[2:])
-        label = design or "default"
-        # the forward never uses atomics: bitwise equal; the backward must be too unless it is the
-        # atomic design (reported, not failed)
-        bitwise = fwd == 0 and (bwd == 0 or design == "atomic")
-        ok &= bitwise
-        rec("check", name=f"determinism 3 runs, backward={label}", fwd_max_abs=fwd, bwd_max_abs=bwd,
-            ok=bitwise, shape=[n, h, v])
-        print(f"  {'ok ' if bitwise else 'BAD'} determinism backward={label}: fwd {fwd:.3g}, bwd {bwd:.3g}")
-    _set_design(None)
+    runs = []
+    for _ in range(3):
+        out, grads = _grads(fe.linear_logprobs, x, w, b, y, [up[0], up[1], None], x.dtype, entropy=True)
+        runs.append([o for o in out if o is not None] + list(grads))
+    diffs = [max((r[i].double() - runs[0][i].double()).abs().max().item() for r in runs[1:])
+             for i in range(len(runs[0]))]
+    fwd, bwd = max(diffs[:2]), max(diffs[2:])
+    # no atomics anywhere: forward and backward bitwise equal run to run
+    ok = fwd == 0 and bwd == 0
+    rec("check", name="determinism 3 runs", fwd_max_abs=fwd, bwd_max_abs=bwd, ok=ok, shape=[n, h, v])
+    print(f"  {'ok ' if ok else 'BAD'} determinism: fwd {fwd:.3g}, bwd {bwd:.3g}")
     return ok
 
 
@@ -539,14 +511,13 @@ def _perf_rows(case, device) -> List[tuple]:
 
     rows = []
 
-    def fused(entropy=True, topk=None, clamp_p=None, design=None, backend="auto"):
+    def fused(entropy=True, topk=None, clamp_p=None, backend="auto"):
         def build():
             from fused_entropy import linear_logprobs
 
             x, w, y = P.linear_inputs(case, device)
 
             def fwd():
-                _set_design(design)
                 return linear_logprobs(x, w, y, entropy=entropy, topk=topk, clamp_p=clamp_p, backend=backend)
 
             def fwdbwd():
@@ -641,12 +612,10 @@ def _perf_rows(case, device) -> List[tuple]:
             x, w, ids, mask, adv = P.grpo_inputs(case, device)
 
             def fwd():
-                _set_design(None)
                 with torch.no_grad():
                     return loss_fn(x, w, ids, mask, adv)
 
             def fwdbwd():
-                _set_design(None)
                 loss_fn(x, w, ids, mask, adv)[0].backward()
 
             return fwd, fwdbwd, [x, w]
@@ -671,9 +640,7 @@ def _perf_rows(case, device) -> List[tuple]:
         return fwd, fwdbwd, [x, w]
 
     rows.append(("floor", "cuBLAS GEMM floor (1 fwd / 4 fwd+bwd)", 1, 4, floor))
-    for design in _designs():
-        label = "fused linear_logprobs logp+H" + ("" if design is None else f" [{design} backward]")
-        rows.append((f"fused{'' if design is None else '-' + design}", label, 1, 4, fused(design=design)))
+    rows.append(("fused", "fused linear_logprobs logp+H", 1, 4, fused()))
     if device.type == "cuda":
         rows.append(("fused-torch", "fused linear_logprobs [torch backend]", 1, 4, fused(backend="torch")))
     rows.append(("native", "native torch (materialized logits, log_softmax)", 1, 3, native))
@@ -751,7 +718,6 @@ def _perf_case(args, rec: Recorder, device, shape, ceiling: Optional[float], pro
             rec("perf", status="error", why=f"{type(e).__name__}: {e}", trace=traceback.format_exc()[-1500:], **base)
             print(f"  - {label}: FAILED {type(e).__name__}: {e}")
         finally:
-            _set_design(None)
             del fwd, fwdbwd, leaves
             if device.type == "cuda":
                 torch.cuda.empty_cache()

@@ -19,17 +19,16 @@ def roofline(n: int, h: int, v: int, dtype: str = "bf16", gpu=H100_SXM) -> List[
     (``configs.RADIX_DIGITS``; the vocabulary-parallel select, ``linear_radix_kernel``, still
     recomputes one GEMM pass per digit: listed, in no workload); the single pass of
     ``LinearGRPOLoss`` makes 3 (logits into the buffer, then dX and dW from dz in cuBLAS, with an fp32
-    dW accumulator read and written once per row chunk); the backward makes 3 (recompute, dX, dW) in either design: chunked
-    (default: ``linear_dz_kernel`` writes dz, cuBLAS reads it twice; ``GRAD_BUFFER_BYTES`` sets the
-    chunks, each adding a read and write of the fp32 dX accumulator) or atomic (``linear_grad_kernel``). Bytes are compulsory
+    dW accumulator read and written once per row chunk); the backward makes 3 (recompute, dX, dW):
+    ``linear_dz_kernel`` writes dz, cuBLAS reads it twice; ``GRAD_BUFFER_BYTES`` sets the chunks, each
+    adding a read and write of the fp32 dX accumulator. Bytes are compulsory
     traffic: every input read once, every output written once, as if tiles were re-read from L2 and
     never from HBM. Two risks are counted beside the bound, from the shipped block sizes:
     ``tile_bytes``, the operand bytes the GEMM tiles load (a [BLOCK_N, BLOCK_H] x tile and a
     [BLOCK_V, BLOCK_H] W tile per step: 2 BN BV / ((BN + BV) e) FLOP per byte, far below H100's
     295 FLOP/byte ridge), served by L2 at best (``tile_hbm_ms`` if none were); and ``atomic_adds``,
-    the fp32 adds of the backward into dX and dW (``V/BLOCK_V`` per dX element, ``N/BLOCK_N`` per dW
-    element) and of the radix passes into the histogram (at most one per logit and pass), which
-    cost a read and a write in HBM each whenever the accumulator does not stay in L2
+    the int32 adds of the radix passes into the histogram (at most one per logit and pass), which
+    cost a read and a write in HBM each whenever the histogram does not stay in L2
     (``atomic_hbm_ms``).
     """
     from ..kernels import configs
@@ -74,13 +73,7 @@ def roofline(n: int, h: int, v: int, dtype: str = "bf16", gpu=H100_SXM) -> List[
         2 * gemm, 2 * n * v * e + n * h * e + v * h * e + n * h * e + dw_bytes + v * acc)
     add("radix_select_kernel", "clamped entropy: pick a digit per row (reads + zeroes the histogram)", 0,
         2 * n * nbins * 4 + 6 * n * acc, launches=len(digits))
-    add("linear_grad_kernel", "backward: recompute + dX + dW (3 passes)", 3 * gemm,
-        n * h * e + v * h * e + 8 * n + 8 * n * acc + (n * h + v * h) * acc,
-        atomic_adds=math.ceil(v / g.block_v) * n * h + math.ceil(n / g.block_n) * v * h,
-        # recompute as the forward; dX = dz W streams W tiles (2 BN FLOP/e bytes), dW = dz^T x streams x tiles
-        tile_bytes=gemm / fwd_ai(g) + gemm * e / (2 * g.block_n) + gemm * e / (2 * g.block_v))
-    add("(launcher, torch)", "zero dX, dW; cast them to the input dtype", 0, (n * h + v * h) * (2 * acc + e))
-    # the chunked backward (default): dz [N, V] in chunks of at most GRAD_BUFFER_BYTES, no atomics
+    # the backward: dz [N, V] in chunks of at most GRAD_BUFFER_BYTES, no atomics
     chunks = max(1, math.ceil(n * v * e / configs.GRAD_BUFFER_BYTES))
     add("linear_dz_kernel", f"backward, chunked: recompute + store dz ({chunks} chunks, 1 pass)", gemm,
         n * h * e + v * h * e + 8 * n + 8 * n * acc + n * v * e + math.ceil(n / g.block_n) * v * acc,
@@ -108,7 +101,6 @@ def roofline(n: int, h: int, v: int, dtype: str = "bf16", gpu=H100_SXM) -> List[
 
 # name -> (the kernels it runs, what it is)
 _CHUNKED_BWD = ("linear_dz_kernel", "(cuBLAS) dW, dX")
-_ATOMIC_BWD = ("linear_grad_kernel", "(launcher, torch)")
 WORKLOADS = {
     "linear": (("linear_stats_kernel", "finish_stats_kernel") + _CHUNKED_BWD,
                "linear_logprobs + entropy, fwd+bwd"),
@@ -118,8 +110,6 @@ WORKLOADS = {
     "grpo-single": (("linear_stats_kernel", "finish_stats_kernel", "linear_stats_kernel +Z",
                      "logits_grad_kernel (Z_IN)", "(cuBLAS) single pass dX, dW"),
                     "LinearGRPOLoss single pass (Triton): logits buffer, dz, dX, dW"),
-    "linear-atomic": (("linear_stats_kernel", "finish_stats_kernel") + _ATOMIC_BWD,
-                      "linear_logprobs + entropy, fwd+bwd, atomic backward (opt-in)"),
     "logits": (("logits_stats_kernel", "finish_stats_kernel", "logits_grad_kernel"),
                "logits entry point, fwd+bwd (logits already in memory)"),
     "logits+clamped": (("logits_stats_kernel", "finish_stats_kernel", "logits_grad_kernel",

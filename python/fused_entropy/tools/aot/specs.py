@@ -259,7 +259,6 @@ def _head_scenarios(rec: _Recorder, shape: str, label: str, dtype):
 
     from ...backends import triton as backend
     from ..._types import LogitTransform
-    from ...kernels import configs
 
     dims = SHAPES[shape]
     n, h, v, topk = dims["n"], dims["h"], dims["v"], dims["k"]
@@ -280,12 +279,10 @@ def _head_scenarios(rec: _Recorder, shape: str, label: str, dtype):
         needs_sets = [(True, True, bias)]
         if takes_needs:
             needs_sets = [nd for nd in itertools.product((True, False), (True, False), (bias,)) if nd[0] or nd[1]]
-        # both backward designs: chunked (the default) and atomic (opt-in, configs.backward_design)
-        for design, grads, needs in itertools.product(configs.BACKWARDS, _nonempty_subsets(terms), needs_sets):
+        for grads, needs in itertools.product(_nonempty_subsets(terms), needs_sets):
             gs = [g if t in grads else None for t in ("lp", "ent", "cl")]
             kw = {"needs": needs} if takes_needs else {}
-            with configs.override(backward=design):
-                backend.linear_backward(x, w, b if bias else None, y, tf, -100, stats, *gs, k, **kw)
+            backend.linear_backward(x, w, b if bias else None, y, tf, -100, stats, *gs, k, **kw)
         if entropy and hasattr(backend, "linear_forward_backward"):
             # the single pass (LinearGRPOLoss): z kept in the logits buffer, dz formed from it (Z_IN)
             for grads in (terms, ["lp"]):
