@@ -90,7 +90,8 @@ def linear_logit_tile(
         "STORE_Z": lambda a: a["z_ptr"] is not None,
     }
 )
-@triton.jit(do_not_specialize=["block0"])  # one build whatever the first row block
+# one build whatever the first row block and the tiles per split (1 or a multiple of 16 would specialize)
+@triton.jit(do_not_specialize=["tiles_per_split", "block0"])
 def linear_stats_kernel(
     x_ptr, w_ptr, b_ptr, y_ptr, part_ptr, hist_ptr, z_ptr,
     N, V, H, stride_x, stride_w, stride_z, ignore_index,

@@ -84,7 +84,8 @@ def _load_prefix(prefix_ptr, offs_n, mask_n):
         "LAST": lambda a: a["above_ptr"] is not None,
     }
 )
-@triton.jit(do_not_specialize=["block0"])  # one build whatever the first row block
+# one build whatever the first row block and the tiles per split (1 or a multiple of 16 would specialize)
+@triton.jit(do_not_specialize=["tiles_per_split", "block0"])
 def linear_radix_kernel(
     x_ptr, w_ptr, b_ptr, prefix_ptr, m_ptr, hist_ptr, above_ptr,
     N, V, H, stride_x, stride_w, logit_scale, softcap, inv_temperature, scal_ptr, tiles_per_split, block0,

@@ -76,7 +76,8 @@ def _inputs(n, h, v, seed=0):
 
 def _all_outputs(x, w, b, y, k, group, split):
     tf = LogitTransform(softcap=5.0)
-    with C.override(linear_stats=TINY, linear_grad=TINY, linear_radix=TINY, group_rows=group, split=split):
+    forced = dict(group_rows=group) if split is None else dict(group_rows=group, split=split)
+    with C.override(linear_stats=TINY, linear_grad=TINY, linear_radix=TINY, **forced):
         stats = _launch.linear_stats(x, w, b, y, tf, -100, True, k)
         n = x.shape[0]
         gen = torch.Generator().manual_seed(3)
@@ -92,7 +93,9 @@ def test_results_do_not_depend_on_group_or_split_and_match_fp64():
     # 45 rows in blocks of 8: 6 row blocks; groups 1, 4 (not dividing 6) and 6 (the plain order)
     x, w, b, y = _inputs(45, 24, 53)
     k = 5
-    runs = {(group, split): _all_outputs(x, w, b, y, k, group, split) for group, split in [(1, 1), (4, 3), (6, 2)]}
+    # (4, None): the launcher's own split (whole waves for the interpreter's 4 "SMs" x 2) with groups of 4
+    runs = {(group, split): _all_outputs(x, w, b, y, k, group, split)
+            for group, split in [(1, 1), (4, 3), (6, 2), (4, None)]}
     (stats0, grads0, sel0, g), *others = runs.values()
     for stats, grads, sel, _ in others:
         # the split changes the order in which the online states are merged; the group nothing
@@ -107,12 +110,15 @@ def test_results_do_not_depend_on_group_or_split_and_match_fp64():
         assert (t is None and t0 is None) or torch.equal(t, t0)
     for t, t0 in zip(same[0][1], same[1][1]):
         assert torch.equal(t, t0)
-    # and against the fp64 reference
+    for t, t0 in zip(same[0][2], same[1][2]):
+        assert torch.equal(t, t0)
+    # and every run against the fp64 reference
     ref = R.linear_logprobs(x, w, y, bias=b, softcap=5.0, topk=k)
     valid = y != -100
-    torch.testing.assert_close(stats0.logprobs[valid], ref.logprobs[valid], rtol=1e-12, atol=1e-12)
-    torch.testing.assert_close(stats0.entropy, ref.entropy, rtol=1e-12, atol=1e-12)
-    torch.testing.assert_close(stats0.clamped_entropy, ref.clamped_entropy, rtol=1e-12, atol=1e-12)
+    for stats, *_ in runs.values():
+        torch.testing.assert_close(stats.logprobs[valid], ref.logprobs[valid], rtol=1e-12, atol=1e-12)
+        torch.testing.assert_close(stats.entropy, ref.entropy, rtol=1e-12, atol=1e-12)
+        torch.testing.assert_close(stats.clamped_entropy, ref.clamped_entropy, rtol=1e-12, atol=1e-12)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -120,8 +126,12 @@ def test_results_do_not_depend_on_group_or_split_and_match_fp64():
 # ---------------------------------------------------------------------------------------------
 
 
-def _efficiency(n_blocks, n_vtiles, slots, split, per):
-    return n_blocks * n_vtiles / (math.ceil(n_blocks * split / slots) * per * slots)
+def _efficiency(n_blocks, n_vtiles, slots, split, per, group=None):
+    # the launches of a grouped order run one after the other, each in its own waves
+    sizes = [n_blocks] if group is None or group >= n_blocks else \
+        [n_blocks // group * group] + ([n_blocks % group] if n_blocks % group else [])
+    waves = sum(math.ceil(rows * split / slots) for rows in sizes if rows)
+    return n_blocks * n_vtiles / (waves * per * slots)
 
 
 @pytest.mark.parametrize("n_blocks", [1, 3, 8, 25, 64, 74, 200])
@@ -135,12 +145,12 @@ def test_whole_waves_rules(n_blocks, n_vtiles, slots, group):
     if group < n_blocks:
         assert split >= min(n_vtiles, math.ceil(slots / group))
     # no split in the searched range fills the waves more than 1% better
-    eff = _efficiency(n_blocks, n_vtiles, slots, split, per)
+    eff = _efficiency(n_blocks, n_vtiles, slots, split, per, group)
     lo = 1 if group >= n_blocks else min(n_vtiles, math.ceil(slots / group))
     for s in range(lo, min(n_vtiles, max(4 * lo, 4 * math.ceil(slots / n_blocks), 64)) + 1):
         p = math.ceil(n_vtiles / s)
         if math.ceil(n_vtiles / p) >= lo:
-            assert _efficiency(n_blocks, n_vtiles, slots, math.ceil(n_vtiles / p), p) <= eff + 0.01 + 1e-12
+            assert _efficiency(n_blocks, n_vtiles, slots, math.ceil(n_vtiles / p), p, group) <= eff + 0.01 + 1e-12
     # enough work for several waves fills them to within 10%
     if n_blocks * n_vtiles >= 8 * slots:
         assert eff >= 0.9, (split, per, eff)
@@ -162,8 +172,12 @@ def test_group_rows_fits_l2_share_and_override():
     assert _launch_plan.grouped_launches(67, 25) == [(25, 2, 0), (17, 1, 50)]
     assert _launch_plan.group_rows(10, mib, cpu) == 10
     assert _launch_plan.group_rows(64, 2**40, cpu) == 1
-    # grid z holds the groups: at most 65535 of them
-    assert math.ceil(200_000 / _launch_plan.group_rows(200_000, 2**40, cpu)) <= 65535
+    # grid z holds the groups: at most 65535 of them, forced or not
+    for n_blocks in (65535, 65537, 131071, 200_000):
+        for forced in ({}, {"group_rows": 1}):
+            with C.override(**forced):
+                g = _launch_plan.group_rows(n_blocks, 2**40, cpu)
+            assert all(groups <= 65535 for _, groups, _ in _launch_plan.grouped_launches(n_blocks, g)), (n_blocks, g)
     with C.override(group_rows=3):
         assert _launch_plan.group_rows(64, 1, cpu) == 3
         assert _launch_plan.group_rows(2, 1, cpu) == 2
@@ -239,6 +253,13 @@ def test_programs_per_sm_falls_back_with_a_warning(monkeypatch):
 @pytest.mark.skipif(DEVICE != "cuda", reason="reads a kernel compiled for this GPU")
 def test_programs_per_sm_from_a_real_compiled_kernel():
     x, w, b, y = (t.to(torch.bfloat16) if t.is_floating_point() else t for t in _inputs(300, 64, 1000))
-    _launch.linear_stats(x, w, b, y, LogitTransform(), -100, True, None)
-    rows = [r for r in _launch_plan.occupancy_report() if r[0][0] == "linear_stats" and r[0][1] == "bf16"]
-    assert rows and all(src.startswith("compiled:") and occ >= 1 for _, _, occ, src in rows), rows
+    tf = LogitTransform()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", RuntimeWarning)  # a fallback to the assumed occupancy fails here
+        _launch.linear_stats(x, w, b, y, tf, -100, True, None)
+        stats = _launch.linear_stats(x, w, b, y, tf, -100, True, 5)  # top-k: the logits-buffer build
+        _launch.linear_topk_select(x, w, b, tf, 5, stats.m.clone(), lambda t: t)
+    rows = [r for r in _launch_plan.occupancy_report() if r[0][1] == "bf16"]
+    kinds = {(r[0][0], r[0][5] if r[0][0] == "linear_stats" else None) for r in rows}
+    assert {("linear_stats", False), ("linear_stats", True), ("linear_radix", None)} <= kinds, rows
+    assert all(src.startswith("compiled:") and occ >= 1 for _, _, occ, src in rows), rows

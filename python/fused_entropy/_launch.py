@@ -61,21 +61,33 @@ def _call(kernel, grid, warm: bool, *args, **kwargs):
     return kernel[grid](*args, **kwargs)
 
 
+# Rows and columns of the stand-in tensors of an occupancy build (``_stand_in``): a multiple of 16
+_STAND_IN = 32
+
+
+def _stand_in(t: Optional[torch.Tensor], *shape: int) -> Optional[torch.Tensor]:
+    """A small tensor of ``t``'s dtype and device (None for None) for a warmup-only compile: sizes and
+    strides multiples of 16 and an aligned pointer, so that the build whose occupancy is read is the
+    same whatever the shapes of the call that asked first, and with it the split of every later call
+    (the split changes the merge order, hence the bits)."""
+    return None if t is None else torch.empty(*shape, device=t.device, dtype=t.dtype)
+
+
 def _linear_radix_pass(x, weight, bias, tf: LogitTransform, m, hist, cfg: configs.Config, n_blocks: int):
     """(radix_pass, SPLIT): the ``radix_pass`` of ``_clamped`` for the linear head (one
     ``linear_radix_kernel`` launch per digit, in the grouped launch order) and the vocabulary split
     that every pass uses, chosen for the occupancy of the heaviest pass (the last digit's)."""
-    n, h = x.shape
-    vocab = weight.shape[0]
+    h = x.shape[1]
     group = group_rows(n_blocks, cfg.block_n * h * x.element_size(), x.device)
     scal = _fp64_scalars(tf, x.dtype, x.device)
 
-    def call(prefix, above, shift, bits, split, per, warm=False):
-        for rows, groups, block0 in grouped_launches(n_blocks, group):
+    def call(tensors, prefix, above, shift, bits, split, per, warm=False):
+        xx, ww, bb, mm, hh = tensors
+        for rows, groups, block0 in grouped_launches(triton.cdiv(xx.shape[0], cfg.block_n), group):
             compiled = _call(
                 linear_radix_kernel, (rows, split, groups), warm,
-                x, weight, bias, prefix, m, hist, above,
-                n, vocab, h, x.stride(0), weight.stride(0),
+                xx, ww, bb, prefix, mm, hh, above,
+                xx.shape[0], ww.shape[0], xx.shape[1], xx.stride(0), ww.stride(0),
                 tf.logit_scale, tf.softcap or 0.0, tf.inv_temperature, scal, per, block0,
                 SHIFT=shift, BITS=bits, NBINS=configs.RADIX_NBINS,
                 BLOCK_N=cfg.block_n, BLOCK_V=cfg.block_v, BLOCK_H=cfg.block_h,
@@ -86,14 +98,20 @@ def _linear_radix_pass(x, weight, bias, tf: LogitTransform, m, hist, cfg: config
                 return compiled
 
     def compile_last():
+        c = _STAND_IN
         digits = configs.RADIX_DIGITS[64 if x.dtype == torch.float64 else 32]
-        prefix = torch.zeros(n, device=x.device, dtype=torch.int64 if x.dtype == torch.float64 else torch.int32)
-        return call(prefix, torch.empty(2, 2, n, device=x.device, dtype=m.dtype), 0, digits[-1], 2, 2, warm=True)
+        key_dtype = torch.int64 if x.dtype == torch.float64 else torch.int32
+        tensors = (_stand_in(x, c, c), _stand_in(weight, c, c), _stand_in(bias, c), _stand_in(m, c),
+                   _stand_in(hist, c, configs.RADIX_NBINS))
+        prefix = torch.empty(c, device=x.device, dtype=key_dtype)
+        return call(tensors, prefix, torch.empty(2, 2, c, device=x.device, dtype=m.dtype), 0, digits[-1], 2, 2,
+                    warm=True)
 
-    key = ("linear_radix", x.dtype, cfg, bias is not None, bool(tf.softcap), _dot_precision(x.dtype))
+    key = ("linear_radix", dtype_key(x.dtype), cfg, bias is not None, bool(tf.softcap), _dot_precision(x.dtype))
     occ = programs_per_sm(key, x.device, compile_last)
-    split, per = _split(n_blocks, triton.cdiv(vocab, cfg.block_v), x.device, occ, group)
-    return (lambda prefix, above, shift, bits: call(prefix, above, shift, bits, split, per)), split
+    split, per = _split(n_blocks, triton.cdiv(weight.shape[0], cfg.block_v), x.device, occ, group)
+    tensors = (x, weight, bias, m, hist)
+    return (lambda prefix, above, shift, bits: call(tensors, prefix, above, shift, bits, split, per)), split
 
 
 def _linear_stats_pass(x, weight, bias, targets, tf: LogitTransform, ignore_index: int, hist, z):
@@ -110,13 +128,14 @@ def _linear_stats_pass(x, weight, bias, targets, tf: LogitTransform, ignore_inde
     shift, bits = _radix_first(None, x.dtype)
     scal = _fp64_scalars(tf, x.dtype, x.device)
 
-    def call(part, split, per, num_warps, num_stages, warm=False):
-        for rows, groups, block0 in grouped_launches(n_blocks, group):
+    def call(tensors, split, per, num_warps, num_stages, warm=False):
+        xx, ww, bb, yy, part, hh, zz = tensors
+        for rows, groups, block0 in grouped_launches(triton.cdiv(xx.shape[0], cfg.block_n), group):
             compiled = _call(
                 linear_stats_kernel, (rows, split, groups), warm,
-                x, weight, bias, targets, part, hist, z,
-                n, vocab, h, x.stride(0), weight.stride(0), 0 if z is None else z.stride(0), ignore_index,
-                tf.logit_scale, tf.softcap or 0.0, tf.inv_temperature, scal, per, block0,
+                xx, ww, bb, yy, part, hh, zz,
+                xx.shape[0], ww.shape[0], xx.shape[1], xx.stride(0), ww.stride(0), 0 if zz is None else zz.stride(0),
+                ignore_index, tf.logit_scale, tf.softcap or 0.0, tf.inv_temperature, scal, per, block0,
                 RADIX_SHIFT=shift, RADIX_BITS=bits, NBINS=configs.RADIX_NBINS,
                 BLOCK_N=cfg.block_n, BLOCK_V=cfg.block_v, BLOCK_H=cfg.block_h,
                 UPCAST=_upcast(x.dtype), DOT_PRECISION=_dot_precision(x.dtype),
@@ -126,16 +145,20 @@ def _linear_stats_pass(x, weight, bias, targets, tf: LogitTransform, ignore_inde
                 return compiled
 
     def compile_it():
-        part = torch.empty(4, 2, n, device=x.device, dtype=acc_dtype(x.dtype))
-        return call(part, 2, 2, cfg.num_warps, cfg.num_stages, warm=True)
+        c = _STAND_IN
+        tensors = (_stand_in(x, c, c), _stand_in(weight, c, c), _stand_in(bias, c), _stand_in(targets, c),
+                   torch.empty(4, 2, c, device=x.device, dtype=acc_dtype(x.dtype)),
+                   _stand_in(hist, c, configs.RADIX_NBINS), _stand_in(z, c, c))
+        return call(tensors, 2, 2, cfg.num_warps, cfg.num_stages, warm=True)
 
     key = ("linear_stats", dt, cfg, bias is not None, bool(tf.softcap), hist is not None, z is not None,
            _dot_precision(x.dtype))
     occ = programs_per_sm(key, x.device, compile_it)
     split, per = _split(n_blocks, triton.cdiv(vocab, cfg.block_v), x.device, occ, group)
     part = torch.empty(4, split, n, device=x.device, dtype=acc_dtype(x.dtype))
+    tensors = (x, weight, bias, targets, part, hist, z)
     _run("linear_stats", dt, (h, vocab, configs.bucket(n), hist is not None, z is not None), cfg,
-         lambda num_warps, num_stages: call(part, split, per, num_warps, num_stages),
+         lambda num_warps, num_stages: call(tensors, split, per, num_warps, num_stages),
          reset=None if hist is None else hist.zero_)
     return part
 

@@ -98,13 +98,14 @@ def group_rows(n_row_blocks: int, panel_bytes: int, device: torch.device) -> int
     that divides ``n_row_blocks`` if one is at least half the most, so that one launch covers the
     batch. At H = 4096 in bf16 a panel is 1 MiB: at most 25 row blocks per group on a 50 MiB L2, and 16
     for 64 row blocks. ``override(group_rows=...)`` forces it."""
+    least = triton.cdiv(max(n_row_blocks, 1), MAX_GROUPS)  # the groups are grid z
     forced = configs.forced_group_rows()
     if forced is not None:
-        return max(1, min(forced, n_row_blocks))
+        return max(least, min(forced, n_row_blocks))
     most = max(1, min(n_row_blocks, int(configs.L2_SHARE * _l2_bytes(device)) // max(1, panel_bytes)))
-    most = max(most, triton.cdiv(n_row_blocks, MAX_GROUPS))  # the groups are grid z
+    most = max(most, least)
     # a group size that divides the row blocks needs no second launch (grouped_launches)
-    for g in range(most, (most + 1) // 2 - 1, -1):
+    for g in range(most, max((most + 1) // 2, least) - 1, -1):
         if n_row_blocks % g == 0:
             return g
     return most
@@ -131,10 +132,13 @@ _OCCUPANCY_WARNED: set = set()
 def programs_per_sm(key, device: torch.device, compile_kernel) -> int:
     """Programs of one kernel build that fit on an SM at once. On CUDA from the compiled kernel:
     ``compile_kernel()`` returns Triton's ``CompiledKernel`` for the build (``JITFunction.warmup``:
-    compiled, or taken from Triton's cache, and not launched); its registers, shared memory and warps
-    go through ``configs.programs_per_sm`` with the device's limits. Cached per ``key`` (the build:
-    kernel, dtype, config, flags) and device. Elsewhere (the interpreter), or when the compiled
-    kernel cannot be asked (a Triton whose ``CompiledKernel`` lacks these fields), the assumed
+    compiled, or taken from Triton's cache, and not launched, from stand-in arguments of fixed shapes
+    so that the answer does not depend on which call asked first); its registers, shared memory and
+    warps go through ``configs.programs_per_sm`` with the device's limits. Cached per ``key`` (the
+    build: kernel, dtype, config, flags) and device; a failure of the API (AttributeError, TypeError)
+    is cached too, any other is asked again at the next call. Elsewhere (the interpreter), or when the compiled
+    kernel cannot be asked (Triton before 3.6, whose ``triton.heuristics`` wrapper has no ``warmup``,
+    or a ``CompiledKernel`` without these fields), the assumed
     ``configs.PROGRAMS_PER_SM``, with a warning on CUDA. ``occupancy_report()`` lists the answers."""
     if not _on_gpu(device):
         return configs.PROGRAMS_PER_SM
@@ -156,6 +160,9 @@ def programs_per_sm(key, device: torch.device, compile_kernel) -> int:
                 warnings.warn(f"fused_entropy: could not read the occupancy of the compiled {key[0]} "
                               f"({type(e).__name__}: {e}); splitting the vocabulary for "
                               f"{configs.PROGRAMS_PER_SM} programs per SM", RuntimeWarning, stacklevel=3)
+            if not isinstance(e, (AttributeError, TypeError)):
+                # possibly transient (out of memory while compiling): ask again next time
+                return hit[0]
         _OCCUPANCY[cache_key] = hit
     return hit[0]
 
@@ -185,7 +192,8 @@ def whole_waves(n_row_blocks: int, n_vtiles: int, slots: int, group: int):
 
     Each of the ``n_row_blocks * SPLIT`` programs folds ``tiles_per_split`` tiles (the last split of
     a row may fold fewer). The run takes about ``waves * tiles_per_split`` tile-times with
-    ``waves = cdiv(n_row_blocks * SPLIT, slots)``, so the share of the GPU doing work is
+    ``waves = cdiv(n_row_blocks * SPLIT, slots)`` (summed over the ``grouped_launches``, which run one
+    after the other), so the share of the GPU doing work is
 
         efficiency = n_row_blocks * n_vtiles / (waves * tiles_per_split * slots)
 
@@ -196,6 +204,7 @@ def whole_waves(n_row_blocks: int, n_vtiles: int, slots: int, group: int):
     holds; ``kernels/_grid.py``). Examples (132 SMs): 64 row blocks, 2048 tiles, 264 slots, groups of
     16: SPLIT = 33 (8 whole waves, 98.5%); with 132 slots (1 program per SM) also 33 (16 waves).
     """
+    launches = grouped_launches(n_row_blocks, min(group, n_row_blocks))
     lo = 1 if group >= n_row_blocks else min(n_vtiles, triton.cdiv(slots, group))
     hi = min(n_vtiles, max(4 * lo, 4 * triton.cdiv(slots, n_row_blocks), 64))  # splits searched
     work = n_row_blocks * n_vtiles
@@ -207,7 +216,8 @@ def whole_waves(n_row_blocks: int, n_vtiles: int, slots: int, group: int):
         real = triton.cdiv(n_vtiles, per)  # splits of `per` tiles that cover the vocabulary
         if real < lo:
             continue
-        waves = triton.cdiv(n_row_blocks * real, slots)
+        # the launches run one after the other: each fills its own waves
+        waves = sum(triton.cdiv(rows * groups * real, slots) for rows, groups, _ in launches)
         scored.append((work / (waves * per * slots), real, per))
     best = max(e for e, _, _ in scored)
     split, per = min((r, p) for e, r, p in scored if e >= best - 0.01)
