@@ -21,8 +21,10 @@ missing row blocks would need registers that the clamped-entropy builds do not h
 sizes groups and the vocabulary split (``_launch_plan.group_rows``, ``whole_waves``); see
 docs/PERFORMANCE.md ("Launch order, occupancy and waves").
 
-The order changes which program runs when, never what a program computes: results are bitwise
-independent of ``group_rows``.
+The order changes which program runs when, never what a program computes: for a given vocabulary
+split, results are bitwise independent of ``group_rows``. (The launcher's split depends on the group
+size, the device's SMs and the kernel's occupancy, as it did on the SMs before, and the split orders
+the merge of the partial sums: the same shape on the same GPU gives the same bits, run to run.)
 """
 import triton
 import triton.language as tl

@@ -35,6 +35,7 @@ This module imports neither triton nor torch.
 """
 import contextlib
 import os
+import warnings
 from dataclasses import dataclass, replace
 
 
@@ -98,6 +99,11 @@ GRAD_BUFFER_BYTES = 256 * 2**20
 # single pass) in bytes; at least one GEMM row block is used
 LOGITS_BUFFER_BYTES = 2**30
 
+if os.environ.get("FUSED_ENTROPY_BACKWARD", "").strip():
+    warnings.warn("FUSED_ENTROPY_BACKWARD is no longer read: the fp32-atomic backward was removed (measured "
+                  "slower and not reproducible); the backward is the chunked one, always", RuntimeWarning,
+                  stacklevel=2)
+
 _OVERRIDES: dict = {}
 # override() keys that are not kernel configs
 _SETTINGS = ("split", "group_rows", "grad_buffer_bytes", "logits_buffer_bytes")
@@ -124,14 +130,19 @@ def override(**configs: Config):
     ``logits_buffer_bytes`` (bound of the row-chunk logits buffer).
     """
     unknown = set(configs) - set(DEFAULTS) - set(_SETTINGS)
+    if "backward" in unknown:
+        raise ValueError("override(backward=...) was removed with the fp32-atomic backward (measured slower and "
+                         "not reproducible); the backward is the chunked one, always")
     if unknown:
         raise ValueError(f"unknown kernels {sorted(unknown)}; known: {sorted(DEFAULTS)} and {list(_SETTINGS)}")
     for name in ("split", "group_rows"):
-        if name in configs and not (isinstance(configs[name], int) and configs[name] >= 1):
-            raise ValueError(f"{name} must be a positive int, got {configs[name]!r}")
+        value = configs.get(name, 1)
+        if isinstance(value, bool) or not (isinstance(value, int) and value >= 1):
+            raise ValueError(f"{name} must be a positive int, got {value!r}")
     for name in ("grad_buffer_bytes", "logits_buffer_bytes"):
-        if name in configs and not configs[name] > 0:
-            raise ValueError(f"{name} must be positive, got {configs[name]!r}")
+        value = configs.get(name, 1)
+        if isinstance(value, bool) or not (isinstance(value, (int, float)) and value > 0):
+            raise ValueError(f"{name} must be a positive number of bytes, got {value!r}")
     saved = dict(_OVERRIDES)
     _OVERRIDES.update(configs)
     try:

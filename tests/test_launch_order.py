@@ -263,3 +263,19 @@ def test_programs_per_sm_from_a_real_compiled_kernel():
     kinds = {(r[0][0], r[0][5] if r[0][0] == "linear_stats" else None) for r in rows}
     assert {("linear_stats", False), ("linear_stats", True), ("linear_radix", None)} <= kinds, rows
     assert all(src.startswith("compiled:") and occ >= 1 for _, _, occ, src in rows), rows
+
+
+def test_override_refuses_removed_and_ill_typed_settings():
+    with pytest.raises(ValueError, match="backward=.* was removed"):
+        with C.override(backward="atomic"):
+            pass
+    for name, bad in (("group_rows", True), ("split", False), ("grad_buffer_bytes", "x"),
+                      ("logits_buffer_bytes", True), ("grad_buffer_bytes", 0)):
+        with pytest.raises(ValueError, match=name):
+            with C.override(**{name: bad}):
+                pass
+
+
+def test_no_rows_launch_nothing():
+    assert _launch_plan.whole_waves(0, 100, 264, 16) == (1, 100)
+    assert _launch_plan.grouped_launches(0, 1) == []

@@ -204,6 +204,8 @@ def whole_waves(n_row_blocks: int, n_vtiles: int, slots: int, group: int):
     holds; ``kernels/_grid.py``). Examples (132 SMs): 64 row blocks, 2048 tiles, 264 slots, groups of
     16: SPLIT = 33 (8 whole waves, 98.5%); with 132 slots (1 program per SM) also 33 (16 waves).
     """
+    if n_row_blocks <= 0:  # no rows: nothing is launched
+        return 1, n_vtiles
     launches = grouped_launches(n_row_blocks, min(group, n_row_blocks))
     lo = 1 if group >= n_row_blocks else min(n_vtiles, triton.cdiv(slots, group))
     hi = min(n_vtiles, max(4 * lo, 4 * triton.cdiv(slots, n_row_blocks), 64))  # splits searched

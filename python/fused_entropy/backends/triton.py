@@ -4,8 +4,8 @@ Same signatures and semantics as ``torch_chunked`` (see ``backends/__init__.py``
 pass over (row block x vocabulary tile) with the row statistics in the epilogue. With a clamped
 entropy it is still one GEMM pass: per chunk of rows the pass also stores the logits in the row-chunk
 logits buffer (``[Nc, V]`` fp32, bounded by ``configs.logits_buffer_bytes()``, 1 GiB) and the top-k
-radix digits after the first are selected from there (``kernels/topk.py``). Backward (default,
-deterministic, no atomics): per vocabulary chunk a kernel recomputes the logit tiles and stores dL/dz,
+radix digits after the first are selected from there (``kernels/topk.py``). Backward
+(deterministic, no atomics): per vocabulary chunk a kernel recomputes the logit tiles and stores dL/dz,
 and two cuBLAS GEMMs turn it into dW[chunk] and dX; the chunk's dz buffer is bounded by
 ``configs.grad_buffer_bytes()`` (256 MiB), never a full ``[N, V]`` buffer at large N x V.
 (``kernels/linear_grad.py`` says why the older fp32-atomic backward was removed.) The logits entry point writes only the logits
