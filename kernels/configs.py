@@ -61,7 +61,7 @@ _GEMM = {
 _GEMM_GRAD = {
     "bf16": replace(_GEMM["bf16"], num_stages=4),
     "fp16": replace(_GEMM["fp16"], num_stages=4),
-    "fp32": replace(_GEMM["fp32"], num_stages=3),
+    "fp32": _GEMM["fp32"],  # already 3 stages
     "fp64": _GEMM["fp64"],
 }
 _STREAM = {d: Config(8 if d == "fp64" else 16, 256, num_warps=8, num_stages=1) for d in DTYPES}

@@ -53,12 +53,16 @@ def _finish(part, targets, ignore_index: int, entropy: bool, out=None):
     return m, log_s, logp, ent
 
 
-def _call(kernel, grid, warm: bool, *args, **kwargs):
-    """Launch ``kernel`` on ``grid``, or with ``warm`` compile it (or take it from Triton's cache) and
-    return the ``CompiledKernel`` without launching (``programs_per_sm`` reads its resources)."""
-    if warm:
-        return kernel.warmup(*args, grid=grid, **kwargs)
-    return kernel[grid](*args, **kwargs)
+def _grouped(kernel, n_blocks: int, group: int, n_cols: int, warm: bool, *args, **kwargs):
+    """Launch a GEMM kernel over ``n_blocks`` row blocks x ``n_cols`` columns in the grouped order
+    (``kernels/_grid.py``): one launch per entry of ``grouped_launches``, each with its first row block
+    appended to ``args`` as the kernel's last runtime argument ``block0``. With ``warm``, compile the
+    first (or take it from Triton's cache) and return its ``CompiledKernel`` without launching
+    (``programs_per_sm`` reads its resources)."""
+    for rows, groups, block0 in grouped_launches(n_blocks, group):
+        if warm:
+            return kernel.warmup(*args, block0, grid=(rows, n_cols, groups), **kwargs)
+        kernel[(rows, n_cols, groups)](*args, block0, **kwargs)
 
 
 # Rows and columns of the stand-in tensors of an occupancy build (``_stand_in``): a multiple of 16
@@ -83,19 +87,16 @@ def _linear_radix_pass(x, weight, bias, tf: LogitTransform, m, hist, cfg: config
 
     def call(tensors, prefix, above, shift, bits, split, per, warm=False):
         xx, ww, bb, mm, hh = tensors
-        for rows, groups, block0 in grouped_launches(triton.cdiv(xx.shape[0], cfg.block_n), group):
-            compiled = _call(
-                linear_radix_kernel, (rows, split, groups), warm,
-                xx, ww, bb, prefix, mm, hh, above,
-                xx.shape[0], ww.shape[0], xx.shape[1], xx.stride(0), ww.stride(0),
-                tf.logit_scale, tf.softcap or 0.0, tf.inv_temperature, scal, per, block0,
-                SHIFT=shift, BITS=bits, NBINS=configs.RADIX_NBINS,
-                BLOCK_N=cfg.block_n, BLOCK_V=cfg.block_v, BLOCK_H=cfg.block_h,
-                UPCAST=_upcast(x.dtype), DOT_PRECISION=_dot_precision(x.dtype),
-                num_warps=cfg.num_warps, num_stages=cfg.num_stages,
-            )
-            if warm:
-                return compiled
+        return _grouped(
+            linear_radix_kernel, triton.cdiv(xx.shape[0], cfg.block_n), group, split, warm,
+            xx, ww, bb, prefix, mm, hh, above,
+            xx.shape[0], ww.shape[0], xx.shape[1], xx.stride(0), ww.stride(0),
+            tf.logit_scale, tf.softcap or 0.0, tf.inv_temperature, scal, per,
+            SHIFT=shift, BITS=bits, NBINS=configs.RADIX_NBINS,
+            BLOCK_N=cfg.block_n, BLOCK_V=cfg.block_v, BLOCK_H=cfg.block_h,
+            UPCAST=_upcast(x.dtype), DOT_PRECISION=_dot_precision(x.dtype),
+            num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+        )
 
     def compile_last():
         c = _STAND_IN
@@ -130,19 +131,16 @@ def _linear_stats_pass(x, weight, bias, targets, tf: LogitTransform, ignore_inde
 
     def call(tensors, split, per, num_warps, num_stages, warm=False):
         xx, ww, bb, yy, part, hh, zz = tensors
-        for rows, groups, block0 in grouped_launches(triton.cdiv(xx.shape[0], cfg.block_n), group):
-            compiled = _call(
-                linear_stats_kernel, (rows, split, groups), warm,
-                xx, ww, bb, yy, part, hh, zz,
-                xx.shape[0], ww.shape[0], xx.shape[1], xx.stride(0), ww.stride(0), 0 if zz is None else zz.stride(0),
-                ignore_index, tf.logit_scale, tf.softcap or 0.0, tf.inv_temperature, scal, per, block0,
-                RADIX_SHIFT=shift, RADIX_BITS=bits, NBINS=configs.RADIX_NBINS,
-                BLOCK_N=cfg.block_n, BLOCK_V=cfg.block_v, BLOCK_H=cfg.block_h,
-                UPCAST=_upcast(x.dtype), DOT_PRECISION=_dot_precision(x.dtype),
-                num_warps=num_warps, num_stages=num_stages,
-            )
-            if warm:
-                return compiled
+        return _grouped(
+            linear_stats_kernel, triton.cdiv(xx.shape[0], cfg.block_n), group, split, warm,
+            xx, ww, bb, yy, part, hh, zz,
+            xx.shape[0], ww.shape[0], xx.shape[1], xx.stride(0), ww.stride(0), 0 if zz is None else zz.stride(0),
+            ignore_index, tf.logit_scale, tf.softcap or 0.0, tf.inv_temperature, scal, per,
+            RADIX_SHIFT=shift, RADIX_BITS=bits, NBINS=configs.RADIX_NBINS,
+            BLOCK_N=cfg.block_n, BLOCK_V=cfg.block_v, BLOCK_H=cfg.block_h,
+            UPCAST=_upcast(x.dtype), DOT_PRECISION=_dot_precision(x.dtype),
+            num_warps=num_warps, num_stages=num_stages,
+        )
 
     def compile_it():
         c = _STAND_IN
@@ -335,16 +333,16 @@ def linear_grad(x, weight, bias, targets, tf: LogitTransform, ignore_index: int,
         n_vt = triton.cdiv(v_hi - v_lo, cfg.block_v)
 
         def launch(num_warps, num_stages):
-            for rows, groups, block0 in grouped_launches(n_blocks, group):
-                linear_dz_kernel[(rows, n_vt, groups)](
-                    x, weight, bias, targets,
-                    *_grad_stats(stats, g_ent, g_cl), g_lp, g_ent, g_cl, dz, db_part,
-                    n, vocab, h, v_lo, block0, x.stride(0), weight.stride(0), vc, ignore_index,
-                    tf.logit_scale, tf.softcap or 0.0, tf.temperature, tf.inv_temperature, scal,
-                    BLOCK_N=cfg.block_n, BLOCK_V=cfg.block_v, BLOCK_H=cfg.block_h,
-                    UPCAST=_upcast(x.dtype), DOT_PRECISION=_dot_precision(x.dtype),
-                    num_warps=num_warps, num_stages=num_stages,
-                )
+            _grouped(
+                linear_dz_kernel, n_blocks, group, n_vt, False,
+                x, weight, bias, targets,
+                *_grad_stats(stats, g_ent, g_cl), g_lp, g_ent, g_cl, dz, db_part,
+                n, vocab, h, v_lo, x.stride(0), weight.stride(0), vc, ignore_index,
+                tf.logit_scale, tf.softcap or 0.0, tf.temperature, tf.inv_temperature, scal,
+                BLOCK_N=cfg.block_n, BLOCK_V=cfg.block_v, BLOCK_H=cfg.block_h,
+                UPCAST=_upcast(x.dtype), DOT_PRECISION=_dot_precision(x.dtype),
+                num_warps=num_warps, num_stages=num_stages,
+            )
 
         _run("linear_grad", dt, ("dz", h, vc, configs.bucket(n), g_lp is not None, g_ent is not None, cl,
                                  dz is not None, db_part is not None), cfg, launch)
