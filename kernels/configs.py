@@ -10,12 +10,16 @@ Frozen defaults were chosen for H100 (sm_90) on paper and checked by compiling e
   memory). Larger tiles were tried (docs/PERFORMANCE.md, "Tiles"): 128 x 256 x 64 spills in every
   16-bit build, 128 x 128 x 64 in the clamped-entropy backward and radix passes (z, dz and the
   softmax terms live at once when every gradient is on).
-  fp32 inputs ("ieee" products run on FMA units, operands in registers): 64 x 64 x 16, 4 warps,
+  fp32 inputs ("ieee" products run on FMA units, operands in registers): 64 x 32 x 16, 4 warps,
   3 stages.
   fp64 (DMMA): 32 x 32 x 16, 4 warps.
   Forward, radix passes and backward share BLOCK_N/V/H and num_warps so the backward's
   recomputed logits are bitwise the forward's (the top-k tie test z == tau needs that).
-- Logits kernels stream memory: 16 x 256 tiles (8 x 256 for fp64), 8 warps.
+- Logits kernels stream memory: 16 x 256 tiles (4 x 256 for fp64), 8 warps.
+
+The gate (``fused-entropy aot``) is run with two Triton releases, the newest and the lent H200's
+(3.6.0): register allocation differs between them (the plain bf16 forward takes 127 registers on
+sm_90 with 3.9 and 192 with 3.6, 2 programs per SM against 1), and a default must not spill with either.
 
 The linear head's backward (``linear_grad.py``) forms dz per vocabulary chunk, no atomics; its dz
 buffer is bounded by ``grad_buffer_bytes()``: ``GRAD_BUFFER_BYTES`` (256 MiB),
@@ -53,8 +57,10 @@ DTYPES = ("bf16", "fp16", "fp32", "fp64")
 _GEMM = {
     "bf16": Config(128, 64, 32, num_warps=8, num_stages=5),
     "fp16": Config(128, 64, 32, num_warps=8, num_stages=5),
-    # 3 stages: with 4, the top-k + logits-buffer build spills 8 B on sm_90 (at 255 registers)
-    "fp32": Config(64, 64, 16, num_warps=4, num_stages=3),
+    # 64 x 32: at 64 x 64 the ragged every-gradient backward spills 8 B on sm_90 with Triton 3.6 (the
+    # lent H200's), at 3 stages and at 2; 3 stages: with 4, the top-k + logits-buffer build spills 8 B
+    # on sm_90 with Triton 3.9
+    "fp32": Config(64, 32, 16, num_warps=4, num_stages=3),
     "fp64": Config(32, 32, 16, num_warps=4, num_stages=2),
 }
 # the backward holds more live tiles; fewer stages leave it more shared memory and registers
@@ -64,7 +70,8 @@ _GEMM_GRAD = {
     "fp32": _GEMM["fp32"],  # already 3 stages
     "fp64": _GEMM["fp64"],
 }
-_STREAM = {d: Config(8 if d == "fp64" else 16, 256, num_warps=8, num_stages=1) for d in DTYPES}
+# fp64 4 rows: at 8 the one-row build of the last radix pass spills 8 B on sm_90 with Triton 3.6
+_STREAM = {d: Config(4 if d == "fp64" else 16, 256, num_warps=8, num_stages=1) for d in DTYPES}
 
 DEFAULTS = {
     "linear_stats": _GEMM,

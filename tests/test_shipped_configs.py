@@ -107,7 +107,9 @@ def test_shipped_tile_topk_boundary_inside_tie_group(key):
     dyadic = lambda t, q: torch.round(t * q) / q
     u = (torch.randint(0, 2, (h,), generator=g) * 2 - 1).to(F64) / 8
     w = dyadic(torch.randn(v, h, generator=g, dtype=F64) * 0.05, 64)
-    tied = torch.tensor([0, 5, 17, 63, 64, 65, 100, v - 3, v - 2, v - 1])  # across vocabulary tiles
+    bv = C.get("linear_stats", key).block_v
+    # across vocabulary tiles: both ends of the first tile boundary, the middle of the second tile, the padded last one
+    tied = torch.tensor([0, 5, 17, bv - 1, bv, bv + 1, bv + bv // 2, v - 3, v - 2, v - 1])
     w[tied] = u
     x = dyadic(u * 4 + torch.randn(n, h, generator=g, dtype=F64) * 0.02, 64)
     y = torch.randint(0, v, (n,), generator=g)

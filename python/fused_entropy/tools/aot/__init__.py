@@ -73,7 +73,7 @@ from typing import List, Optional, Sequence
 from ..roofline import H100_SXM, ROOFLINE_VOCABS, WORKLOADS, format_roofline, lower_bound, roofline, workload_bound
 from .compile import (
     TENSOR_CORE_OPS, _compile_job, check, cuobjdump, dot_operands, expects_tensor_cores, occupancy, parse_res_usage,
-    sass_counts,
+    sass_counts, toolchain,
 )
 from .report import CSV_FIELDS, _report_rows, _write_reports, format_table
 from .specs import (  # noqa: F401 (_configuration: read through this module by the tests)
@@ -117,7 +117,8 @@ def run_gate(archs: Sequence[int], level: str = "gate", jobs: int = 1, out_dir: 
             raise ValueError(f"unknown kernels {sorted(unknown)}; known: "
                              f"{sorted(k.split('.', 1)[1] for k in discovered)}")
         builds = [s for s in builds if s.build.kernel.split(".", 1)[1] in wanted]
-    log(f"aot: {len(discovered)} kernels, {len(recorded)} builds recorded from the launchers, "
+    tools = toolchain()
+    log(f"aot: {tools}; {len(discovered)} kernels, {len(recorded)} builds recorded from the launchers, "
         f"{len(builds)} at level {level!r} x {len(archs)} archs; recorded in {time.perf_counter() - t0:.1f} s")
     keep_dir = None
     if keep_cubins and out_dir:
@@ -141,7 +142,7 @@ def run_gate(archs: Sequence[int], level: str = "gate", jobs: int = 1, out_dir: 
     for e in errors:
         log(f"[FAIL] {e}")
     if out_dir:
-        csv_path, txt_path = _write_reports(rows, out_dir)
+        csv_path, txt_path = _write_reports(rows, out_dir, tools)
         with open(txt_path, "a") as f:
             for e in errors:
                 f.write(f"  [FAIL] {e}\n")

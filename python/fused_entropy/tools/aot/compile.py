@@ -27,6 +27,20 @@ def cuobjdump() -> str:
     return path
 
 
+def toolchain() -> str:
+    """The Triton and ptxas versions the gate compiles with, e.g. ``triton 3.6.0, ptxas 12.8``: register
+    counts, and with them spills and occupancy, change from one Triton release to the next."""
+    import triton
+
+    try:
+        from triton.backends.nvidia.compiler import get_ptxas_version
+
+        ptxas = re.search(r"release ([\d.]+)", get_ptxas_version()).group(1)
+    except Exception:  # noqa: BLE001 (a version string only; the compile itself reports real errors)
+        ptxas = "?"
+    return f"triton {triton.__version__}, ptxas {ptxas}"
+
+
 _RES = re.compile(r"REG:(\d+)\s+STACK:(\d+)\s+SHARED:(\d+)\s+LOCAL:(\d+)")
 _DOT_TYPES = re.compile(r":\s*tensor<[0-9x]+x(\w+)>\s*\*\s*tensor<[0-9x]+x(\w+)>")
 _DOT_PRECISION = re.compile(r"inputPrecision\s*=\s*(\w+)")

@@ -43,7 +43,7 @@ def format_table(rows: List[dict]) -> str:
     return "\n".join(out)
 
 
-def _write_reports(rows: List[dict], out_dir: str) -> Tuple[str, str]:
+def _write_reports(rows: List[dict], out_dir: str, tools: str = "") -> Tuple[str, str]:
     os.makedirs(out_dir, exist_ok=True)
     csv_path = os.path.join(out_dir, "aot_report.csv")
     with open(csv_path, "w", newline="") as f:
@@ -52,6 +52,8 @@ def _write_reports(rows: List[dict], out_dir: str) -> Tuple[str, str]:
         w.writerows(rows)
     txt_path = os.path.join(out_dir, "aot_report.txt")
     with open(txt_path, "w") as f:
+        if tools:
+            f.write(f"compiled with {tools}\n\n")
         f.write(format_table(rows) + "\n")
         problems = [r for r in rows if r["problems"]]
         if problems:
