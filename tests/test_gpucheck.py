@@ -107,3 +107,25 @@ def test_summary_of_perf_and_check_records():
     assert "| 8,4,16 | fused | 2.00 | 6.00 | 4 | 0.5 | - | 1.50 |" in text
     assert "unavailable: No module named 'trl'" in text
     assert "| x | bfloat16 | 1.00e-03 |" in text
+
+
+def test_summary_judges_the_targets_at_the_target_shape_only():
+    shape = list(gpucheck.TARGET_SHAPE)
+    row = lambda name, fwd, fwdbwd, **kw: dict(kind="perf", shape=shape, dtype="bfloat16", row=name, label=name,
+                                               status="ok", fwd_ms=fwd, fwdbwd_ms=fwdbwd, gemms_fwdbwd=4,
+                                               tflops_fwdbwd=1.0, **kw)
+    recs = [row("fused", 11.0, 45.0, mem_per_nv=0.2), row("fused-topk64", 19.8, 60.0), row("fused-grpo", 12.0, 47.0),
+            dict(kind="check", name="determinism 3 runs", fwd_max_abs=0.0, bwd_max_abs=2e-3, ok=False,
+                 shape=[1000, 4096, 32003])]
+    text = gpucheck.summarize(recs)
+    assert "| forward+backward, log-prob + entropy (ms) | 45 | 42 | **NO** |" in text
+    assert "| forward, log-prob + entropy (ms) | 11 | 12 | yes |" in text
+    assert "| forward with clamped entropy (topk=64) / plain forward | 1.8 | 1.6 | **NO** |" in text
+    assert "forward+backward | 1.04 | 1.05 | yes |" in text
+    assert "| working memory / one [N, V] bf16 buffer, forward+backward | 0.2 | 0.5 | yes |" in text
+    assert "bitwise equal over 3 runs at (1000, 4096, 32003): **NO**" in text
+    # another shape, or fp32, is never judged against the targets
+    other = [dict(r, shape=[4096, 2048, 32768]) for r in recs[:3]] + [dict(recs[0], dtype="float32")]
+    assert "not judged: no plain fused perf row" in gpucheck.summarize(other)
+    # a row that did not run is said so, not judged
+    assert "| forward with clamped entropy (topk=64) / plain forward | not measured |" in gpucheck.summarize(recs[:1])

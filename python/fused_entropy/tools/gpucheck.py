@@ -67,6 +67,18 @@ DEVICE_TESTS = ("tests/test_linear_logprobs.py", "tests/test_logprobs_from_logit
                 "tests/test_launch_order.py")
 QUICK_TESTS = ("tests/test_validation.py",)
 MIN_BUDGET_S = 10
+# The performance targets of docs/PERFORMANCE.md ("Targets"), judged in the summary from the perf rows at
+# this shape in bf16 on a GPU: (what, kind, bound) where kind is "fused fwdbwd" / "fused fwd" (ms of the
+# plain fused row), "ratio fwd A" / "ratio fwdbwd A" (row A over the plain fused row) or "memory" (the
+# plain fused row's peak working memory over one [N, V] bf16 buffer)
+TARGET_SHAPE = (8192, 4096, 131072)
+TARGETS = (
+    ("forward+backward, log-prob + entropy (ms)", "fused fwdbwd", 42.0),
+    ("forward, log-prob + entropy (ms)", "fused fwd", 12.0),
+    ("forward with clamped entropy (topk=64) / plain forward", "ratio fwd fused-topk64", 1.6),
+    ("LinearGRPOLoss with the entropy bonus / linear_logprobs, forward+backward", "ratio fwdbwd fused-grpo", 1.05),
+    ("working memory / one [N, V] bf16 buffer, forward+backward", "memory", 0.5),
+)
 MAX_SHAPE_ELEMENTS = 2 ** 36  # 128 GiB of bf16: more than an H200 holds
 
 
@@ -951,6 +963,43 @@ def _f(x, fmt="{:.2f}") -> str:
     return fmt.format(x)
 
 
+def _targets_table(recs: List[dict]) -> List[str]:
+    """The summary's verdict on ``TARGETS``: measured value, bound and whether it is met, from the bf16
+    perf rows at ``TARGET_SHAPE`` on a GPU, and the determinism check; nothing is judged from other shapes."""
+    rows = {r["row"]: r for r in recs if r.get("kind") == "perf" and r.get("status") == "ok"
+            and tuple(r.get("shape", ())) == TARGET_SHAPE and r.get("dtype") == "bfloat16"}
+    det = [r for r in recs if r.get("kind") == "check" and r.get("name") == "determinism 3 runs"]
+    lines = ["", f"## Targets (docs/PERFORMANCE.md), bf16 at (N, H, V) = {TARGET_SHAPE}", ""]
+    plain = rows.get("fused")
+    if plain is None:
+        lines.append("- not judged: no plain fused perf row at this shape in bf16 (a GPU run of the perf step "
+                     "with the default shapes measures it)")
+    else:
+        lines += ["| target | measured | bound | met |", "|---|---|---|---|"]
+        for what, kind, bound in TARGETS:
+            words = kind.split()
+            value = None
+            if kind == "fused fwdbwd":
+                value = plain["fwdbwd_ms"]
+            elif kind == "fused fwd":
+                value = plain["fwd_ms"]
+            elif words[0] == "ratio" and words[2] in rows:
+                value = rows[words[2]][f"{words[1]}_ms"] / plain[f"{words[1]}_ms"]
+            elif kind == "memory":
+                value = plain.get("mem_per_nv")
+            if value is None:
+                lines.append(f"| {what} | not measured | {bound:g} | - |")
+            else:
+                lines.append(f"| {what} | {value:.3g} | {bound:g} | {'yes' if value <= bound else '**NO**'} |")
+    if det:
+        lines.append("")
+    for r in det:
+        bits = r.get("fwd_max_abs") == 0 and r.get("bwd_max_abs") == 0
+        lines.append(f"- forward and backward bitwise equal over 3 runs at {tuple(r.get('shape', ()))}: "
+                     f"{'yes' if bits else '**NO**'} (max |diff| fwd {r.get('fwd_max_abs')}, bwd {r.get('bwd_max_abs')})")
+    return lines
+
+
 def summarize(recs: List[dict]) -> str:
     lines = ["# fused-entropy gpucheck", ""]
     info = next((r for r in recs if r.get("kind") == "info"), {})
@@ -1002,6 +1051,7 @@ def summarize(recs: List[dict]) -> str:
             lines.append(f"| {shape} | {r['label']} | {_f(r['fwd_ms'])} | {_f(r['fwdbwd_ms'])} | {r['gemms_fwdbwd']} | "
                          f"{_f(r['tflops_fwdbwd'], '{:.3g}')} | {_f(r.get('pct_ceiling_fwdbwd'), '{:.0f}')} | {_f(xf)} | "
                          f"{_f(r.get('peak_mib'), '{:.0f}')} | {_f(r.get('mem_per_nv'), '{:.3f}')} |")
+    lines += _targets_table(recs)
     occ = [r for r in recs if r.get("kind") == "occupancy"]
     if occ:
         lines += ["", "## Occupancy the launcher used (programs per SM, and where the number came from)", "",
