@@ -111,21 +111,29 @@ def test_summary_of_perf_and_check_records():
 
 def test_summary_judges_the_targets_at_the_target_shape_only():
     shape = list(gpucheck.TARGET_SHAPE)
-    row = lambda name, fwd, fwdbwd, **kw: dict(kind="perf", shape=shape, dtype="bfloat16", row=name, label=name,
-                                               status="ok", fwd_ms=fwd, fwdbwd_ms=fwdbwd, gemms_fwdbwd=4,
-                                               tflops_fwdbwd=1.0, **kw)
-    recs = [row("fused", 11.0, 45.0, mem_per_nv=0.2), row("fused-topk64", 19.8, 60.0), row("fused-grpo", 12.0, 47.0),
+    row = lambda name, fwd, fwdbwd, **kw: dict(dict(kind="perf", shape=shape, dtype="bfloat16", row=name, label=name,
+                                                    status="ok", fwd_ms=fwd, fwdbwd_ms=fwdbwd, gemms_fwdbwd=4,
+                                                    tflops_fwdbwd=1.0, tokens=shape[0]), **kw)
+    recs = [row("fused", 11.0, 45.04, mem_per_nv=0.2), row("fused-topk64", 19.8, 60.0),
+            # 3/4 of the tokens in 0.8x the time: 1.067x per token, over the bound
+            row("fused-grpo", 12.0, 36.03, tokens=shape[0] * 3 // 4),
             dict(kind="check", name="determinism 3 runs", fwd_max_abs=0.0, bwd_max_abs=2e-3, ok=False,
-                 shape=[1000, 4096, 32003])]
+                 shape=[1000, 4096, 32003], dtype="bfloat16")]
     text = gpucheck.summarize(recs)
-    assert "| forward+backward, log-prob + entropy (ms) | 45 | 42 | **NO** |" in text
-    assert "| forward, log-prob + entropy (ms) | 11 | 12 | yes |" in text
-    assert "| forward with clamped entropy (topk=64) / plain forward | 1.8 | 1.6 | **NO** |" in text
-    assert "forward+backward | 1.04 | 1.05 | yes |" in text
-    assert "| working memory / one [N, V] bf16 buffer, forward+backward | 0.2 | 0.5 | yes |" in text
-    assert "bitwise equal over 3 runs at (1000, 4096, 32003): **NO**" in text
+    assert "| forward+backward, log-prob + entropy (ms) | 45.0 | 42 | **NO** |" in text
+    assert "| forward, log-prob + entropy (ms) | 11.0 | 12 | yes |" in text
+    assert "| forward with clamped entropy (topk=64) / plain forward | 1.80 | 1.6 | **NO** |" in text
+    assert "forward+backward | 1.07 | 1.05 | **NO** |" in text
+    assert "| working memory / one [N, V] bf16 buffer, forward+backward | 0.20 | 0.5 | yes |" in text
+    assert "determinism (correctness step, bfloat16 at (1000, 4096, 32003))" in text and "3 runs: **NO**" in text
     # another shape, or fp32, is never judged against the targets
     other = [dict(r, shape=[4096, 2048, 32768]) for r in recs[:3]] + [dict(recs[0], dtype="float32")]
     assert "not judged: no plain fused perf row" in gpucheck.summarize(other)
-    # a row that did not run is said so, not judged
+    # a row that did not run is said so, not judged; nor is anything when the plain row failed
+    failed = dict(recs[1], status="error")
+    assert "| forward with clamped entropy (topk=64) / plain forward | fused-topk64: error |" in gpucheck.summarize(
+        [recs[0], failed])
     assert "| forward with clamped entropy (topk=64) / plain forward | not measured |" in gpucheck.summarize(recs[:1])
+    assert "not judged: the plain fused row: error" in gpucheck.summarize([dict(recs[0], status="error")])
+    # bounds are for H100/H200: another GPU is named
+    assert "this run is on NVIDIA A100" in gpucheck.summarize([dict(kind="info", gpu="NVIDIA A100-SXM4-80GB")] + recs)

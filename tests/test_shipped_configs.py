@@ -1,7 +1,7 @@
 """The SHIPPED tile configurations (``kernels/configs.py`` defaults, no overrides) against fp64.
 
 Every other Triton test forces tiny 16x16x16 tiles so that small shapes cross many tiles; these run
-the production tiles (bf16/fp16 128x64x32, fp32 64x64x16, fp64 32x32x16) at shapes just over one
+the production tiles (bf16/fp16 128x64x32, fp32 64x32x16, fp64 32x32x16) at shapes just over one
 tile in every dimension (ragged N, H and V), so the arithmetic the GPU runs is checked on every
 commit: log-prob, entropy, clamped entropy (top-k and clamp_p, ties at the boundary) and the
 gradients of hidden, weight and bias. Interpreter on CPU, compiled kernels with

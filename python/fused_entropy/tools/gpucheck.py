@@ -69,8 +69,9 @@ QUICK_TESTS = ("tests/test_validation.py",)
 MIN_BUDGET_S = 10
 # The performance targets of docs/PERFORMANCE.md ("Targets"), judged in the summary from the perf rows at
 # this shape in bf16 on a GPU: (what, kind, bound) where kind is "fused fwdbwd" / "fused fwd" (ms of the
-# plain fused row), "ratio fwd A" / "ratio fwdbwd A" (row A over the plain fused row) or "memory" (the
-# plain fused row's peak working memory over one [N, V] bf16 buffer)
+# plain fused row), "ratio fwd A" / "ratio fwdbwd A" (row A over the plain fused row, per token each row
+# computes: the GRPO rows skip padding) or "memory" (the plain fused row's peak working memory over one
+# [N, V] bf16 buffer). The bounds are for one H100/H200.
 TARGET_SHAPE = (8192, 4096, 131072)
 TARGETS = (
     ("forward+backward, log-prob + entropy (ms)", "fused fwdbwd", 42.0),
@@ -378,7 +379,8 @@ def _check_determinism(rec, device, n, h, v) -> bool:
     fwd, bwd = max(diffs[:2]), max(diffs[2:])
     # no atomics anywhere: forward and backward bitwise equal run to run
     ok = fwd == 0 and bwd == 0
-    rec("check", name="determinism 3 runs", fwd_max_abs=fwd, bwd_max_abs=bwd, ok=ok, shape=[n, h, v])
+    rec("check", name="determinism 3 runs", fwd_max_abs=fwd, bwd_max_abs=bwd, ok=ok, shape=[n, h, v],
+        dtype=str(x.dtype).replace("torch.", ""))
     print(f"  {'ok ' if ok else 'BAD'} determinism: fwd {fwd:.3g}, bwd {bwd:.3g}")
     return ok
 
@@ -480,7 +482,7 @@ def step_correctness(args, rec: Recorder) -> bool:
             rec("skip", name="correctness", why="no GPU and TRITON_INTERPRET unset: the Triton kernels cannot run")
             return True
     if args.quick:
-        # just over one shipped tile (bf16/fp16 128x64x32, fp32 64x64x16): ragged N, H and V
+        # just over one shipped tile (bf16/fp16 128x64x32, fp32 64x32x16): ragged N, H and V
         shapes = {torch.bfloat16: (130, 40, 131), torch.float16: (130, 40, 131), torch.float32: (67, 20, 131)}
     else:
         shapes = {d: (1000, 4096, 32003) for d in (torch.bfloat16, torch.float16, torch.float32)}
@@ -716,7 +718,10 @@ def _perf_case(args, rec: Recorder, device, shape, ceiling: Optional[float], pro
             if g_fwd is None:  # clamped rows: the GEMM passes the design makes
                 g_fwd, g_all = _clamped_passes(case.torch_dtype, device)
             flop = lambda g: 2 * n * h * v * g
+            # tokens the row computes: the GRPO rows skip their padded positions (grpo_inputs)
+            tokens = sum(P.grpo_lengths(case)) if "grpo" in name else n
             r = dict(status="ok", fwd_ms=t_fwd * 1e3, fwdbwd_ms=t_all * 1e3, gemms_fwd=g_fwd, gemms_fwdbwd=g_all,
+                     tokens=tokens,
                      tflops_fwd=flop(g_fwd) / t_fwd / 1e12, tflops_fwdbwd=flop(g_all) / t_all / 1e12,
                      peak_mib=None if peak is None else peak / 2 ** 20,
                      mem_per_nv=None if peak is None else peak / nv_bytes)
@@ -965,38 +970,44 @@ def _f(x, fmt="{:.2f}") -> str:
 
 def _targets_table(recs: List[dict]) -> List[str]:
     """The summary's verdict on ``TARGETS``: measured value, bound and whether it is met, from the bf16
-    perf rows at ``TARGET_SHAPE`` on a GPU, and the determinism check; nothing is judged from other shapes."""
-    rows = {r["row"]: r for r in recs if r.get("kind") == "perf" and r.get("status") == "ok"
-            and tuple(r.get("shape", ())) == TARGET_SHAPE and r.get("dtype") == "bfloat16"}
-    det = [r for r in recs if r.get("kind") == "check" and r.get("name") == "determinism 3 runs"]
+    perf rows at ``TARGET_SHAPE``; nothing is judged from other shapes or dtypes. The correctness step's
+    determinism check (at its own shape) is reported beside it."""
+    at_shape = {r["row"]: r for r in recs if r.get("kind") == "perf" and tuple(r.get("shape", ())) == TARGET_SHAPE
+                and r.get("dtype") == "bfloat16"}
+    info = next((r for r in recs if r.get("kind") == "info"), {})
     lines = ["", f"## Targets (docs/PERFORMANCE.md), bf16 at (N, H, V) = {TARGET_SHAPE}", ""]
-    plain = rows.get("fused")
-    if plain is None:
-        lines.append("- not judged: no plain fused perf row at this shape in bf16 (a GPU run of the perf step "
-                     "with the default shapes measures it)")
+    gpu = info.get("gpu")
+    if gpu and not any(name in gpu for name in ("H100", "H200")):
+        lines += [f"- the bounds are for one H100/H200; this run is on {gpu}", ""]
+    plain = at_shape.get("fused")
+    if plain is None or plain.get("status") != "ok":
+        why = "no plain fused perf row at this shape in bf16" if plain is None else f"the plain fused row: {plain.get('status')}"
+        lines.append(f"- not judged: {why} (a GPU run of the perf step with the default shapes measures it)")
     else:
         lines += ["| target | measured | bound | met |", "|---|---|---|---|"]
+        per_token = lambda r, phase: r[f"{phase}_ms"] / r.get("tokens", TARGET_SHAPE[0])
         for what, kind, bound in TARGETS:
             words = kind.split()
-            value = None
-            if kind == "fused fwdbwd":
-                value = plain["fwdbwd_ms"]
-            elif kind == "fused fwd":
-                value = plain["fwd_ms"]
-            elif words[0] == "ratio" and words[2] in rows:
-                value = rows[words[2]][f"{words[1]}_ms"] / plain[f"{words[1]}_ms"]
+            value, fmt, missing = None, "{:.2f}", "not measured"
+            if kind in ("fused fwdbwd", "fused fwd"):
+                value, fmt = plain[f"{words[1]}_ms"], "{:.1f}"
+            elif words[0] == "ratio":
+                other = at_shape.get(words[2])
+                if other is not None and other.get("status") == "ok":
+                    value = per_token(other, words[1]) / per_token(plain, words[1])
+                elif other is not None:
+                    missing = f"{words[2]}: {other.get('status')}"
             elif kind == "memory":
                 value = plain.get("mem_per_nv")
             if value is None:
-                lines.append(f"| {what} | not measured | {bound:g} | - |")
+                lines.append(f"| {what} | {missing} | {bound:g} | - |")
             else:
-                lines.append(f"| {what} | {value:.3g} | {bound:g} | {'yes' if value <= bound else '**NO**'} |")
-    if det:
-        lines.append("")
-    for r in det:
+                lines.append(f"| {what} | {fmt.format(value)} | {bound:g} | {'yes' if value <= bound else '**NO**'} |")
+    for r in (r for r in recs if r.get("kind") == "check" and r.get("name") == "determinism 3 runs"):
         bits = r.get("fwd_max_abs") == 0 and r.get("bwd_max_abs") == 0
-        lines.append(f"- forward and backward bitwise equal over 3 runs at {tuple(r.get('shape', ()))}: "
-                     f"{'yes' if bits else '**NO**'} (max |diff| fwd {r.get('fwd_max_abs')}, bwd {r.get('bwd_max_abs')})")
+        lines += ["", f"- run-to-run determinism (correctness step, {r.get('dtype', '')} at {tuple(r.get('shape', ()))}): "
+                      f"forward and backward bitwise equal over 3 runs: {'yes' if bits else '**NO**'} "
+                      f"(max |diff| fwd {r.get('fwd_max_abs')}, bwd {r.get('bwd_max_abs')})"]
     return lines
 
 

@@ -137,16 +137,23 @@ def linear_inputs(case: Case, device: torch.device, *, grad: bool = True, seed: 
     return x.requires_grad_(grad), w.requires_grad_(grad), y
 
 
+def grpo_lengths(case: Case) -> List[int]:
+    """Unpadded length of each of the ``B`` sequences of ``grpo_inputs``: right padding on three
+    sequences in four (0, 1/8, 2/8 and 3/8 of T)."""
+    b, t = case.seq
+    return [t - (i % 4) * (t // 8) for i in range(b)]
+
+
 def grpo_inputs(case: Case, device: torch.device, seed: int = 0):
     """``_input [B, T, H]``, ``lin_weight``, ids ``[B, T]``, ``attention_mask [B, T]`` with right
-    padding on three sequences in four (up to 3/8 of T), ``advantages [B]``."""
+    padding on three sequences in four (``grpo_lengths``), ``advantages [B]``."""
     x, w, y = linear_inputs(case, device, grad=False, seed=seed)
     b, t = case.seq
     rows = b * t
     x = x[:rows].reshape(b, t, case.h).contiguous().requires_grad_(True)
     w.requires_grad_(True)
     ids = y[:rows].reshape(b, t).contiguous()
-    lengths = torch.tensor([t - (i % 4) * (t // 8) for i in range(b)], device=device)
+    lengths = torch.tensor(grpo_lengths(case), device=device)
     mask = (torch.arange(t, device=device)[None, :] < lengths[:, None]).long()
     adv = torch.randn(b, generator=_gen(device, seed + 1), device=device, dtype=torch.float32)
     return x, w, ids, mask, adv
