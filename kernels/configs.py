@@ -57,9 +57,9 @@ DTYPES = ("bf16", "fp16", "fp32", "fp64")
 _GEMM = {
     "bf16": Config(128, 64, 32, num_warps=8, num_stages=5),
     "fp16": Config(128, 64, 32, num_warps=8, num_stages=5),
-    # 64 x 32: at 64 x 64 the ragged every-gradient backward spills 8 B on sm_90 with Triton 3.6 (the
-    # lent H200's), at 3 stages and at 2; 3 stages: with 4, the top-k + logits-buffer build spills 8 B
-    # on sm_90 with Triton 3.9
+    # 64 x 32: at 64 x 64 the ragged every-gradient backward spills on sm_90 with Triton 3.6 (the GPU
+    # machine's), 8 B at 3 stages and 16 B at 2 (bench/results/aot/2026-11-30-triton-releases.md);
+    # 3 stages: with 4, the top-k + logits-buffer build spills 8 B on sm_90 with Triton 3.9
     "fp32": Config(64, 32, 16, num_warps=4, num_stages=3),
     "fp64": Config(32, 32, 16, num_warps=4, num_stages=2),
 }

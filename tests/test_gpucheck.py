@@ -125,10 +125,15 @@ def test_summary_judges_the_targets_at_the_target_shape_only():
     assert "| forward with clamped entropy (topk=64) / plain forward | 1.80 | 1.6 | **NO** |" in text
     assert "forward+backward | 1.07 | 1.05 | **NO** |" in text
     assert "| working memory / one [N, V] bf16 buffer, forward+backward | 0.20 | 0.5 | yes |" in text
-    assert "determinism (correctness step, bfloat16 at (1000, 4096, 32003))" in text and "3 runs: **NO**" in text
+    assert "determinism, from the correctness step (bfloat16 at (1000, 4096, 32003); on a CPU" in text
+    assert "3 runs: **NO**" in text
+    on_gpu = gpucheck.summarize([dict(kind="info", device="cuda:0", gpu="NVIDIA H200")] + recs)
+    assert "(bfloat16 at (1000, 4096, 32003)): forward" in on_gpu and "this run is on" not in on_gpu
     # another shape, or fp32, is never judged against the targets
     other = [dict(r, shape=[4096, 2048, 32768]) for r in recs[:3]] + [dict(recs[0], dtype="float32")]
-    assert "not judged: no plain fused perf row" in gpucheck.summarize(other)
+    not_judged = gpucheck.summarize(other)
+    assert "not judged: no plain fused perf row" in not_judged and "without `--quick`" in not_judged
+    assert "| forward, log-prob + entropy (ms) | 12 |" in not_judged  # the bounds are listed anyway
     # a row that did not run is said so, not judged; nor is anything when the plain row failed
     failed = dict(recs[1], status="error")
     assert "| forward with clamped entropy (topk=64) / plain forward | fused-topk64: error |" in gpucheck.summarize(

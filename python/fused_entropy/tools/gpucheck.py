@@ -968,6 +968,24 @@ def _f(x, fmt="{:.2f}") -> str:
     return fmt.format(x)
 
 
+def _target_value(kind: str, plain: dict, at_shape: Dict[str, dict]):
+    """(value, format) of one ``TARGETS`` kind from the plain fused row and the other rows at the target
+    shape, or (None, why it is missing)."""
+    words = kind.split()
+    if words[0] == "fused":
+        return plain[f"{words[1]}_ms"], "{:.1f}"
+    if words[0] == "memory":
+        value = plain.get("mem_per_nv")
+        return (value, "{:.2f}") if value is not None else (None, "not measured")
+    other = at_shape.get(words[2])
+    if other is None:
+        return None, "not measured"
+    if other.get("status") != "ok":
+        return None, f"{words[2]}: {other.get('status')}"
+    per_token = lambda r: r[f"{words[1]}_ms"] / r.get("tokens", TARGET_SHAPE[0])
+    return per_token(other) / per_token(plain), "{:.2f}"
+
+
 def _targets_table(recs: List[dict]) -> List[str]:
     """The summary's verdict on ``TARGETS``: measured value, bound and whether it is met, from the bf16
     perf rows at ``TARGET_SHAPE``; nothing is judged from other shapes or dtypes. The correctness step's
@@ -982,32 +1000,26 @@ def _targets_table(recs: List[dict]) -> List[str]:
     plain = at_shape.get("fused")
     if plain is None or plain.get("status") != "ok":
         why = "no plain fused perf row at this shape in bf16" if plain is None else f"the plain fused row: {plain.get('status')}"
-        lines.append(f"- not judged: {why} (a GPU run of the perf step with the default shapes measures it)")
+        lines += [f"- not judged: {why}. The targets need the perf step on a GPU at its default shapes "
+                  "(`fused-entropy gpucheck` without `--quick`; a `--quick` run times tiny shapes only).", "",
+                  "| target | bound |", "|---|---|"]
+        lines += [f"| {what} | {bound:g} |" for what, _, bound in TARGETS]
     else:
         lines += ["| target | measured | bound | met |", "|---|---|---|---|"]
-        per_token = lambda r, phase: r[f"{phase}_ms"] / r.get("tokens", TARGET_SHAPE[0])
         for what, kind, bound in TARGETS:
-            words = kind.split()
-            value, fmt, missing = None, "{:.2f}", "not measured"
-            if kind in ("fused fwdbwd", "fused fwd"):
-                value, fmt = plain[f"{words[1]}_ms"], "{:.1f}"
-            elif words[0] == "ratio":
-                other = at_shape.get(words[2])
-                if other is not None and other.get("status") == "ok":
-                    value = per_token(other, words[1]) / per_token(plain, words[1])
-                elif other is not None:
-                    missing = f"{words[2]}: {other.get('status')}"
-            elif kind == "memory":
-                value = plain.get("mem_per_nv")
+            value, fmt = _target_value(kind, plain, at_shape)
             if value is None:
-                lines.append(f"| {what} | {missing} | {bound:g} | - |")
+                lines.append(f"| {what} | {fmt} | {bound:g} | - |")
             else:
                 lines.append(f"| {what} | {fmt.format(value)} | {bound:g} | {'yes' if value <= bound else '**NO**'} |")
+    on_gpu = str(info.get("device", "")).startswith("cuda")
     for r in (r for r in recs if r.get("kind") == "check" and r.get("name") == "determinism 3 runs"):
         bits = r.get("fwd_max_abs") == 0 and r.get("bwd_max_abs") == 0
-        lines += ["", f"- run-to-run determinism (correctness step, {r.get('dtype', '')} at {tuple(r.get('shape', ()))}): "
-                      f"forward and backward bitwise equal over 3 runs: {'yes' if bits else '**NO**'} "
-                      f"(max |diff| fwd {r.get('fwd_max_abs')}, bwd {r.get('bwd_max_abs')})"]
+        where = ("" if on_gpu else "; on a CPU through the interpreter, which runs programs one after another: "
+                 "not evidence for a GPU")
+        lines += ["", f"- run-to-run determinism, from the correctness step ({r.get('dtype', '')} at "
+                      f"{tuple(r.get('shape', ()))}{where}): forward and backward bitwise equal over 3 runs: "
+                      f"{'yes' if bits else '**NO**'} (max |diff| fwd {r.get('fwd_max_abs')}, bwd {r.get('bwd_max_abs')})"]
     return lines
 
 
