@@ -142,3 +142,13 @@ def test_summary_judges_the_targets_at_the_target_shape_only():
     assert "not judged: the plain fused row: error" in gpucheck.summarize([dict(recs[0], status="error")])
     # bounds are for H100/H200: another GPU is named
     assert "this run is on NVIDIA A100" in gpucheck.summarize([dict(kind="info", gpu="NVIDIA A100-SXM4-80GB")] + recs)
+
+
+def test_summary_names_each_profiled_path():
+    recs = [dict(kind="profile", shape=[8, 4, 16], label=label, kernels=[dict(kernel=k, calls=1, ms=1.5)])
+            for label, k in (("log-prob + entropy", "linear_stats_kernel"),
+                             ("log-prob + clamped entropy, topk=64", "logits_radix_kernel"))]
+    text = gpucheck.summarize(recs)
+    assert "## Fused forward+backward by kernel, (8, 4, 16), log-prob + entropy" in text
+    assert "## Fused forward+backward by kernel, (8, 4, 16), log-prob + clamped entropy, topk=64" in text
+    assert "| 1.50 | 1 | `logits_radix_kernel` |" in text

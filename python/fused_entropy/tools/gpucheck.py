@@ -741,9 +741,10 @@ def _perf_case(args, rec: Recorder, device, shape, ceiling: Optional[float], pro
             del fwd, fwdbwd, leaves
             if device.type == "cuda":
                 torch.cuda.empty_cache()
-        if profile and name.startswith("fused") and device.type == "cuda":
-            _profile(rec, case, device)
-            profile = False
+        # per-kernel times of the plain path and of the clamped one (where its forward's time goes: the
+        # GEMM with the first radix digit's histogram atomics, or the passes over the logits buffer)
+        if profile and device.type == "cuda" and (name == "fused" or name.startswith("fused-topk")):
+            _profile(rec, case, device, topk=int(name[len("fused-topk"):]) if name != "fused" else None)
     return ok
 
 
@@ -757,8 +758,9 @@ def _clamped_passes(dtype, device):
     return fwd, fwd + 3
 
 
-def _profile(rec, case, device) -> None:
-    """Per-kernel CUDA time of one fused forward+backward (torch.profiler)."""
+def _profile(rec, case, device, topk: Optional[int] = None) -> None:
+    """Per-kernel CUDA time of one fused forward+backward (torch.profiler): log-prob + entropy, or with
+    ``topk`` log-prob + clamped entropy."""
     import torch
     from torch.profiler import ProfilerActivity, profile
 
@@ -766,15 +768,19 @@ def _profile(rec, case, device) -> None:
 
     from .bench import providers as P
 
+    label = "log-prob + entropy" if topk is None else f"log-prob + clamped entropy, topk={topk}"
+
+    def run(x, w, y):
+        out = linear_logprobs(x, w, y, entropy=topk is None, topk=topk)
+        (out.logprobs.sum() + (out.entropy if topk is None else out.clamped_entropy).sum()).backward()
+
     try:
         x, w, y = P.linear_inputs(case, device)
-        out = linear_logprobs(x, w, y)
-        (out.logprobs.sum() + out.entropy.sum()).backward()
+        run(x, w, y)
         torch.cuda.synchronize()
         x.grad = w.grad = None
         with profile(activities=[ProfilerActivity.CUDA]) as prof:
-            out = linear_logprobs(x, w, y)
-            (out.logprobs.sum() + out.entropy.sum()).backward()
+            run(x, w, y)
             torch.cuda.synchronize()
         kernels = []
         for evt in prof.key_averages():
@@ -785,11 +791,11 @@ def _profile(rec, case, device) -> None:
                 kernels.append((evt.key, evt.count, t / 1e3))
         kernels.sort(key=lambda k: -k[2])
         top = [{"kernel": k[:90], "calls": c, "ms": round(ms, 3)} for k, c, ms in kernels[:10]]
-        rec("profile", shape=[case.n, case.h, case.v], kernels=top)
+        rec("profile", shape=[case.n, case.h, case.v], label=label, kernels=top)
         for k in top:
             print(f"    {k['ms']:8.2f} ms  x{k['calls']:<4} {k['kernel']}")
     except Exception as e:
-        rec("profile", status="error", why=f"{type(e).__name__}: {e}")
+        rec("profile", label=label, status="error", why=f"{type(e).__name__}: {e}")
 
 
 def step_perf(args, rec: Recorder) -> bool:
@@ -1084,7 +1090,8 @@ def summarize(recs: List[dict]) -> str:
         lines += [f"| {' '.join(r['build'][:2])} | {r['programs_per_sm']} | {r['source'][:120]} |" for r in occ]
     prof = [r for r in recs if r.get("kind") == "profile" and r.get("kernels")]
     for r in prof:
-        lines += ["", f"## Fused forward+backward by kernel, {tuple(r['shape'])}", "", "| ms | calls | kernel |", "|---|---|---|"]
+        lines += ["", f"## Fused forward+backward by kernel, {tuple(r['shape'])}, {r.get('label', 'log-prob + entropy')}", "",
+                  "| ms | calls | kernel |", "|---|---|---|"]
         lines += [f"| {k['ms']:.2f} | {k['calls']} | `{k['kernel']}` |" for k in r["kernels"]]
     tests = [r for r in recs if r.get("kind") == "tests"]
     for r in tests:
