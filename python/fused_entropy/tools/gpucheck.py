@@ -70,17 +70,17 @@ DEVICE_TESTS = ("tests/test_linear_logprobs.py", "tests/test_logprobs_from_logit
 QUICK_TESTS = ("tests/test_validation.py",)
 MIN_BUDGET_S = 10
 # The performance targets of docs/PERFORMANCE.md ("Targets"), judged in the summary from the perf rows at
-# this shape in bf16 on a GPU: (what, kind, bound) where kind is "fused fwdbwd" / "fused fwd" (ms of the
-# plain fused row), "ratio fwd A" / "ratio fwdbwd A" (row A over the plain fused row, per token each row
-# computes: the GRPO rows skip padding) or "memory" (the plain fused row's peak working memory over one
-# [N, V] bf16 buffer). The bounds are for one H100/H200.
+# this shape in bf16 on a GPU: (what, row, measure, bound). For the plain fused row ("fused") the measure
+# itself ("fwd"/"fwdbwd" ms, "mem_per_nv": peak working memory over one [N, V] bf16 buffer); for any
+# other row its "fwd"/"fwdbwd" time over the plain fused row's, per token each row computes (the GRPO
+# rows skip padding). The bounds are for one H100/H200.
 TARGET_SHAPE = (8192, 4096, 131072)
 TARGETS = (
-    ("forward+backward, log-prob + entropy (ms)", "fused fwdbwd", 42.0),
-    ("forward, log-prob + entropy (ms)", "fused fwd", 12.0),
-    ("forward with clamped entropy (topk=64) / plain forward", "ratio fwd fused-topk64", 1.6),
-    ("LinearGRPOLoss with the entropy bonus / linear_logprobs, forward+backward", "ratio fwdbwd fused-grpo", 1.05),
-    ("working memory / one [N, V] bf16 buffer, forward+backward", "memory", 0.5),
+    ("forward+backward, log-prob + entropy (ms)", "fused", "fwdbwd", 42.0),
+    ("forward, log-prob + entropy (ms)", "fused", "fwd", 12.0),
+    ("forward with clamped entropy (topk=64) / plain forward", "fused-topk64", "fwd", 1.6),
+    ("LinearGRPOLoss with the entropy bonus / linear_logprobs, forward+backward", "fused-grpo", "fwdbwd", 1.05),
+    ("working memory / one [N, V] bf16 buffer, forward+backward", "fused", "mem_per_nv", 0.5),
 )
 MAX_SHAPE_ELEMENTS = 2 ** 36  # 128 GiB of bf16: more than an H200 holds
 
@@ -976,21 +976,20 @@ def _f(x, fmt="{:.2f}") -> str:
     return fmt.format(x)
 
 
-def _target_value(kind: str, plain: dict, at_shape: Dict[str, dict]):
-    """(value, format) of one ``TARGETS`` kind from the plain fused row and the other rows at the target
+def _target_value(row: str, measure: str, plain: dict, at_shape: Dict[str, dict]):
+    """(value, format) of one ``TARGETS`` entry from the plain fused row and the other rows at the target
     shape, or (None, why it is missing)."""
-    words = kind.split()
-    if words[0] == "fused":
-        return plain[f"{words[1]}_ms"], "{:.1f}"
-    if words[0] == "memory":
-        value = plain.get("mem_per_nv")
-        return (value, "{:.2f}") if value is not None else (None, "not measured")
-    other = at_shape.get(words[2])
+    if row == "fused":
+        if measure == "mem_per_nv":
+            value = plain.get(measure)
+            return (value, "{:.2f}") if value is not None else (None, "not measured")
+        return plain[f"{measure}_ms"], "{:.1f}"
+    other = at_shape.get(row)
     if other is None:
         return None, "not measured"
     if other.get("status") != "ok":
-        return None, f"{words[2]}: {other.get('status')}"
-    per_token = lambda r: r[f"{words[1]}_ms"] / r.get("tokens", TARGET_SHAPE[0])
+        return None, f"{row}: {other.get('status')}"
+    per_token = lambda r: r[f"{measure}_ms"] / r.get("tokens", TARGET_SHAPE[0])
     return per_token(other) / per_token(plain), "{:.2f}"
 
 
@@ -1011,11 +1010,11 @@ def _targets_table(recs: List[dict]) -> List[str]:
         lines += [f"- not judged: {why}. The targets need the perf step on a GPU at its default shapes "
                   "(`fused-entropy gpucheck` without `--quick`; a `--quick` run times tiny shapes only).", "",
                   "| target | bound |", "|---|---|"]
-        lines += [f"| {what} | {bound:g} |" for what, _, bound in TARGETS]
+        lines += [f"| {what} | {bound:g} |" for what, _, _, bound in TARGETS]
     else:
         lines += ["| target | measured | bound | met |", "|---|---|---|---|"]
-        for what, kind, bound in TARGETS:
-            value, fmt = _target_value(kind, plain, at_shape)
+        for what, row, measure, bound in TARGETS:
+            value, fmt = _target_value(row, measure, plain, at_shape)
             if value is None:
                 lines.append(f"| {what} | {fmt} | {bound:g} | - |")
             else:
