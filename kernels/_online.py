@@ -139,9 +139,13 @@ def merge_state(m_a, s_a, t_a, m_b, s_b, t_b):
 @triton.jit
 def finish_state(m, s, t):
     """(log s, entropy) of a finished state; a row of only -inf logits (m = -inf, s = 0) gives (0, 0),
-    so that ``m + log s`` is -inf there and nothing downstream forms -inf - -inf."""
-    log_s = tl.where(s > 0.0, tl.log(s), 0.0)
-    ent = tl.where(s > 0.0, log_s - t / s, 0.0)
+    so that ``m + log s`` is -inf there and nothing downstream forms -inf - -inf.
+
+    A NaN or +inf logit makes s NaN (e^(z - m) is NaN there), and the guards test ``s == 0``, not
+    ``s > 0`` (false for NaN), so the row's log s and entropy are NaN as in ``torch.log_softmax``.
+    """
+    log_s = tl.where(s == 0.0, 0.0, tl.log(s))
+    ent = tl.where(s == 0.0, 0.0, log_s - t / s)
     return log_s, ent
 
 
@@ -173,13 +177,13 @@ def grad_z(
         w = tl.where(z > tau[:, None], 1.0, tl.where(z == tau[:, None], frac[:, None], 0.0))
         log_pi = (z - m0[:, None]) - log_s_c[:, None]
         pi = tl.exp(log_pi) * w
-        dz -= tl.where(pi > 0.0, pi * (log_pi + ent_c[:, None]), 0.0) * g_cl[:, None]
+        dz -= tl.where(pi == 0.0, 0.0, pi * (log_pi + ent_c[:, None])) * g_cl[:, None]
     if HAS_G_LP or HAS_G_ENT:
         logp_all = (z - m0[:, None]) - log_s[:, None]
         p = tl.exp(logp_all)
         if HAS_G_ENT:
-            # p = 0 where z = -inf: take the product as 0 rather than 0 * -inf
-            dz -= tl.where(p > 0.0, p * (logp_all + ent[:, None]), 0.0) * g_ent[:, None]
+            # p = 0 where z = -inf: take the product as 0 rather than 0 * -inf (a NaN p stays NaN)
+            dz -= tl.where(p == 0.0, 0.0, p * (logp_all + ent[:, None])) * g_ent[:, None]
         if HAS_G_LP:
             dz -= p * g_lp[:, None]
             dz += tl.where(offs_v[None, :] == y[:, None], g_lp[:, None], 0.0)
@@ -249,7 +253,9 @@ def tile_grad(
     y = tl.load(y_ptr + offs_n, mask=mask_n, other=ignore_index)
     m = tl.load(m_ptr + offs_n, mask=mask_n, other=0.0)
     log_s = tl.load(log_s_ptr + offs_n, mask=mask_n, other=0.0)
-    row_ok = mask_n & (y != ignore_index) & (m > float("-inf"))
+    # a row of only -inf logits has no gradient; one whose log s is NaN (a NaN or +inf logit) keeps
+    # it, NaN, even if its max (which skips NaN) is -inf
+    row_ok = mask_n & (y != ignore_index) & ((m != float("-inf")) | (log_s != log_s))
     # placeholders for the terms that are switched off (never read then)
     ent, g_lp, g_ent, tau, frac, log_s_c, ent_c, g_cl = m, m, m, m, m, m, m, m
     if HAS_G_LP:

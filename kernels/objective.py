@@ -47,6 +47,13 @@ VESPO_LOG_HIGH: tl.constexpr = tl.constexpr(20.0)
 
 
 @triton.jit
+def clamp_nan(x, lo, hi):
+    """min(max(x, lo), hi) keeping NaN, as ``torch.clamp`` does: ``tl.minimum``/``tl.maximum``
+    return the other operand of a NaN, and their NaN-propagating form has no fp64 instruction."""
+    return tl.where(x != x, x, tl.minimum(tl.maximum(x, lo), hi))
+
+
+@triton.jit
 def _row_prepass(
     lp_row, old_row, mask_row, isr_row, stride_isr_t, params_ptr, T,
     HAS_OLD: tl.constexpr, HAS_ISR: tl.constexpr, LOSS: tl.constexpr, SEQUENCE: tl.constexpr,
@@ -68,16 +75,17 @@ def _row_prepass(
         acc_lr += lr * m
         acc_n += m
         if LOSS == VESPO:
-            acc_vespo += tl.minimum(tl.maximum(lr, -20.0), 20.0) * m
+            # clamps that keep NaN, as torch.clamp does (a NaN row weight becomes 0 below, as in torch)
+            acc_vespo += clamp_nan(lr, -20.0, 20.0) * m
             if HAS_ISR:
                 # Liger/TRL add log(is) of every position of the row, masked or not; a per-row
                 # ratio (stride 0 along t) counts once.
                 isr = tl.load(isr_row + t * stride_isr_t, mask=in_row, other=1.0)
-                log_isr = tl.minimum(tl.maximum(tl.log(isr), vespo_low), VESPO_LOG_HIGH)
+                log_isr = clamp_nan(tl.log(isr), vespo_low, VESPO_LOG_HIGH)
                 acc_vespo += tl.where(in_row & ((t == 0) | (stride_isr_t != 0)), log_isr, 0.0)
     n = tl.sum(acc_n, axis=0)
     w_seq = tl.sum(acc_lr, axis=0) / tl.maximum(n, 1.0)
-    log_w_vespo = tl.minimum(tl.maximum(tl.sum(acc_vespo, axis=0), vespo_low), VESPO_LOG_HIGH)
+    log_w_vespo = clamp_nan(tl.sum(acc_vespo, axis=0), vespo_low, VESPO_LOG_HIGH)
     return w_seq, log_w_vespo, n
 
 
@@ -96,10 +104,10 @@ def _token_terms(
     else:
         logw = 0.0 * lp
     r = tl.exp(logw)
-    zero = 0.0 * lp
+    zero = tl.zeros_like(lp)  # not 0 * lp, which is NaN where lp is
     d_w = zero
     d_lp = zero
-    low = lp != lp  # all False, the shape and layout of lp
+    low = zero != zero  # all False, the shape of lp
     high = low
     if LOSS == CLIPPED:
         eps_low = tl.load(params_ptr + P_EPS_LOW)
@@ -121,11 +129,16 @@ def _token_terms(
         # torch.minimum sends the gradient to the smaller operand, half to each on a tie
         w1 = tl.where(x1 < x2, 1.0, tl.where(x1 == x2, 0.5, 0.0))
         d_w = -a * (w1 * dr1 + (1.0 - w1) * dr2)
+        # a NaN ratio (a NaN log-prob): NaN loss and gradient as in torch, never the clip bound
+        # that tl.minimum/tl.maximum (which return the other operand of a NaN) would give
+        nan_r = r != r
+        ell = tl.where(nan_r, r, ell)
+        d_w = tl.where(nan_r, r, d_w)
         low = (r < lo) & (a < 0.0)
         high = (r > hi) & (a > 0.0)
     elif LOSS == CISPO:
         eps_high = tl.load(params_ptr + P_EPS_HIGH)
-        coef = tl.minimum(r, eps_high)
+        coef = tl.where(r != r, r, tl.minimum(r, eps_high))  # a NaN ratio stays NaN
         ell = -coef * a * lp
         d_lp = -coef * a
         high = (r > eps_high) & (a > 0.0)
@@ -203,7 +216,7 @@ def _tile_terms(
     if MASK_WEIGHTED:
         c = scale * m
     else:
-        c = tl.where(in_row, scale + 0.0 * lp, 0.0)
+        c = tl.where(in_row, scale + tl.zeros_like(lp), 0.0)
     return m, c, ell, d_w, d_lp, kl, low, high
 
 

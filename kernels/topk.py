@@ -261,8 +261,8 @@ def radix_select_kernel(
             tl.store(t_ptr + offs_r, t_c, mask=mask_r)
         else:
             # log s_S, relative to the row max m like log s (never m + log s_S: see _online.py)
-            log_s = tl.where(s_c > 0.0, tl.log(s_c), 0.0)
-            ent_c = tl.where(s_c > 0.0, log_s - t_c / s_c, 0.0)
+            log_s = tl.where(s_c == 0.0, 0.0, tl.log(s_c))  # NaN stays NaN (finish_state)
+            ent_c = tl.where(s_c == 0.0, 0.0, log_s - t_c / s_c)
             y = tl.load(y_ptr + offs_r, mask=mask_r, other=ignore_index)
             tl.store(log_s_c_ptr + offs_r, log_s, mask=mask_r)
             tl.store(ent_c_ptr + offs_r, tl.where(y != ignore_index, ent_c, 0.0), mask=mask_r)

@@ -241,8 +241,8 @@ def gather_rows(stats: torch.Tensor, group, world: int) -> torch.Tensor:
 
 
 def _safe(t: torch.Tensor) -> torch.Tensor:
-    """-inf (a row of only -inf logits) replaced by 0."""
-    return torch.where(torch.isfinite(t), t, torch.zeros_like(t))
+    """-inf (a row of only -inf logits) replaced by 0; NaN and +inf kept (the row is NaN)."""
+    return torch.where(t == -torch.inf, torch.zeros_like(t), t)
 
 
 def merge_row_stats(m_r: torch.Tensor, log_s_r: torch.Tensor, d_r: torch.Tensor, here_r: torch.Tensor,
@@ -254,21 +254,24 @@ def merge_row_stats(m_r: torch.Tensor, log_s_r: torch.Tensor, d_r: torch.Tensor,
     ``m = max_r m_r``, ``log s = log sum_r e^{a_r}`` with ``a_r = (m_r - m) + log s_r``,
     ``z_y - m = d_r + (m_r - m)`` on the target's shard, ``H = sum_r pi_r (H_r - log pi_r)`` with
     ``log pi_r = a_r - log s``. Never ``lse = m + log s`` as one number (see ``RowStats``). A row
-    whose logits are all ``-inf`` gets ``m = -inf``, ``log_s = 0``, ``H = 0``.
+    whose logits are all ``-inf`` gets ``m = -inf``, ``log_s = 0``, ``H = 0``; one with a NaN or
+    +inf logit on any shard (its ``log_s_r`` is NaN there) gets NaN ``log_s`` and ``H``.
     """
     m = m_r.amax(0)
-    live = torch.isfinite(m)
     m0 = _safe(m)
     zero = torch.zeros((), dtype=m_r.dtype, device=m_r.device)
     a_r = (m_r - m0) + log_s_r  # -inf on a shard of only -inf logits
     s = torch.exp(a_r).sum(0)
+    # only -inf logits: s = 0 (a NaN s, from a NaN shard, stays: the guards test == 0, not > 0)
+    live = s != 0
     log_s = torch.where(live, torch.log(torch.where(live, s, torch.ones_like(s))), zero)
     dy = torch.where(here_r, d_r + (m_r - m0), zero).sum(0)
     ent = None
     if ent_r is not None:
         log_pi = a_r - log_s
         pi = torch.exp(log_pi)
-        term = torch.where(pi > 0, pi * (ent_r - torch.where(pi > 0, log_pi, torch.zeros_like(log_pi))), torch.zeros_like(pi))
+        gone = pi == 0  # a shard of only -inf logits: 0, never 0 * -inf
+        term = torch.where(gone, torch.zeros_like(pi), pi * (ent_r - torch.where(gone, torch.zeros_like(log_pi), log_pi)))
         ent = torch.where(live, term.sum(0), torch.zeros_like(m))
     return m, log_s, dy, ent
 

@@ -161,7 +161,7 @@ def _linear_stats_pass(x, weight, bias, targets, tf: LogitTransform, ignore_inde
     return part
 
 
-def _buffer_select(z, m, hist, targets, k: int, ignore_index: int, n_pad: int):
+def _buffer_select(z, m, log_s, hist, targets, k: int, ignore_index: int, n_pad: int):
     """The radix digits after the first, read from the logits buffer ``z`` [N, V] (``logits_radix_kernel``
     with the identity transform: the buffer already holds z); the first digit is in ``hist``.
     Returns (tau, tie_frac, log_s_clamped, clamped_entropy) [N]."""
@@ -178,7 +178,7 @@ def _buffer_select(z, m, hist, targets, k: int, ignore_index: int, n_pad: int):
             BLOCK_N=cfg.block_n, BLOCK_V=cfg.block_v, num_warps=cfg.num_warps, num_stages=cfg.num_stages,
         )
 
-    return _clamped(radix_pass, hist, m, k, split, n_pad, targets, ignore_index)
+    return _clamped(radix_pass, hist, m, k, split, n_pad, targets, ignore_index, log_s=log_s)
 
 
 def _chunk_stats(x_c, weight, bias, y_c, tf: LogitTransform, ignore_index: int, entropy: bool, k: Optional[int],
@@ -192,7 +192,7 @@ def _chunk_stats(x_c, weight, bias, y_c, tf: LogitTransform, ignore_index: int, 
     _finish(part, y_c, ignore_index, entropy, out=(out.m, out.log_s, out.logprobs, out.entropy))
     if k is not None:
         n_pad = _n_pad(buf.vocab, configs.get("linear_stats", dtype_key(x_c.dtype)).block_v)
-        clamped = _buffer_select(z, out.m, buf.hist, y_c, k, ignore_index, n_pad)
+        clamped = _buffer_select(z, out.m, out.log_s, buf.hist, y_c, k, ignore_index, n_pad)
         for dst, src in zip((out.tau, out.tie_frac, out.log_s_clamped, out.clamped_entropy), clamped):
             dst.copy_(src)
 
@@ -279,7 +279,8 @@ def logits_stats(logits, targets, tf: LogitTransform, ignore_index: int, entropy
             BLOCK_N=cfg.block_n, BLOCK_V=cfg.block_v, num_warps=cfg.num_warps, num_stages=cfg.num_stages,
         )
 
-    clamped = _clamped(radix_pass, hist, m, k, split, _n_pad(vocab, cfg.block_v), targets, ignore_index)
+    clamped = _clamped(radix_pass, hist, m, k, split, _n_pad(vocab, cfg.block_v), targets, ignore_index,
+                       log_s=log_s)
     return RowStats(m, log_s, logp, ent, *clamped)
 
 

@@ -13,7 +13,7 @@ from .kernels.topk import radix_select_kernel
 
 
 def _clamped(radix_pass, hist, m, k: int, split: int, n_pad: int, targets=None, ignore_index: int = 0,
-             all_reduce=None):
+             all_reduce=None, log_s=None):
     """Top-k threshold by radix select (kernels/topk.py); ``m`` [N] shifts the sums.
 
     ``radix_pass(prefix, above, shift, bits)`` launches one counting pass over the logit tiles
@@ -24,6 +24,10 @@ def _clamped(radix_pass, hist, m, k: int, split: int, n_pad: int, targets=None, 
     every histogram is summed before its select, and the last pass's sums too; ``m`` is the shift
     the caller chose (the global row max, 0 on rows of only -inf) and the result is
     (tau, tie_frac, s_S, t_S), the same on every rank.
+
+    ``log_s`` [N] (one process): the rows' full log s. Where it is NaN (a NaN or +inf logit) the
+    clamped log s and entropy are set to NaN too: a NaN's key sorts above +inf or below -inf by its
+    sign bit, so the select alone may leave it out of the clamped set.
     """
     n = m.shape[0]
     key_bits = 64 if m.dtype == torch.float64 else 32
@@ -74,4 +78,8 @@ def _clamped(radix_pass, hist, m, k: int, split: int, n_pad: int, targets=None, 
                 # the ranks split the vocabulary differently: add this rank's splits, then the ranks
                 above = reduce(above.sum(1, keepdim=True))
         select(False, above, bits)
+    if log_s is not None:
+        nan_rows = torch.isnan(log_s)
+        out_a = torch.where(nan_rows, log_s, out_a)
+        out_b = torch.where(nan_rows & (targets != ignore_index), log_s, out_b)
     return tau, frac, out_a, out_b

@@ -284,9 +284,11 @@ def chunk_forward(z, ws, y_local, here, valid, prm: SamplingParams, vocab: int, 
     """Statistics of a chunk ``z [c, V_r]`` (transformed logits, overwritten)."""
     c = z.shape[0]
     m = red.max(z.amax(-1))
-    live = torch.isfinite(m)
+    # a NaN or +inf max (a NaN or +inf logit) keeps the row live, so its sums and outputs are NaN;
+    # its threshold stays -inf (no search over NaN)
+    live = m != -torch.inf
     shift = torch.where(live, m, torch.zeros_like(m))
-    t = _threshold(z, m, shift, live, prm, vocab, red)
+    t = _threshold(z, m, shift, torch.isfinite(m), prm, vocab, red)
     z_y = z.gather(1, torch.where(here, y_local, torch.zeros_like(y_local))[:, None]).squeeze(1)
     zero = torch.zeros((), dtype=z.dtype, device=z.device)
     z_y = red.sum(torch.where(here, z_y, zero))
@@ -302,7 +304,8 @@ def chunk_forward(z, ws, y_local, here, valid, prm: SamplingParams, vocab: int, 
     in_kept = z_y >= t
     inf = torch.full_like(m, -torch.inf)
     lp = torch.where(valid, torch.where(live, (z_y - shift) - log_s, inf), zero)
-    tlp = torch.where(valid, torch.where(live & in_kept, (z_y - shift) - log_s_k, inf), zero)
+    # a NaN target logit is not ">= t": NaN there too rather than "dropped" (-inf)
+    tlp = torch.where(valid, torch.where(live & (in_kept | torch.isnan(log_s)), (z_y - shift) - log_s_k, inf), zero)
     return ChunkStats(
         shift, live, t, log_s, log_s_k, in_kept & ok, lp,
         torch.where(ok, log_s - sums[1] / s, zero),
@@ -312,7 +315,7 @@ def chunk_forward(z, ws, y_local, here, valid, prm: SamplingParams, vocab: int, 
     )
 
 
-def chunk_grad(z, ws, y_local, here, st, g, tf: LogitTransform):
+def chunk_grad(z, ws, y_local, here, valid, st, g, tf: LogitTransform):
     """dL/d(h.W + b) of a chunk (a view of ``z``'s buffer) from the upstream gradients ``g`` (five ``[c]``
     tensors or None, zero on ignored rows): logprobs, entropy, truncated logprobs, log kept mass,
     truncated entropy."""
@@ -350,7 +353,8 @@ def chunk_grad(z, ws, y_local, here, st, g, tf: LogitTransform):
     onehot = (zeros if g_lp is None else g_lp) + (zeros if g_tlp is None else g_tlp)
     p.scatter_add_(1, torch.where(here, y_local, torch.zeros_like(y_local))[:, None],
                    torch.where(here, onehot, zero)[:, None])
-    return _chain_transform_(p, factor, tf)
+    # 0 on ignored rows even where a NaN or +inf logit made p NaN (0 * NaN), as in torch_chunked
+    return _chain_transform_(p, factor, tf).masked_fill_(~valid[:, None], 0.0)
 
 
 class SamplingWorkspace(_Workspace):

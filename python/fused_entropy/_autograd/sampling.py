@@ -82,7 +82,7 @@ class SampledLinearFunction(torch.autograd.Function):
                 x_c = x[sl].to(cdt)
                 z = logit_block(x_c, w, bias, tf, ws.get("z", sl.stop - sl.start))
                 rows = ChunkStats(*(None if f is None else f[sl] for f in st))
-                dz = chunk_grad(z, ws, y_local[sl], here[sl], rows, tuple(None if g is None else g[sl] for g in grads), tf)
+                dz = chunk_grad(z, ws, y_local[sl], here[sl], valid[sl], rows, tuple(None if g is None else g[sl] for g in grads), tf)
                 out.add(sl, dz, x_c, w)
         if out.x is not None and group is not None and full and n > 0:
             out.x = Group(group).sum(out.x)
@@ -125,5 +125,5 @@ class SampledLogitsFunction(torch.autograd.Function):
             ws = SamplingWorkspace(min(step, max(n, 1)), vocab, cdt, logits.device)
             for sl, z in logit_chunks(logits, tf, step, ws):
                 rows = ChunkStats(*(None if f is None else f[sl] for f in st))
-                out[sl] = chunk_grad(z, ws, y_local[sl], here[sl], rows, tuple(None if g is None else g[sl] for g in grads), tf)
+                out[sl] = chunk_grad(z, ws, y_local[sl], here[sl], valid[sl], rows, tuple(None if g is None else g[sl] for g in grads), tf)
         return out, None, None, None, None

@@ -48,7 +48,7 @@ class VocabParallelLinearLogprobsFunction(torch.autograd.Function):
             rows = [st.m, st.log_s, d, here.to(cdt)] + ([st.entropy] if need_ent else [])
             g = D.gather_rows(torch.stack(rows), group, layout.world)
             m, log_s, dy, ent = D.merge_row_stats(g[:, 0], g[:, 1], g[:, 2], g[:, 3] > 0, g[:, 4] if need_ent else None)
-            live = torch.isfinite(m)
+            live = m != -torch.inf  # NaN and +inf rows stay live: their statistics are NaN
             logp = torch.where(valid, dy - log_s, zero)
             if ent is not None:
                 ent = torch.where(valid, ent, zero)
@@ -60,6 +60,10 @@ class VocabParallelLinearLogprobsFunction(torch.autograd.Function):
                 s_safe = torch.where(live, s_s, torch.ones_like(s_s))
                 log_s_c = torch.log(s_safe)  # relative to m, like log_s; 0 on rows of only -inf
                 ent_c = torch.where(valid & live, log_s_c - t_s / s_safe, zero)
+                # a NaN or +inf logit: NaN clamped statistics too, wherever the select put the NaN
+                nan_rows = torch.isnan(log_s)
+                log_s_c = torch.where(nan_rows, log_s, log_s_c)
+                ent_c = torch.where(nan_rows & valid, log_s, ent_c)
                 stats = RowStats(m, log_s, logp, ent, tau, frac, log_s_c, ent_c)
         ctx.set_materialize_grads(False)
         ctx.save_for_backward(x, weight, bias, local, *stats_tensors(stats))

@@ -116,8 +116,9 @@ def _rowdot(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
 
 
 def _safe(t: torch.Tensor) -> torch.Tensor:
-    """-inf (a row whose logits are all -inf) replaced by 0, so differences never are NaN."""
-    return torch.where(torch.isfinite(t), t, torch.zeros_like(t))
+    """-inf (a row whose logits are all -inf) replaced by 0, so differences never are NaN.
+    NaN and +inf are kept: a row holding them is NaN throughout, as in ``torch.log_softmax``."""
+    return torch.where(t == -torch.inf, torch.zeros_like(t), t)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -202,7 +203,9 @@ class _Fwd:
         z_y = z.gather(1, torch.where(here, y, torch.zeros_like(y))[:, None]).squeeze(1)
         z_y = torch.where(here, z_y, torch.zeros((), dtype=z.dtype, device=z.device))
         m = z.amax(-1)
-        self.live = torch.isfinite(m)  # False: every logit of the row is -inf
+        # False: every logit of the row is -inf. A NaN or +inf max keeps the row live, so its
+        # statistics come out NaN (z - m is NaN somewhere), never a silent -inf or 0
+        self.live = m != -torch.inf
         self.tau = self.frac = self.w = None
         if k is not None:
             self.tau = _threshold(z, k)
@@ -277,7 +280,9 @@ def _grad_from_fwd(f: _Fwd, y, valid, ent, ent_c, g_lp, g_ent, g_cl, ws, factor,
         u.scatter_add_(1, torch.where(here, y, torch.zeros_like(y))[:, None], torch.where(here, g_lp, zero)[:, None])
     if d_cl is not None:
         u.add_(d_cl)
-    return _chain_transform_(u, factor, tf)
+    # An ignored row's upstream gradients are 0, but a NaN or +inf logit there makes u and e NaN and
+    # 0 * NaN is NaN: zero the row, as the Triton kernels do (one pass over the block)
+    return _chain_transform_(u, factor, tf).masked_fill_(~valid[:, None], 0.0)
 
 
 def _rows(t: Optional[torch.Tensor], sl: slice):
@@ -386,7 +391,7 @@ def _recompute(z, ws, y, valid, stats_rows, k, tf):
     m, log_s, tau, frac, log_s_c = stats_rows
     factor = _softcap_factor(z, tf, ws.get("f", c)) if tf.softcap is not None else None
     f = _Fwd.__new__(_Fwd)
-    f.live = torch.isfinite(m)
+    f.live = m != -torch.inf
     f.w = _weights_into(z, tau, ws.get("w", c), ws.get("p", c), frac=frac)[0] if k is not None else None
     f.m = _safe(m)
     f.log_s = log_s
