@@ -43,7 +43,7 @@ def _check(out, ref, grads, ref_grads, topk, rows):
     NaN rows are NaN in every output; gradients equal the reference's, NaN pattern included."""
     names = ("logprobs", "entropy") + (("clamped_entropy",) if topk else ())
     for name in names:
-        got, want = getattr(out, name).double(), getattr(ref, name).double()
+        got, want = getattr(out, name).double().cpu(), getattr(ref, name).double()
         torch.testing.assert_close(got[rows], want[rows], rtol=1e-9, atol=1e-9, equal_nan=True, msg=name)
         assert got[IGNORED] == 0, name
     for g, gr in zip(grads, ref_grads):
@@ -202,11 +202,11 @@ def test_grpo_objective_nan_logprob(backend, loss_type, level):
     # a NaN log-prob at a kept token makes the loss and its gradient NaN on both backends (the
     # Triton objective's min/max/clamp used to drop the NaN: a finite loss); at a masked token
     # it changes nothing
-    lp, old, ref, adv, mask, isr, ent, _ = grpo_inputs(4, 6, seed=7, masked=0.0)
+    lp, old, ref, adv, mask, isr, ent, _ = (t.to(DEVICE) for t in grpo_inputs(4, 6, seed=7, masked=0.0))
     kw = dict(loss_type=loss_type, old_logprobs=old, entropy=ent, entropy_coef=0.01, backend=backend,
               importance_sampling_level=level, max_completion_length=6)
     clean, _ = grpo_loss(lp, adv, mask, **kw)
-    masked_pos = (~mask).nonzero()[0].tolist()
+    masked_pos = (~mask).nonzero()[0].tolist()  # grpo_inputs never keeps the last row's last two
     lp_m = lp.clone()
     lp_m[masked_pos[0], masked_pos[1]] = NAN
     lp_m.requires_grad_(True)

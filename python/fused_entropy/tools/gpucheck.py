@@ -66,7 +66,7 @@ QUICK_SHAPES = ((256, 64, 1000),)
 DEVICE_TESTS = ("tests/test_linear_logprobs.py", "tests/test_logprobs_from_logits.py", "tests/test_clamped_entropy.py",
                 "tests/test_triton_backward.py", "tests/test_triton_logits_buffer.py", "tests/test_grpo_loss.py",
                 "tests/test_shipped_configs.py", "tests/test_numerics.py", "tests/test_sampling.py",
-                "tests/test_launch_order.py")
+                "tests/test_launch_order.py", "tests/test_nonfinite.py")
 QUICK_TESTS = ("tests/test_validation.py",)
 MIN_BUDGET_S = 10
 # The performance targets of docs/PERFORMANCE.md ("Targets"), judged in the summary from the perf rows at
