@@ -151,7 +151,7 @@ def finish_state(m, s, t):
 
 @triton.jit
 def grad_z(
-    z, offs_v, y, row_ok,
+    z, offs_v, y,
     m, log_s, ent, g_lp, g_ent,
     tau, frac, log_s_c, ent_c, g_cl,
     HAS_G_LP: tl.constexpr, HAS_G_ENT: tl.constexpr, HAS_G_CL: tl.constexpr,
@@ -164,9 +164,9 @@ def grad_z(
 
     with ``log p_v = (z_v - m) - log s`` and ``log pi_v = (z_v - m) - log s_S`` (never ``z - lse``:
     see the module docstring). ``z``: [BLOCK_N, BLOCK_V] transformed logits (-inf at padded
-    columns); per-row vectors [BLOCK_N]. ``row_ok``: row is not ignored and its max is finite;
-    other rows get 0. Only the flagged terms are computed, so a gradient on one output costs
-    nothing for the others.
+    columns); per-row vectors [BLOCK_N]. Rows that get no gradient (ignored ones) are zeroed by the
+    caller after the transform's chain rule (``tile_grad``). Only the flagged terms are computed, so
+    a gradient on one output costs nothing for the others.
     """
     dz = tl.zeros(z.shape, dtype=z.dtype)
     m0 = tl.where(m == float("-inf"), 0.0, m)
@@ -187,7 +187,7 @@ def grad_z(
         if HAS_G_LP:
             dz -= p * g_lp[:, None]
             dz += tl.where(offs_v[None, :] == y[:, None], g_lp[:, None], 0.0)
-    return tl.where(row_ok[:, None], dz, 0.0)
+    return dz
 
 
 @triton.heuristics({"ENTROPY": lambda a: a["ent_ptr"] is not None})
@@ -269,8 +269,9 @@ def tile_grad(
         log_s_c = tl.load(log_s_c_ptr + offs_n, mask=mask_n, other=0.0)
         ent_c = tl.load(ent_c_ptr + offs_n, mask=mask_n, other=0.0)
         g_cl = tl.load(g_cl_ptr + offs_n, mask=mask_n, other=0.0)
-    dz = grad_z(z, offs_v, y, row_ok, m, log_s, ent, g_lp, g_ent, tau, frac, log_s_c, ent_c, g_cl,
+    dz = grad_z(z, offs_v, y, m, log_s, ent, g_lp, g_ent, tau, frac, log_s_c, ent_c, g_cl,
                 HAS_G_LP, HAS_G_ENT, HAS_G_CL)
     dz = transform_grad(dz, z, logit_scale, softcap, temperature, inv_temperature, HAS_SOFTCAP)
-    # padded columns hold z = -inf, where the softcap factor is -inf: drop them explicitly
-    return tl.where(mask_v[None, :], dz, 0.0)
+    # after the chain rule: padded columns hold z = -inf, where the softcap factor is -inf, and an
+    # ignored row with a NaN logit has a NaN factor (0 * NaN): both are dropped here explicitly
+    return tl.where(row_ok[:, None] & mask_v[None, :], dz, 0.0)

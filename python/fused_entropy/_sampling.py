@@ -297,6 +297,9 @@ def chunk_forward(z, ws, y_local, here, valid, prm: SamplingParams, vocab: int, 
     e = torch.exp(u, out=ws.get("p", c))
     ek = torch.mul(e, kept, out=ws.get("w", c))
     sums = red.sum(torch.stack([e.sum(-1), _rowdot(e, u), ek.sum(-1), _rowdot(ek, u)]))
+    # a MAX all-reduce may drop a NaN (gloo keeps or drops it by operand order), leaving m = -inf on
+    # a row of -inf and NaN; the SUM always carries it: such a row is live, and NaN
+    live = live | torch.isnan(sums[0])
     one = torch.ones_like(m)
     s, s_k = torch.where(live, sums[0], one), torch.where(live, sums[2], one)
     log_s, log_s_k = torch.log(s), torch.log(s_k)
