@@ -21,6 +21,7 @@ from fused_entropy.backends import torch_chunked
 from fused_entropy.kernels import configs as C
 
 from _inputs import grpo_inputs, linear_inputs, logits_inputs
+from _dist_utils import needs_cpu_ranks, run_ranks
 from conftest import DEVICE
 
 F64 = torch.float64
@@ -182,15 +183,8 @@ def _vocab_parallel_nan_worker(rank, world, backend):
     return [t.detach() for t in (st.logprobs, st.entropy, st.clamped_entropy, gx)]
 
 
+@needs_cpu_ranks
 def test_vocab_parallel_nan_rows(backend, tmp_path):
-    import torch.distributed as dist
-
-    if not dist.is_available():
-        pytest.skip("torch.distributed not built")
-    if DEVICE != "cpu":
-        pytest.skip("the ranks are CPU processes (gloo)")
-    from _dist_utils import run_ranks
-
     x, w, b, y = linear_inputs(5, 8, 20, seed=3)
     clean = [0, 2, 4]
     want = R.linear_logprobs(x[clean], w, y[clean], bias=b, topk=4)
@@ -290,15 +284,8 @@ def _vocab_parallel_neg_inf_nan_worker(rank, world, backend, sampling):
     return [t.detach() for t in (st.logprobs, st.entropy, gx)]
 
 
+@needs_cpu_ranks
 @pytest.mark.parametrize("sampling", [False, True], ids=["plain", "sampling"])
 def test_vocab_parallel_neg_inf_and_nan_rows(backend, sampling, tmp_path):
-    import torch.distributed as dist
-
-    if not dist.is_available():
-        pytest.skip("torch.distributed not built")
-    if DEVICE != "cpu":
-        pytest.skip("the ranks are CPU processes (gloo)")
-    from _dist_utils import run_ranks
-
     for lp, ent, gx in run_ranks(_vocab_parallel_neg_inf_nan_worker, 2, tmp_path, backend, sampling, timeout_s=120):
         assert lp.isnan().all() and ent.isnan().all() and gx.isnan().any(1).all()

@@ -13,7 +13,6 @@ statistics. The gold result runs the same formulas in fp64 on the fp32 inputs. C
 uses the tie rule of MATH.md section 3 (ties at the threshold share the remaining weight) in all
 three, so that gradients at exact ties compare.
 """
-import itertools
 import math
 
 import pytest
@@ -23,6 +22,7 @@ import fused_entropy as fe
 from fused_entropy import reference as R
 from fused_entropy._distributed import merge_row_stats
 
+from _dist_utils import needs_cpu_ranks, run_ranks
 from conftest import DEVICE, TRITON_SKIP
 
 F32, F64 = torch.float32, torch.float64
@@ -250,15 +250,8 @@ def _vocab_parallel_worker(rank, world, backend):
     return [t.detach() for t in (st.logprobs, st.entropy, st.clamped_entropy, g_w)]
 
 
+@needs_cpu_ranks
 def test_vocab_parallel_at_a_large_offset(backend, tmp_path):
-    import torch.distributed as dist
-
-    if not dist.is_available():
-        pytest.skip("torch.distributed not built")
-    if DEVICE != "cpu":
-        pytest.skip("the ranks are CPU processes (gloo)")
-    from _dist_utils import run_ranks
-
     h, w, y = _offset_head()
     # gold: the shifted formulas in fp64 (the reference's lse - sum p z cancels even in fp64 at 1e7)
     w64 = w.double().requires_grad_(True)
