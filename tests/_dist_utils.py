@@ -13,19 +13,11 @@ import time
 import traceback
 from datetime import timedelta
 
-import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from conftest import DEVICE
-
 TIMEOUT_S = 60
-
-# for tests that compare the ranks' results with a device-side reference: the ranks are CPU
-# processes (gloo), so on a CUDA test device the comparison would not be with the same device
-needs_cpu_ranks = pytest.mark.skipif(not dist.is_available() or DEVICE != "cpu",
-                                     reason="the ranks are CPU processes (gloo): torch.distributed and the CPU test device")
 
 
 def free_port() -> int:

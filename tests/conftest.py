@@ -38,6 +38,10 @@ DEVICE = _test_device()
 # Triton kernels run on CUDA, or on CPU tensors through the interpreter
 TRITON_OK = DEVICE == "cuda" or interpreting()
 TRITON_SKIP = pytest.mark.skipif(not TRITON_OK, reason="the Triton kernels need CUDA or TRITON_INTERPRET=1")
+# tests that run ranks with _dist_utils.run_ranks and compare them with a reference on the test
+# device: the ranks are CPU processes joined by gloo
+needs_cpu_ranks = pytest.mark.skipif(not torch.distributed.is_available() or DEVICE != "cpu",
+                                     reason="the ranks are CPU processes (gloo): needs torch.distributed and the CPU test device")
 
 
 BACKENDS = ("torch", "triton")

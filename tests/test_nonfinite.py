@@ -21,8 +21,8 @@ from fused_entropy.backends import torch_chunked
 from fused_entropy.kernels import configs as C
 
 from _inputs import grpo_inputs, linear_inputs, logits_inputs
-from _dist_utils import needs_cpu_ranks, run_ranks
-from conftest import DEVICE
+from _dist_utils import run_ranks
+from conftest import DEVICE, needs_cpu_ranks
 
 F64 = torch.float64
 NAN, INF = math.nan, math.inf

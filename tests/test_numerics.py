@@ -22,8 +22,8 @@ import fused_entropy as fe
 from fused_entropy import reference as R
 from fused_entropy._distributed import merge_row_stats
 
-from _dist_utils import needs_cpu_ranks, run_ranks
-from conftest import DEVICE, TRITON_SKIP
+from _dist_utils import run_ranks
+from conftest import DEVICE, TRITON_SKIP, needs_cpu_ranks
 
 F32, F64 = torch.float32, torch.float64
 EPS = torch.finfo(F32).eps
