@@ -267,7 +267,7 @@ def _threshold(z, m, shift, live, prm: SamplingParams, vocab: int, red: Local) -
 class ChunkStats(NamedTuple):
     """Per-row results of a chunk (and what backward needs): global values on every rank."""
 
-    shift: torch.Tensor  # row max, 0 on a row of only -inf logits
+    shift: torch.Tensor  # row max, 0 on a row of only -inf logits (and on a -inf + NaN row, NaN anyway)
     live: torch.Tensor  # False: every logit of the row is -inf
     t: torch.Tensor  # kept = z >= t
     log_s: torch.Tensor  # log sum_v e^(z_v - shift)
