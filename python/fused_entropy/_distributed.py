@@ -55,6 +55,7 @@ from typing import NamedTuple, Optional, Sequence
 
 import torch
 
+from ._common import zero_neg_inf
 from ._types import LogitTransform, clamp_p_to_k
 
 HIDDEN_GRADS = ("full", "partial")
@@ -240,11 +241,6 @@ def gather_rows(stats: torch.Tensor, group, world: int) -> torch.Tensor:
     return torch.stack(parts).to(stats.device)
 
 
-def _safe(t: torch.Tensor) -> torch.Tensor:
-    """-inf (a row of only -inf logits) replaced by 0; NaN and +inf kept (the row is NaN)."""
-    return torch.where(t == -torch.inf, torch.zeros_like(t), t)
-
-
 def merge_row_stats(m_r: torch.Tensor, log_s_r: torch.Tensor, d_r: torch.Tensor, here_r: torch.Tensor,
                     ent_r: Optional[torch.Tensor]):
     """``[W, N]`` per-shard statistics -> global ``(m, log_s, z_y - m, entropy | None)``, each ``[N]``.
@@ -258,7 +254,7 @@ def merge_row_stats(m_r: torch.Tensor, log_s_r: torch.Tensor, d_r: torch.Tensor,
     +inf logit on any shard (its ``log_s_r`` is NaN there) gets NaN ``log_s`` and ``H``.
     """
     m = m_r.amax(0)
-    m0 = _safe(m)
+    m0 = zero_neg_inf(m)
     zero = torch.zeros((), dtype=m_r.dtype, device=m_r.device)
     a_r = (m_r - m0) + log_s_r  # -inf on a shard of only -inf logits
     s = torch.exp(a_r).sum(0)

@@ -8,6 +8,7 @@ from __future__ import annotations
 import torch
 import triton
 
+from ._common import nan_clamped
 from .kernels import configs
 from .kernels.topk import radix_select_kernel
 
@@ -25,9 +26,8 @@ def _clamped(radix_pass, hist, m, k: int, split: int, n_pad: int, targets=None, 
     the caller chose (the global row max, 0 on rows of only -inf) and the result is
     (tau, tie_frac, s_S, t_S), the same on every rank.
 
-    ``log_s`` [N] (one process): the rows' full log s. Where it is NaN (a NaN or +inf logit) the
-    clamped log s and entropy are set to NaN too: a NaN's key sorts above +inf or below -inf by its
-    sign bit, so the select alone may leave it out of the clamped set.
+    ``log_s`` [N] (one process): the rows' full log s; where it is NaN the clamped log s and
+    entropy are NaN too (``_common.nan_clamped``).
     """
     n = m.shape[0]
     key_bits = 64 if m.dtype == torch.float64 else 32
@@ -79,7 +79,5 @@ def _clamped(radix_pass, hist, m, k: int, split: int, n_pad: int, targets=None, 
                 above = reduce(above.sum(1, keepdim=True))
         select(False, above, bits)
     if log_s is not None:
-        nan_rows = torch.isnan(log_s)
-        out_a = torch.where(nan_rows, log_s, out_a)
-        out_b = torch.where(nan_rows & (targets != ignore_index), log_s, out_b)
+        out_a, out_b = nan_clamped(log_s, out_a, out_b, targets != ignore_index)
     return tau, frac, out_a, out_b

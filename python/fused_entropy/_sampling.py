@@ -48,6 +48,7 @@ from typing import NamedTuple, Optional
 
 import torch
 
+from ._common import zero_neg_inf
 from ._distributed import all_reduce, gather_rows
 from ._types import LogitTransform
 from .backends.torch_chunked import (
@@ -284,10 +285,8 @@ def chunk_forward(z, ws, y_local, here, valid, prm: SamplingParams, vocab: int, 
     """Statistics of a chunk ``z [c, V_r]`` (transformed logits, overwritten)."""
     c = z.shape[0]
     m = red.max(z.amax(-1))
-    # a NaN or +inf max (a NaN or +inf logit) keeps the row live, so its sums and outputs are NaN;
-    # its threshold stays -inf (no search over NaN)
-    live = m != -torch.inf
-    shift = torch.where(live, m, torch.zeros_like(m))
+    shift = zero_neg_inf(m)
+    # no threshold search on a row of only -inf, or over a NaN or +inf max (its threshold stays -inf)
     t = _threshold(z, m, shift, torch.isfinite(m), prm, vocab, red)
     z_y = z.gather(1, torch.where(here, y_local, torch.zeros_like(y_local))[:, None]).squeeze(1)
     zero = torch.zeros((), dtype=z.dtype, device=z.device)
@@ -297,9 +296,10 @@ def chunk_forward(z, ws, y_local, here, valid, prm: SamplingParams, vocab: int, 
     e = torch.exp(u, out=ws.get("p", c))
     ek = torch.mul(e, kept, out=ws.get("w", c))
     sums = red.sum(torch.stack([e.sum(-1), _rowdot(e, u), ek.sum(-1), _rowdot(ek, u)]))
-    # a MAX all-reduce may drop a NaN (gloo keeps or drops it by operand order), leaving m = -inf on
-    # a row of -inf and NaN; the SUM always carries it: such a row is live, and NaN
-    live = live | torch.isnan(sums[0])
+    # Only -inf logits: every e is e^U_MIN = 0, so s = 0. A NaN or +inf logit makes s NaN, and the
+    # row live (NaN throughout); its m alone cannot tell, as a MAX all-reduce may drop a NaN (gloo
+    # keeps or drops it by operand order) while the SUM always carries it.
+    live = sums[0] != 0
     one = torch.ones_like(m)
     s, s_k = torch.where(live, sums[0], one), torch.where(live, sums[2], one)
     log_s, log_s_k = torch.log(s), torch.log(s_k)
@@ -356,8 +356,7 @@ def chunk_grad(z, ws, y_local, here, valid, st, g, tf: LogitTransform):
     onehot = (zeros if g_lp is None else g_lp) + (zeros if g_tlp is None else g_tlp)
     p.scatter_add_(1, torch.where(here, y_local, torch.zeros_like(y_local))[:, None],
                    torch.where(here, onehot, zero)[:, None])
-    # 0 on ignored rows even where a NaN or +inf logit made p NaN (0 * NaN), as in torch_chunked
-    return _chain_transform_(p, factor, tf).masked_fill_(~valid[:, None], 0.0)
+    return _chain_transform_(p, factor, tf, valid)
 
 
 class SamplingWorkspace(_Workspace):

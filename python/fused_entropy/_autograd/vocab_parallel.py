@@ -13,6 +13,7 @@ from __future__ import annotations
 import torch
 
 from .. import _distributed as D
+from .._common import nan_clamped, zero_neg_inf
 from .._distributed import ShardLayout
 from .._types import LogitTransform, RowStats
 from .common import once_differentiable, stats_tensors
@@ -54,16 +55,13 @@ class VocabParallelLinearLogprobsFunction(torch.autograd.Function):
                 ent = torch.where(valid, ent, zero)
             stats = RowStats(m, log_s, logp, ent)
             if k is not None:
-                shift = torch.where(live, m, zero)  # the global row max, 0 on rows of only -inf
+                shift = zero_neg_inf(m)  # the global row max, 0 on rows of only -inf
                 tau, frac, s_s, t_s = backend.linear_topk_select(x, weight, bias, tf, k, shift,
                                                                  lambda t: D.all_reduce(t, group))
                 s_safe = torch.where(live, s_s, torch.ones_like(s_s))
                 log_s_c = torch.log(s_safe)  # relative to m, like log_s; 0 on rows of only -inf
                 ent_c = torch.where(valid & live, log_s_c - t_s / s_safe, zero)
-                # a NaN or +inf logit: NaN clamped statistics too, wherever the select put the NaN
-                nan_rows = torch.isnan(log_s)
-                log_s_c = torch.where(nan_rows, log_s, log_s_c)
-                ent_c = torch.where(nan_rows & valid, log_s, ent_c)
+                log_s_c, ent_c = nan_clamped(log_s, log_s_c, ent_c, valid)
                 stats = RowStats(m, log_s, logp, ent, tau, frac, log_s_c, ent_c)
         ctx.set_materialize_grads(False)
         ctx.save_for_backward(x, weight, bias, local, *stats_tensors(stats))

@@ -35,7 +35,7 @@ from typing import Optional
 
 import torch
 
-from .._common import compute_dtype as _compute_dtype
+from .._common import compute_dtype as _compute_dtype, zero_neg_inf
 from .._types import LogitTransform, RowStats
 from .torch_topk import radix_topk_stats
 
@@ -115,12 +115,6 @@ def _rowdot(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     return torch.matmul(a.unsqueeze(-2), b.unsqueeze(-1)).reshape(a.shape[0])
 
 
-def _safe(t: torch.Tensor) -> torch.Tensor:
-    """-inf (a row whose logits are all -inf) replaced by 0, so differences never are NaN.
-    NaN and +inf are kept: a row holding them is NaN throughout, as in ``torch.log_softmax``."""
-    return torch.where(t == -torch.inf, torch.zeros_like(t), t)
-
-
 # ---------------------------------------------------------------------------------------------
 # per-block math shared by every entry point
 # ---------------------------------------------------------------------------------------------
@@ -143,14 +137,19 @@ def _softcap_factor(z: torch.Tensor, tf: LogitTransform, out: torch.Tensor) -> t
     return out.square_().neg_().add_(1.0)
 
 
-def _chain_transform_(dz: torch.Tensor, factor: Optional[torch.Tensor], tf: LogitTransform) -> torch.Tensor:
-    """In place: dL/dz -> dL/d(h.W + b)."""
+def _chain_transform_(dz: torch.Tensor, factor: Optional[torch.Tensor], tf: LogitTransform,
+                      valid: torch.Tensor) -> torch.Tensor:
+    """In place: dL/dz -> dL/d(h.W + b), 0 on the rows that are not ``valid`` (ignored).
+
+    Their upstream gradients are 0 already, but a NaN or +inf logit in such a row makes its p and
+    softcap factor NaN, and 0 * NaN is NaN: the row is zeroed explicitly (one pass over the block),
+    as the Triton kernels do in registers."""
     if factor is not None:
         dz.mul_(factor)
     scale = tf.logit_scale * tf.inv_temperature
     if scale != 1.0:
         dz.mul_(scale)
-    return dz
+    return dz.masked_fill_(~valid[:, None], 0.0)
 
 
 def _in_block(y: torch.Tensor, valid: torch.Tensor, vocab: int) -> torch.Tensor:
@@ -212,7 +211,7 @@ class _Fwd:
             # the p block is free until exp(u) is written into it below
             self.w, self.frac = _weights_into(z, self.tau, ws.get("w", c), ws.get("p", c), k=k)
         self.row_max = m  # -inf on a row of only -inf logits, as RowStats keeps it
-        self.m = torch.where(self.live, m, torch.zeros_like(m))
+        self.m = zero_neg_inf(m)
         z.sub_(self.m[:, None]).clamp_(min=U_MIN)
         self.u = z
         self.e = torch.exp(z, out=ws.get("p", c))
@@ -280,9 +279,7 @@ def _grad_from_fwd(f: _Fwd, y, valid, ent, ent_c, g_lp, g_ent, g_cl, ws, factor,
         u.scatter_add_(1, torch.where(here, y, torch.zeros_like(y))[:, None], torch.where(here, g_lp, zero)[:, None])
     if d_cl is not None:
         u.add_(d_cl)
-    # An ignored row's upstream gradients are 0, but a NaN or +inf logit there makes u and e NaN and
-    # 0 * NaN is NaN: zero the row, as the Triton kernels do (one pass over the block)
-    return _chain_transform_(u, factor, tf).masked_fill_(~valid[:, None], 0.0)
+    return _chain_transform_(u, factor, tf, valid)
 
 
 def _rows(t: Optional[torch.Tensor], sl: slice):
@@ -393,7 +390,7 @@ def _recompute(z, ws, y, valid, stats_rows, k, tf):
     f = _Fwd.__new__(_Fwd)
     f.live = m != -torch.inf
     f.w = _weights_into(z, tau, ws.get("w", c), ws.get("p", c), frac=frac)[0] if k is not None else None
-    f.m = _safe(m)
+    f.m = zero_neg_inf(m)
     f.log_s = log_s
     z.sub_(f.m[:, None]).sub_(log_s[:, None]).clamp_(min=U_MIN)
     f.u = z
