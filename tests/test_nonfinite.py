@@ -41,15 +41,16 @@ def _small(backend, monkeypatch, linear):
 
 def _check(out, ref, grads, ref_grads, topk, rows, tol=1e-9):
     """Outputs equal the reference's (NaN where it is NaN) on ``rows``, 0 on the ignored row;
-    gradients equal the reference's, NaN pattern included. ``tol``: 1e-9 for fp64, about 100 fp32
-    ulp for fp32 (the reference then computes in fp32 too)."""
+    gradients equal the reference's, NaN pattern included. The reference is the fp64 gold; ``tol``
+    is 1e-9 for fp64 inputs and 5e-6 for fp32 ones, above plain fp32 torch's own error against the
+    gold on these rows (3.2e-6 on outputs, 3.3e-6 on the gradient; the backends: 5e-7 and 2e-7)."""
     names = ("logprobs", "entropy") + (("clamped_entropy",) if topk else ())
     for name in names:
         got, want = getattr(out, name).double().cpu(), getattr(ref, name).double()
         torch.testing.assert_close(got[rows], want[rows], rtol=tol, atol=tol, equal_nan=True, msg=name)
         assert got[IGNORED] == 0, name
     for g, gr in zip(grads, ref_grads):
-        torch.testing.assert_close(g.double(), gr.double(), rtol=10 * tol, atol=tol, equal_nan=True)
+        torch.testing.assert_close(g.double(), gr.double(), rtol=tol, atol=tol, equal_nan=True)
 
 
 def _loss(out, topk):
@@ -77,14 +78,14 @@ def test_logits_entry_nan_and_posinf(backend, topk, tiles, dtype, monkeypatch):
     logits[7, 30:60] = -INF              # a legal row: finite outputs
     y[7] = 2
     la = logits.clone().to(DEVICE).requires_grad_(True)
-    lr = logits.clone().requires_grad_(True)
+    lr = logits.double().requires_grad_(True)  # the fp64 gold, also for the fp32 case
     with _small(backend, monkeypatch, linear=False) if tiles == "small" else nullcontext():
         out = fe.logprobs_from_logits(la, y.to(DEVICE), topk=topk, backend=backend)
         (g,) = torch.autograd.grad(_loss(out, topk), (la,))
     ref = R.logprobs_from_logits(lr, y, topk=topk)
     (gr,) = torch.autograd.grad(_loss(ref, topk), (lr,))
     rows = [r for r in range(8) if r != IGNORED]
-    _check(out, ref, [g[rows].cpu()], [gr[rows]], topk, rows, tol=1e-9 if dtype == F64 else 2e-5)
+    _check(out, ref, [g[rows].cpu()], [gr[rows]], topk, rows, tol=1e-9 if dtype == F64 else 5e-6)
     assert (g[IGNORED] == 0).all()
     for r in (1, 2, 3, 4, 5):
         assert out.logprobs[r].isnan() and out.entropy[r].isnan(), r
